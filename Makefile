@@ -1,0 +1,51 @@
+# make run: set up, then serve examples/hello.py.  make test: set up, then lint, type-check, test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages: libcap-dev builds python-prctl, wrk drives the benchmark.
+DEB_PACKAGES := libcap-dev wrk
+BIND ?= 127.0.0.1:8000
+
+.PHONY: setup system-packages run test lint bench clean
+
+setup: $(STAMP)
+
+system-packages:
+	@missing=""; \
+	dpkg -s libcap-dev >/dev/null 2>&1 || missing="$$missing libcap-dev"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian packages:$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "warning: missing$$missing (not root or no apt-get); python-prctl may fail to build and make bench needs wrk" >&2; \
+		fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[prctl,dev]' || { \
+		echo "warning: installing with the prctl extra failed; installing without it" >&2; \
+		$(PY) -m pip install -q -e '.[dev]'; }
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m dispatcher --app examples.hello:handler --bind $(BIND)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: setup system-packages
+	$(PY) bench/wrk_bench.py
+	$(PY) -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .benchmarks

@@ -1,0 +1,172 @@
+"""Accepting connections in the master (round-robin policy).
+
+Theory of operation
+-------------------
+Each listening socket is non-blocking and watched by the event loop. When
+one is readable, connections are accepted in a batch until EAGAIN (bounded
+per wake-up, so one busy listener cannot starve the channels) and each fd
+goes straight to the scheduler, which owns it from then on. ``_accept``
+returns the bare fd (close-on-exec, from accept4): no socket object is built
+for a connection the master only passes on.
+
+Accepting pauses, by removing the listeners from the loop, in two cases:
+- the scheduler's pending queue is full: the kernel backlog holds the rest,
+  and the scheduler calls ``resume`` once the queue has room;
+- EMFILE, ENFILE, ENOBUFS or ENOMEM: the process or system is out of a
+  resource; retrying at once would spin, so accepting resumes after
+  ``overload_pause_s``. One log line per episode, not per retry.
+Any other accept error concerns one connection (a client that went away)
+and is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from dispatcher.listeners import Listener
+from dispatcher.scheduler import Scheduler
+
+log = logging.getLogger("master")
+
+_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Connections accepted per wake-up before the loop gets a turn.
+_BATCH = 64
+# A queue that fills and drains all the time would log on every cycle.
+_FULL_LOG_INTERVAL_S = 10.0
+
+
+class Acceptor:
+    """Accepts on the master's listeners and feeds the scheduler.
+
+    Parameters:
+        loop: the master's event loop.
+        listeners: listening, non-blocking sockets (owned by the master).
+        scheduler: receives every accepted fd.
+        overload_pause_s: how long to stop accepting after EMFILE and the like.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: Sequence[Listener],
+        scheduler: Scheduler,
+        overload_pause_s: float = 0.1,
+    ) -> None:
+        self._loop = loop
+        self._listeners = list(listeners)
+        self._scheduler = scheduler
+        self.overload_pause_s = overload_pause_s
+        self._watching = False
+        self._stopped = True
+        self._overloaded = False
+        self._full_logged_at = -_FULL_LOG_INTERVAL_S
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self.accepted = 0
+        self.errors = 0
+        self.overload_pauses = 0
+
+    def start(self) -> None:
+        self._stopped = False
+        self._watch()
+
+    def stop(self) -> None:
+        """Stop accepting for good (the listeners stay open; the master closes them)."""
+        self._stopped = True
+        self._unwatch()
+        self._scheduler.on_room = None
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+
+    def sweep(self) -> int:
+        """Accept what the kernel backlog still holds, as far as the queue has room.
+
+        Used once while stopping, so clients that already connected are served
+        rather than reset. Returns how many were accepted.
+        """
+        before = self.accepted
+        for listener in self._listeners:
+            self._accept_batch(listener, limit=None)
+        return self.accepted - before
+
+    def _watch(self) -> None:
+        if self._watching or self._stopped:
+            return
+        self._watching = True
+        for listener in self._listeners:
+            self._loop.add_reader(listener.sock.fileno(), self._accept_batch, listener, _BATCH)
+
+    def _unwatch(self) -> None:
+        if not self._watching:
+            return
+        self._watching = False
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.sock.fileno())
+
+    def resume(self) -> None:
+        """The scheduler has room again."""
+        self._scheduler.on_room = None
+        if self._resume_handle is None:
+            self._watch()
+
+    def _accept_batch(self, listener: Listener, limit: int | None) -> None:
+        accept = cast(Callable[[], tuple[int, object]], listener.sock._accept)  # type: ignore[attr-defined]
+        scheduler = self._scheduler
+        submit = scheduler.submit
+        count = 0
+        while limit is None or count < limit:
+            if scheduler.full:
+                self._pause_full()
+                break
+            try:
+                fd, _ = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.errors += 1
+                if exc.errno in _OVERLOAD:
+                    self._pause_overload(exc)
+                    break
+                # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
+                continue
+            count += 1
+            submit(fd)
+        self.accepted += count
+        if count and self._overloaded:
+            self._overloaded = False
+            log.info("accepting again after %d pause(s)", self.overload_pauses)
+
+    def _pause_full(self) -> None:
+        now = time.monotonic()
+        if self._watching and now - self._full_logged_at >= _FULL_LOG_INTERVAL_S:
+            self._full_logged_at = now
+            log.warning(
+                "pending queue full (%d connections); accepting paused, "
+                "the kernel backlog holds new connections", self._scheduler.pending,
+            )
+        self._unwatch()
+        self._scheduler.on_room = self.resume
+
+    def _pause_overload(self, exc: OSError) -> None:
+        self.overload_pauses += 1
+        if not self._overloaded:
+            self._overloaded = True
+            log.warning(
+                "accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
+                exc.strerror, self.overload_pause_s * 1000,
+            )
+        self._unwatch()
+        if self._resume_handle is None and not self._stopped:
+            self._resume_handle = self._loop.call_later(self.overload_pause_s, self._after_pause)
+
+    def _after_pause(self) -> None:
+        self._resume_handle = None
+        if not self._scheduler.full:
+            self._watch()
+        else:
+            self._scheduler.on_room = self.resume

@@ -1,0 +1,169 @@
+"""The command line: ``python -m dispatcher`` and the ``dispatcher`` script."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dispatcher import __version__, policies
+from dispatcher.config import DEFAULT_BIND, Config, default_workers
+from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind
+from dispatcher.master import Master
+from shared.exitcodes import ExitCode
+from worker.app import AppLoadError, split_spec
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+EPILOG = """\
+handlers (--app MODULE:ATTRIBUTE):
+  async def handler(reader, writer)   asyncio streams, like asyncio.start_server
+  def handler(sock, addr)             blocking, run on a thread pool (--threads)
+  async def serve(worker)             custom server: async for sock, addr in worker.connections()
+
+signals: TERM/INT stop gracefully (stop accepting, let open connections
+finish up to --graceful-timeout, then kill).
+
+exit codes: 0 stopped, 1 error, 2 bad usage, 3 worker failed to boot,
+4 app failed to load.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _bind(text: str) -> BindSpec:
+    try:
+        return parse_bind(text)
+    except BindError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _app(text: str) -> str:
+    try:
+        split_spec(text)
+    except AppLoadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher",
+        description=(
+            "Run a multi-process server: the master accepts every connection and hands "
+            "it to a worker process (round-robin over SCM_RIGHTS, as Node's cluster does), "
+            "or lets the workers accept themselves (shared, reuseport)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--app", required=True, type=_app, metavar="MODULE:ATTRIBUTE",
+        help="the handler to serve, e.g. examples.hello:handler",
+    )
+    parser.add_argument(
+        "--bind", "-b", action="append", type=_bind, metavar="ADDRESS",
+        help=f"HOST:PORT, [IPV6]:PORT or unix:/path; repeat for several (default {DEFAULT_BIND}); "
+        "port 0 picks a free port, logged at start",
+    )
+    parser.add_argument(
+        "--workers", "-w", type=_positive_int, metavar="N",
+        help="worker processes (default: $WEB_CONCURRENCY, else the number of CPUs)",
+    )
+    parser.add_argument(
+        "--policy", choices=policies.NAMES, default="round-robin",
+        help="round-robin: the master hands each connection to the next free worker; "
+        "shared: workers accept on one shared socket; reuseport: one SO_REUSEPORT socket "
+        "per worker (default %(default)s)",
+    )
+    parser.add_argument(
+        "--window", type=_positive_int, default=1, metavar="W",
+        help="round-robin: un-acked hand-offs a worker may hold (default %(default)s, as Node)",
+    )
+    parser.add_argument(
+        "--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
+        help="listen() backlog (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pending", type=_positive_int, default=1024, metavar="N",
+        help="round-robin: connections the master holds while no worker is free; when full "
+        "it stops accepting and the kernel backlog holds the rest (default %(default)s)",
+    )
+    parser.add_argument(
+        "--pending-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        help="round-robin: close a connection that waited this long for a worker "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        help="on TERM/INT, how long open connections may take to finish (default %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, metavar="N",
+        help="thread pool size per worker for blocking handlers "
+        "(default: Python's, min(32, CPUs + 4))",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)"
+    )
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.window > 64:
+        parser.error("--window: at most 64")
+    try:
+        workers = args.workers or default_workers()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return Config(
+        app=args.app,
+        binds=args.bind or [parse_bind(DEFAULT_BIND)],
+        workers=workers,
+        policy=args.policy,
+        window=args.window,
+        backlog=args.backlog,
+        max_pending=args.max_pending,
+        pending_timeout_s=args.pending_timeout,
+        graceful_timeout_s=args.graceful_timeout,
+        threads=args.threads,
+        log_level=args.log_level,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(argv)
+    setup_logging(config.log_level)
+    try:
+        return Master(config).run()
+    except KeyboardInterrupt:
+        return ExitCode.OK

@@ -1,0 +1,35 @@
+"""The master's settings, as parsed from the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from dispatcher.listeners import DEFAULT_BACKLOG, BindSpec, parse_bind
+
+DEFAULT_BIND = "127.0.0.1:8000"
+
+
+def default_workers() -> int:
+    """``WEB_CONCURRENCY`` if set (as gunicorn and uvicorn read it), else the usable CPUs."""
+    env = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"WEB_CONCURRENCY={env!r} is not a positive whole number")
+        return int(env)
+    return len(os.sched_getaffinity(0)) or 1
+
+
+@dataclass
+class Config:
+    app: str
+    binds: list[BindSpec] = field(default_factory=lambda: [parse_bind(DEFAULT_BIND)])
+    workers: int = 1
+    policy: str = "round-robin"
+    window: int = 1
+    backlog: int = DEFAULT_BACKLOG
+    max_pending: int = 1024
+    pending_timeout_s: float = 30.0
+    graceful_timeout_s: float = 30.0
+    threads: int | None = None
+    log_level: str = "info"

@@ -1,0 +1,193 @@
+"""Listening sockets: parsing ``--bind`` specs and binding them.
+
+Theory of operation
+-------------------
+The master owns every ``Listener`` socket and closes it on stop (unlinking a
+Unix socket path it created). Policies that let workers accept hand them
+*copies* (``socket.dup`` or a fresh SO_REUSEPORT socket); those copies are
+passed over the channel and closed by the master as soon as they are sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+DEFAULT_BACKLOG = 2048
+
+
+class BindError(Exception):
+    """A ``--bind`` spec is malformed or cannot be bound; the message says which."""
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """A parsed ``--bind`` value: TCP host and port, or a Unix socket path."""
+
+    text: str
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+
+def parse_bind(text: str) -> BindSpec:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:/path``.
+
+    Raises:
+        BindError: the spec is none of those.
+    """
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise BindError(f"bind {text!r}: empty Unix socket path")
+        return BindSpec(text, path=path)
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep or not host:
+            raise BindError(f"bind {text!r}: expected [IPV6]:PORT")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise BindError(f"bind {text!r}: expected HOST:PORT, [IPV6]:PORT or unix:/path")
+        if ":" in host:
+            raise BindError(f"bind {text!r}: put an IPv6 address in brackets, [{host}]:PORT")
+        host = host or "0.0.0.0"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise BindError(f"bind {text!r}: port {port_text!r} is not a number from 0 to 65535")
+    return BindSpec(text, host=host, port=int(port_text))
+
+
+@dataclass
+class Listener:
+    """A bound socket and the spec it came from."""
+
+    spec: BindSpec
+    sock: socket.socket
+    #: The path to unlink on close, for a Unix socket this process created.
+    owned_path: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The bound address, with the real port when port 0 was asked for."""
+        if self.spec.is_unix:
+            return f"unix:{self.spec.path}"
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if self.sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.owned_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.owned_path)
+            self.owned_path = None
+
+
+def _resolve(spec: BindSpec) -> tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]]:
+    assert spec.host is not None and spec.port is not None
+    try:
+        infos = socket.getaddrinfo(
+            spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"bind {spec.text!r}: cannot resolve {spec.host!r}: {exc}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr  # type: ignore[return-value]
+
+
+def _bind_tcp(
+    spec: BindSpec,
+    family: socket.AddressFamily,
+    sockaddr: tuple[str, int] | tuple[str, int, int, int],
+    reuseport: bool,
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # [::]:PORT means IPv6 only; bind 0.0.0.0 as well for IPv4.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"bind {spec.text!r}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _bind_unix(spec: BindSpec) -> socket.socket:
+    assert spec.path is not None
+    try:
+        mode = os.stat(spec.path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise BindError(f"bind {spec.text!r}: {spec.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(spec.path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise BindError(f"bind {spec.text!r}: {exc.strerror}") from exc
+            os.unlink(spec.path)  # stale: nobody listens there any more
+        else:
+            raise BindError(f"bind {spec.text!r}: another server is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(spec.path)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"bind {spec.text!r}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def open_listener(spec: BindSpec, backlog: int, *, listen: bool = True,
+                  reuseport: bool = False) -> Listener:
+    """Bind ``spec`` and, unless ``listen`` is False, start listening.
+
+    Raises:
+        BindError: the address cannot be resolved or bound; nothing is left open.
+    """
+    if spec.is_unix:
+        if reuseport:
+            raise BindError(f"bind {spec.text!r}: SO_REUSEPORT does not apply to Unix sockets")
+        sock = _bind_unix(spec)
+        listener = Listener(spec, sock, owned_path=spec.path)
+    else:
+        family, sockaddr = _resolve(spec)
+        listener = Listener(spec, _bind_tcp(spec, family, sockaddr, reuseport))
+    if listen:
+        try:
+            listener.sock.listen(backlog)
+        except OSError as exc:
+            listener.close()
+            raise BindError(f"bind {spec.text!r}: listen failed: {exc.strerror}") from exc
+    listener.sock.setblocking(False)
+    return listener
+
+
+def reuseport_sibling(listener: Listener, backlog: int) -> socket.socket:
+    """Return a new listening socket on ``listener``'s exact address, SO_REUSEPORT set.
+
+    Raises:
+        BindError: the kernel refused the bind.
+    """
+    sockaddr = listener.sock.getsockname()
+    sock = _bind_tcp(listener.spec, listener.sock.family, sockaddr, reuseport=True)
+    try:
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"bind {listener.spec.text!r}: listen failed: {exc.strerror}") from exc
+    return sock

@@ -1,0 +1,74 @@
+"""Round-robin (Node's SCHED_RR): the oldest free worker gets the next connection.
+
+Each worker has ``window`` slots (Node: 1). A hand-off takes a slot and the
+worker's ack gives it back, so a worker never holds more than ``window``
+un-acked hand-offs and a worker whose event loop is stuck stops receiving
+connections. Free slots wait in one FIFO, so workers are served in the order
+they became free.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import ClassVar
+
+from dispatcher.policies.base import Policy
+
+
+class RoundRobin(Policy):
+    name: ClassVar[str] = "round-robin"
+    master_accepts: ClassVar[bool] = True
+
+    def __init__(self, window: int = 1) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
+        self._free: collections.deque[int] = collections.deque()
+        self._credit: dict[int, int] = {}
+
+    def attach(self, key: int) -> None:
+        if key in self._credit:
+            raise ValueError(f"worker {key} is already attached")
+        self._credit[key] = self.window
+        self._free.extend([key] * self.window)
+
+    def detach(self, key: int) -> bool:
+        if self._credit.pop(key, None) is not None:
+            self._free = collections.deque(k for k in self._free if k != key)
+        return not self._credit
+
+    def choose(self, exclude: int | None = None) -> int | None:
+        free = self._free
+        if not free:
+            return None
+        key = free.popleft()
+        if key == exclude:
+            skipped = 1
+            while free and free[0] == exclude:
+                free.popleft()
+                skipped += 1
+            if not free:
+                free.extend([key] * skipped)
+                return None
+            other = free.popleft()
+            free.extendleft([key] * skipped)
+            key = other
+        self._credit[key] -= 1
+        return key
+
+    def ack(self, key: int, accepted: bool) -> None:
+        credit = self._credit.get(key)
+        if credit is None:
+            return  # detached meanwhile: its slots went with it
+        if credit >= self.window:
+            raise ValueError(f"worker {key} acked more hand-offs than it was given")
+        self._credit[key] = credit + 1
+        self._free.append(key)
+
+    @property
+    def workers(self) -> int:
+        return len(self._credit)
+
+    def in_flight(self, key: int) -> int:
+        """Un-acked hand-offs of worker ``key``."""
+        return self.window - self._credit[key]

@@ -1,0 +1,63 @@
+"""A tiny HTTP/1.1 server for dispatcher: answers every request with its pid.
+
+    python -m dispatcher --app examples.hello:handler
+
+Keeps the connection open between requests unless the client asks to close
+(``Connection: close``, or HTTP/1.0) or the worker starts draining. HTTP is
+parsed by h11, not by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import h11
+
+import worker
+
+_BODY = f"hello from pid {os.getpid()}\n".encode()
+_READ_BYTES = 65536
+
+
+async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    conn = h11.Connection(h11.SERVER)
+    me = worker.current()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                writer.write(conn.send(h11.Response(
+                    status_code=400, headers=[("connection", "close"), ("content-length", "0")]
+                )))
+                writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+            return
+        if event is h11.NEED_DATA:
+            if conn.their_state is h11.IDLE:
+                # Between requests: a draining worker closes idle connections.
+                data = await me.read_unless_draining(reader, _READ_BYTES)
+                if data is None:
+                    return
+            else:
+                data = await reader.read(_READ_BYTES)
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            headers = [
+                ("content-type", "text/plain"),
+                ("content-length", str(len(_BODY))),
+                ("x-worker-id", str(me.id)),
+            ]
+            if me.draining:
+                headers.append(("connection", "close"))
+            writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+            writer.write(conn.send(h11.Data(data=_BODY)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        elif isinstance(event, h11.ConnectionClosed):
+            return
+        if conn.our_state is h11.MUST_CLOSE:
+            return
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()

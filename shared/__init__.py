@@ -1,0 +1,1 @@
+"""What the master and the worker both import: the wire protocol and its channel."""

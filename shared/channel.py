@@ -1,0 +1,271 @@
+"""One end of a master-worker socketpair, driven by an asyncio event loop.
+
+Theory of operation
+-------------------
+The socket is AF_UNIX SOCK_SEQPACKET and non-blocking. Reading happens in the
+loop's reader callback: datagrams are received until EAGAIN (bounded per
+wake-up so one chatty peer cannot starve the others), each decoded with
+``shared.protocol`` and handed to the owner's callbacks.
+
+fd ownership:
+- An fd that arrives with a well-formed message that should carry it is
+  passed to ``on_message``; from then on the owner must close it.
+- An fd that arrives where none belongs, with a truncated datagram, or with a
+  message that does not decode is closed here, before the owner hears of the
+  error. MSG_CTRUNC means the kernel dropped descriptors that did not fit; the
+  ones that did fit are closed here too.
+- ``send(message, fd)`` takes ownership of ``fd``: it is closed once the
+  datagram has gone (the receiver then holds its own copy) or when the
+  channel closes with it still queued.
+- ``send_handoff`` is the hot path and takes no ownership: the master keeps
+  its copy of the connection until the worker acks, whatever happens here.
+
+A protocol error, EOF or socket error closes the channel once and reports the
+reason to ``on_closed``; the socket itself is closed by ``close()``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+
+from shared import protocol
+from shared.protocol import Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
+# Datagrams handled per wake-up before yielding to the loop.
+_READ_BUDGET = 256
+
+#: The reason given to ``on_closed`` when the peer went away (EOF, EPIPE, reset),
+#: as opposed to a protocol error.
+PEER_CLOSED = "peer closed the channel"
+
+OnMessage = Callable[[Message, list[int]], None]
+OnAck = Callable[[int, bool], None]
+OnClosed = Callable[[str], None]
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """Return a (master end, worker end) SOCK_SEQPACKET pair, both close-on-exec."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each fd, ignoring ones already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], bool]:
+    """Return the fds in ``ancdata`` and whether anything else was there."""
+    fds: list[int] = []
+    unexpected = False
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
+        else:
+            unexpected = True
+    return fds, unexpected
+
+
+class Channel:
+    """A message channel over one SOCK_SEQPACKET socket.
+
+    Parameters:
+        sock: this side's end of the socketpair; made non-blocking here.
+        loop: the running event loop that drives it.
+        on_message: called with each decoded message and the fds it carried.
+        on_closed: called once, with a reason, when the channel ends.
+        on_ack: if given, acks skip the general decoder and come here
+            (the master's hot path).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_message: OnMessage,
+        on_closed: OnClosed,
+        on_ack: OnAck | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._loop = loop
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._on_ack = on_ack
+        self._buf = bytearray(protocol.MAX_MESSAGE_BYTES + 1)
+        self._view = memoryview(self._buf)
+        self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
+        self._writing = False
+        self.closed = False
+        self.close_reason = ""
+        loop.add_reader(self._fileno, self._on_readable)
+
+    # Reading
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        buf = self._view
+        on_ack = self._on_ack
+        for _ in range(_READ_BUDGET):
+            try:
+                n, ancdata, flags, _ = sock.recvmsg_into((buf,), _ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                self._fail(PEER_CLOSED)
+                return
+            except OSError as exc:
+                self._fail(f"read error: {exc}")
+                return
+            if ancdata:
+                fds, unexpected = fds_from_ancillary(ancdata)
+            else:
+                fds, unexpected = [], False
+            if n == 0 and not fds:
+                self._fail(PEER_CLOSED)
+                return
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or unexpected:
+                close_fds(fds)
+                self._fail("truncated message or unexpected ancillary data")
+                return
+            if on_ack is not None and not fds:
+                ack = protocol.decode_ack(bytes(buf[:n]))
+                if ack is not None:
+                    on_ack(*ack)
+                    if self.closed:
+                        return
+                    continue
+            try:
+                message = protocol.decode(bytes(buf[:n]))
+                if len(fds) != protocol.fds_expected(message):
+                    raise ProtocolError(
+                        f"{type(message).__name__} arrived with {len(fds)} fds, "
+                        f"expected {protocol.fds_expected(message)}"
+                    )
+            except ProtocolError as exc:
+                close_fds(fds)
+                self._fail(f"protocol error: {exc}")
+                return
+            self._on_message(message, fds)
+            if self.closed:
+                return
+
+    # Writing
+
+    def send_handoff(self, conn_id: int, fd: int) -> None:
+        """Send a hand-off of ``fd`` now; the caller keeps its copy.
+
+        Raises:
+            BlockingIOError: the socket buffer is full; nothing was sent.
+            OSError: the peer is gone; nothing was sent.
+        """
+        self._sock.sendmsg(
+            (protocol.encode_handoff(conn_id),),
+            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, "little", signed=True)),),
+        )
+
+    def send(self, message: Message, fd: int | None = None) -> None:
+        """Send ``message`` (with ``fd``, whose ownership passes to the channel).
+
+        Queued in order behind anything not yet sent; a closed channel drops it
+        (and closes ``fd``).
+
+        Raises:
+            ValueError: the message cannot be encoded; ``fd`` is closed.
+        """
+        try:
+            data = protocol.encode(message)
+        except ValueError:
+            if fd is not None:
+                close_fds((fd,))
+            raise
+        self.send_bytes(data, fd)
+
+    def send_bytes(self, data: bytes, fd: int | None = None) -> None:
+        """Send one pre-encoded datagram; ``fd`` as in ``send``."""
+        if self.closed:
+            if fd is not None:
+                close_fds((fd,))
+            return
+        self._outbox.append((data, fd))
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._outbox:
+            data, fd = self._outbox[0]
+            try:
+                if fd is None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendmsg(
+                        (data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,))),)
+                    )
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:
+                    self._writing = True
+                    self._loop.add_writer(self._fileno, self._flush)
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                self._fail(PEER_CLOSED)
+                return
+            except OSError as exc:
+                self._fail(f"write error: {exc}")
+                return
+            self._outbox.popleft()
+            if fd is not None:
+                close_fds((fd,))
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fileno)
+
+    @property
+    def backlog(self) -> int:
+        """Messages queued and not yet sent."""
+        return len(self._outbox)
+
+    # Ending
+
+    def _fail(self, reason: str) -> None:
+        if self.closed:
+            return
+        self._stop_io(reason)
+        self._on_closed(reason)
+
+    def _stop_io(self, reason: str) -> None:
+        self.closed = True
+        self.close_reason = reason
+        self._loop.remove_reader(self._fileno)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fileno)
+        close_fds(fd for _, fd in self._outbox if fd is not None)
+        self._outbox.clear()
+
+    def drain_now(self) -> None:
+        """Read whatever the peer already sent, synchronously, then stop reading.
+
+        Used when the peer is known to be dead: acks it sent before dying
+        still count.
+        """
+        if not self.closed:
+            self._on_readable()
+
+    def close(self) -> None:
+        """Stop reading and writing and close the socket; ``on_closed`` is not called."""
+        if not self.closed:
+            self._stop_io("closed")
+        self._sock.close()

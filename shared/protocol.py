@@ -1,0 +1,282 @@
+"""The wire protocol between the master and its workers, sans-IO.
+
+Theory of operation
+-------------------
+Each worker has one AF_UNIX SOCK_SEQPACKET socketpair with the master. One
+datagram is one message, so there is no length prefix and no reassembly: the
+first byte names the message type and the rest is its body, either a fixed
+``struct`` layout (the hot messages: hand-off, ack, ping) or UTF-8 JSON (stats,
+user messages, errors). File descriptors ride in the same datagram as
+SCM_RIGHTS ancillary data; this module only says how many a message must
+carry (``fds_expected``). It never touches a socket: the master and the
+worker each do their own I/O (see ``shared.channel``).
+
+Nothing here executes what it decodes (no pickle). Every malformed input
+raises ``ProtocolError`` and nothing else, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, Final
+
+#: Largest datagram either side sends or accepts. JSON bodies beyond this are
+#: refused at encode time; a larger datagram on the wire is a peer error.
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+#: The most descriptors one message may carry.
+MAX_FDS: Final = 1
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow."""
+
+
+class MessageType(IntEnum):
+    HELLO = 1
+    READY = 2
+    HANDOFF = 3
+    ACK = 4
+    PING = 5
+    PONG = 6
+    DRAIN = 7
+    ERROR = 8
+    USER = 9
+    LISTEN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Worker to master, first thing after start: who it is."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Worker to master: the app is loaded; send connections."""
+
+    TYPE: ClassVar[MessageType] = MessageType.READY
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Master to worker, with one fd: an accepted connection to take."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HANDOFF
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Worker to master: hand-off ``conn_id`` taken (or refused while draining)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ACK
+    conn_id: int
+    accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Master to worker: are you responsive?"""
+
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Worker to master: answer to ``Ping`` ``seq``, with the worker's own counters."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    seq: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Master to worker: refuse new hand-offs, finish open connections, exit."""
+
+    TYPE: ClassVar[MessageType] = MessageType.DRAIN
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Either way: something went wrong that the other side should log."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    """Either way: an application's JSON-serialisable message."""
+
+    TYPE: ClassVar[MessageType] = MessageType.USER
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Master to worker, with one fd: a listening socket to accept on itself."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LISTEN
+
+
+Message = Hello | Ready | Handoff | Ack | Ping | Pong | Drain | Error | UserMessage | Listen
+
+_HELLO = struct.Struct("!BII")
+_HANDOFF = struct.Struct("!BQ")
+_ACK = struct.Struct("!BQ?")
+_SEQ = struct.Struct("!BQ")
+_ERROR = struct.Struct("!BH")
+_TYPE_ONLY = struct.Struct("!B")
+
+_FDS_EXPECTED: Final = {MessageType.HANDOFF: 1, MessageType.LISTEN: 1}
+
+# Pre-encoded: these carry no fields, so every instance is the same bytes.
+_READY_BYTES: Final = _TYPE_ONLY.pack(MessageType.READY)
+_DRAIN_BYTES: Final = _TYPE_ONLY.pack(MessageType.DRAIN)
+_LISTEN_BYTES: Final = _TYPE_ONLY.pack(MessageType.LISTEN)
+_ACK_TRUE_BYTES: Final = MessageType.ACK.to_bytes(1, "big")
+
+
+def fds_expected(message: Message) -> int:
+    """Return how many fds must arrive with ``message`` (0 or 1)."""
+    return _FDS_EXPECTED.get(message.TYPE, 0)
+
+
+def _dump_json(value: Any) -> bytes:
+    try:
+        body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not JSON-serialisable: {exc}") from exc
+    if len(body) + 9 > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return body
+
+
+def encode(message: Message) -> bytes:
+    """Return the datagram for ``message``.
+
+    Raises:
+        ValueError: a field does not fit (an id out of range, a JSON body that
+            is not serialisable or too large). Nothing is sent in that case.
+    """
+    try:
+        match message:
+            case Handoff(conn_id):
+                return _HANDOFF.pack(MessageType.HANDOFF, conn_id)
+            case Ack(conn_id, accepted):
+                return _ACK.pack(MessageType.ACK, conn_id, accepted)
+            case Ping(seq):
+                return _SEQ.pack(MessageType.PING, seq)
+            case Pong(seq, stats):
+                return _SEQ.pack(MessageType.PONG, seq) + _dump_json(stats)
+            case Hello(worker_id, pid):
+                return _HELLO.pack(MessageType.HELLO, worker_id, pid)
+            case Ready():
+                return _READY_BYTES
+            case Drain():
+                return _DRAIN_BYTES
+            case Listen():
+                return _LISTEN_BYTES
+            case Error(code, text):
+                body = text.encode("utf-8", "replace")[: MAX_MESSAGE_BYTES - _ERROR.size]
+                return _ERROR.pack(MessageType.ERROR, code) + body
+            case UserMessage(payload):
+                return _TYPE_ONLY.pack(MessageType.USER) + _dump_json(payload)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode {message!r}: {exc}") from exc
+    raise TypeError(f"not a protocol message: {message!r}")
+
+
+def encode_handoff(conn_id: int) -> bytes:
+    """``encode(Handoff(conn_id))`` without building the message object (hot path)."""
+    return _HANDOFF.pack(MessageType.HANDOFF, conn_id)
+
+
+def encode_ack(conn_id: int, accepted: bool) -> bytes:
+    """``encode(Ack(conn_id, accepted))`` without building the message object."""
+    return _ACK.pack(MessageType.ACK, conn_id, accepted)
+
+
+def decode_ack(data: bytes) -> tuple[int, bool] | None:
+    """Return ``(conn_id, accepted)`` if ``data`` is a well-formed ack, else None.
+
+    The master's hot path tries this before the general ``decode``.
+    """
+    if len(data) == _ACK.size and data[0] == MessageType.ACK and data[9] <= 1:
+        _, conn_id, accepted = _ACK.unpack(data)
+        return conn_id, accepted
+    return None
+
+
+def _fixed(layout: struct.Struct, data: bytes, name: str) -> tuple[Any, ...]:
+    if len(data) != layout.size:
+        raise ProtocolError(f"{name}: expected {layout.size} bytes, got {len(data)}")
+    return layout.unpack(data)
+
+
+def _load_json(body: bytes, name: str) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{name}: body is not valid JSON") from exc
+
+
+def decode(data: bytes) -> Message:
+    """Return the message in one datagram.
+
+    Raises:
+        ProtocolError: ``data`` is not exactly one well-formed message. This is
+            the only exception it raises, whatever ``data`` holds.
+    """
+    if not data:
+        raise ProtocolError("empty message")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    kind = data[0]
+    if kind == MessageType.ACK:
+        _, conn_id, _accepted = _fixed(_ACK, data, "ack")
+        if data[9] > 1:
+            raise ProtocolError("ack: accepted flag must be 0 or 1")
+        return Ack(conn_id, data[9] == 1)
+    if kind == MessageType.HANDOFF:
+        return Handoff(_fixed(_HANDOFF, data, "handoff")[1])
+    if kind == MessageType.PING:
+        return Ping(_fixed(_SEQ, data, "ping")[1])
+    if kind == MessageType.PONG:
+        if len(data) < _SEQ.size:
+            raise ProtocolError("pong: too short")
+        (_, seq) = _SEQ.unpack_from(data)
+        stats = _load_json(data[_SEQ.size :], "pong")
+        if not isinstance(stats, dict):
+            raise ProtocolError("pong: stats must be a JSON object")
+        return Pong(seq, stats)
+    if kind == MessageType.HELLO:
+        _, worker_id, pid = _fixed(_HELLO, data, "hello")
+        return Hello(worker_id, pid)
+    if kind == MessageType.READY:
+        _fixed(_TYPE_ONLY, data, "ready")
+        return Ready()
+    if kind == MessageType.DRAIN:
+        _fixed(_TYPE_ONLY, data, "drain")
+        return Drain()
+    if kind == MessageType.LISTEN:
+        _fixed(_TYPE_ONLY, data, "listen")
+        return Listen()
+    if kind == MessageType.ERROR:
+        if len(data) < _ERROR.size:
+            raise ProtocolError("error: too short")
+        (_, code) = _ERROR.unpack_from(data)
+        return Error(code, data[_ERROR.size :].decode("utf-8", "replace"))
+    if kind == MessageType.USER:
+        return UserMessage(_load_json(data[1:], "user message"))
+    raise ProtocolError(f"unknown message type {kind}")

@@ -1,0 +1,66 @@
+"""Handlers the integration tests serve. Each answers with ``<worker id> <pid>``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import worker
+
+
+def _me() -> bytes:
+    return f"{worker.current().id} {os.getpid()}\n".encode()
+
+
+async def pid(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one line, answer with who we are."""
+    await reader.readline()
+    writer.write(_me())
+    await writer.drain()
+
+
+async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read ``sleep SECONDS``, sleep that long without blocking the loop, then answer."""
+    line = (await reader.readline()).decode().split()
+    if len(line) == 2 and line[0] == "sleep":
+        await asyncio.sleep(float(line[1]))
+    writer.write(_me())
+    await writer.drain()
+
+
+def blocking(sock: socket.socket, addr: Any) -> None:
+    """The blocking kind: plain socket calls on a pool thread."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        data = sock.recv(1024)
+        if not data:
+            return
+        buf += data
+    sock.sendall(_me())
+
+
+async def serve(me: worker.Worker) -> None:
+    """The custom-server kind: iterate the worker's connections."""
+    tasks = set()
+
+    async def handle(sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await reader.readline()
+        writer.write(f"{me.id} {me.pid} custom\n".encode())
+        await writer.drain()
+        writer.close()
+
+    async for sock, _addr in me.connections():
+        task = asyncio.create_task(handle(sock))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+
+
+not_callable = 42
+
+
+def wrong_signature(only_one: Any) -> None:
+    """Sync with one parameter: no handler kind takes that."""

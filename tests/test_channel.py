@@ -1,0 +1,194 @@
+"""The channel over a real SOCK_SEQPACKET socketpair: fds delivered, or closed, never leaked."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared import protocol
+from shared.channel import PEER_CLOSED, Channel, socketpair
+from shared.protocol import Handoff, Listen, Message, Ping
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[tuple[Message, list[int]]] = []
+        self.acks: list[tuple[int, bool]] = []
+        self.closed: list[str] = []
+
+    def on_message(self, message: Message, fds: list[int]) -> None:
+        self.messages.append((message, fds))
+
+    def on_ack(self, conn_id: int, accepted: bool) -> None:
+        self.acks.append((conn_id, accepted))
+
+    def on_closed(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def run_until(loop: asyncio.AbstractEventLoop, predicate: object, timeout: float = 5.0) -> None:
+    assert callable(predicate)
+
+    async def waiter() -> None:
+        while not predicate():
+            await asyncio.sleep(0)  # let the reader callbacks run
+
+    loop.run_until_complete(asyncio.wait_for(waiter(), timeout))
+
+
+def send_raw(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def test_handoff_carries_a_working_socket(loop: asyncio.AbstractEventLoop) -> None:
+    before = open_fds()
+    a, b = socketpair()
+    rec = Recorder()
+    master = Channel(a, loop, rec.on_message, rec.on_closed)
+    worker_rec = Recorder()
+    worker = Channel(b, loop, worker_rec.on_message, worker_rec.on_closed)
+    left, right = socket.socketpair()
+    master.send_handoff(7, left.fileno())
+    run_until(loop, lambda: worker_rec.messages)
+    (message, fds), = worker_rec.messages
+    assert message == Handoff(7) and len(fds) == 1
+    received = socket.socket(fileno=fds[0])
+    received.sendall(b"ping")
+    assert right.recv(4) == b"ping"
+    for s in (received, left, right):
+        s.close()
+    master.close()
+    worker.close()
+    assert open_fds() == before
+
+
+def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
+    a, b = socketpair()
+    rec = Recorder()
+    master = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    b.send(protocol.encode_ack(5, True))
+    b.send(protocol.encode_ack(6, False))
+    b.send(protocol.encode(Ping(1)))
+    run_until(loop, lambda: rec.messages)
+    assert rec.acks == [(5, True), (6, False)]
+    assert rec.messages == [(Ping(1), [])]
+    master.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "nfds", "reason"),
+    [
+        (protocol.encode(Ping(1)), 1, "arrived with 1 fds, expected 0"),
+        (protocol.encode(Handoff(1)), 0, "arrived with 0 fds, expected 1"),
+        (protocol.encode_ack(1, True), 1, "arrived with 1 fds"),
+        (protocol.encode(Handoff(1)), 2, "arrived with 2 fds, expected 1"),
+        (protocol.encode(Handoff(1)), 5, "truncated"),
+        (b"\xfe garbage", 1, "unknown message type"),
+    ],
+)
+def test_bad_frames_close_their_fds_and_the_channel(
+    loop: asyncio.AbstractEventLoop, data: bytes, nfds: int, reason: str
+) -> None:
+    before = open_fds()
+    a, b = socketpair()
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+    send_raw(b, data, extra)
+    for fd in extra:
+        os.close(fd)
+    run_until(loop, lambda: rec.closed)
+    assert reason in rec.closed[0]
+    assert rec.messages == [] and rec.acks == []
+    channel.close()
+    b.close()
+    assert open_fds() == before
+
+
+def test_eof_is_reported_as_peer_closed(loop: asyncio.AbstractEventLoop) -> None:
+    a, b = socketpair()
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed)
+    b.close()
+    run_until(loop, lambda: rec.closed)
+    assert rec.closed == [PEER_CLOSED]
+    channel.close()
+
+
+def test_send_owns_and_closes_its_fd_and_queues_when_full(loop: asyncio.AbstractEventLoop) -> None:
+    before = open_fds()
+    a, b = socketpair()
+    rec = Recorder()
+    sender = Channel(a, loop, rec.on_message, rec.on_closed)
+    # Fill the socket buffer so that later sends must wait in the outbox.
+    count = 0
+    while sender.backlog == 0:
+        sender.send(Ping(count))
+        count += 1
+    fd = os.open("/dev/null", os.O_RDONLY)
+    sender.send(Listen(), fd)
+    assert sender.backlog >= 2
+    worker_rec = Recorder()
+    receiver = Channel(b, loop, worker_rec.on_message, worker_rec.on_closed)
+    run_until(loop, lambda: len(worker_rec.messages) == count + 1)
+    assert [m for m, _ in worker_rec.messages[:-1]] == [Ping(i) for i in range(count)]
+    last, fds = worker_rec.messages[-1]
+    assert last == Listen() and len(fds) == 1
+    os.close(fds[0])
+    assert sender.backlog == 0
+    sender.close()
+    receiver.close()
+    assert open_fds() == before
+
+
+frames = st.tuples(
+    st.one_of(
+        st.binary(min_size=1, max_size=64),
+        st.sampled_from([protocol.encode(Handoff(3)), protocol.encode(Listen()), protocol.encode(Ping(2)),
+                         protocol.encode_ack(9, True)]),
+    ),
+    st.integers(0, 2),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(frames, min_size=1, max_size=8))
+def test_any_frames_leave_no_fd_behind(
+    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]]
+) -> None:
+    before = open_fds()
+    a, b = socketpair()
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    for data, nfds in batch:
+        extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+        send_raw(b, data, extra)
+        for fd in extra:
+            os.close(fd)
+    b.close()
+    run_until(loop, lambda: rec.closed)
+    for _, fds in rec.messages:
+        for fd in fds:
+            os.close(fd)
+    channel.close()
+    assert open_fds() == before

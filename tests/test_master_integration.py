@@ -1,0 +1,199 @@
+"""The master as a whole: policies, handler kinds, app errors, stopping, binds."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, Server, ask, read_all, wait_for
+
+APP = "tests.apps.handlers:pid"
+
+
+@pytest.mark.parametrize("policy", ["shared", "reuseport"])
+def test_workers_accept_themselves_under_policy(server_factory: type[Server], policy: str) -> None:
+    server = server_factory("--app", APP, "--policy", policy, workers=2).start(ready=2)
+    pids = set(server.worker_pids())
+    answers = [ask(server.port) for _ in range(30)]
+    assert {a.split()[1] for a in answers} <= {str(p) for p in pids}
+    # Only the workers listen; the master accepts nothing.
+    master_listening = [c for c in psutil.Process(server.pid).net_connections("tcp")
+                        if c.status == "LISTEN"]
+    assert master_listening == [] if policy == "reuseport" else len(master_listening) == 1
+    listening = collections.Counter(
+        pid for pid in pids for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == "LISTEN" and c.laddr.port == server.port
+    )
+    assert set(listening) == pids
+
+
+def test_blocking_handler_runs_on_threads(server_factory: type[Server]) -> None:
+    server = server_factory("--app", "tests.apps.handlers:blocking", "--threads", "2",
+                            workers=2).start(ready=2)
+    answers = collections.Counter(ask(server.port).split()[1] for _ in range(10))
+    assert sorted(answers.values()) == [5, 5]
+
+
+def test_custom_server_iterates_connections(server_factory: type[Server]) -> None:
+    server = server_factory("--app", "tests.apps.handlers:serve", workers=2).start(ready=2)
+    answers = [ask(server.port).split() for _ in range(4)]
+    assert all(a[2] == "custom" for a in answers)
+    assert len({a[1] for a in answers}) == 2
+
+
+def test_example_app_speaks_http(server_factory: type[Server]) -> None:
+    server = server_factory("--app", "examples.hello:handler", workers=2).start(ready=2)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        bodies = []
+        for _ in range(3):  # keep-alive: three requests on one connection
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            assert response.status == 200
+            bodies.append(response.read().decode())
+        assert len(set(bodies)) == 1 and bodies[0].startswith("hello from pid ")
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/", headers={"Connection": "close"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("connection") == "close"
+    conn.close()
+
+
+SPEC_ERRORS = [
+    ("tests.apps.handlers", 2, "has no colon"),
+    ("no_such_module_xyz:handler", 4, "module 'no_such_module_xyz' not found"),
+    ("tests.apps.handlers:missing", 4, "has no attribute 'missing'"),
+    ("tests.apps.handlers:not_callable", 4, "int object is not callable"),
+    ("tests.apps.handlers:wrong_signature", 4, "wrong signature wrong_signature(only_one)"),
+    ("tests.apps.broken:handler", 4, "raised RuntimeError: this module is broken on purpose"),
+]
+
+
+@pytest.mark.parametrize(("spec", "code", "message"), SPEC_ERRORS)
+def test_app_spec_error_stops_master_with_clear_line(
+    server_factory: type[Server], spec: str, code: int, message: str
+) -> None:
+    started = time.monotonic()
+    server = server_factory("--app", spec, workers=2)
+    assert server.wait(timeout=5) == code
+    assert time.monotonic() - started < 5
+    error_lines = [line for line in server.lines if message in line]
+    assert len(error_lines) == 1, server.log
+    assert spec in error_lines[0]
+    assert "Traceback" not in server.log
+
+
+def test_graceful_stop_lets_slow_request_finish(server_factory: type[Server]) -> None:
+    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start(ready=2)
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    client.sendall(b"sleep 1.5\n")
+    wait_for(lambda: any(_established(pid) for pid in server.worker_pids()), 5, "request in flight")
+    server.signal(signal.SIGTERM)
+    server.wait_line("SIGTERM: stopping gracefully")
+    answer = read_all(client)
+    client.close()
+    assert answer.split()[0] in {"0", "1"}
+    assert server.wait(timeout=10) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+
+def test_graceful_stop_kills_after_timeout(server_factory: type[Server]) -> None:
+    server = server_factory("--app", "tests.apps.handlers:slow", "--graceful-timeout", "0.5",
+                            workers=1).start(ready=1)
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    client.sendall(b"sleep 30\n")
+    wait_for(lambda: any(_established(pid) for pid in server.worker_pids()), 5, "request in flight")
+    started = time.monotonic()
+    server.signal(signal.SIGINT)
+    assert server.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "still running after the graceful timeout; killing it" in server.log
+    client.close()
+
+
+def _established(pid: int) -> bool:
+    try:
+        return any(c.status == "ESTABLISHED" for c in psutil.Process(pid).net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
+def test_workers_die_with_master_sigkill(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=3).start(ready=3)
+    workers = server.worker_pids()
+    assert len(workers) == 3
+    server.signal(signal.SIGKILL)
+    server.wait(timeout=5)
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                             for p in workers), 2, "workers still alive 2 s after the master died")
+
+
+def test_worker_process_title(server_factory: type[Server]) -> None:
+    pytest.importorskip("prctl")
+    server = server_factory("--app", APP, workers=1).start(ready=1)
+    (pid,) = server.worker_pids()
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert cmdline.startswith(f"dispatcher: worker 0 {APP}")
+
+
+def test_crashed_worker_is_restarted(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=1).start(ready=1)
+    (first,) = server.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    server.wait_line(r"worker 0 restarts in 0\.1 s")
+    server.wait_line(r"worker 0 \(pid \d+\) ready")
+    assert ask(server.port).split()[1] != str(first)
+
+
+def test_unix_and_ipv6_binds(server_factory: type[Server], tmp_path: Path) -> None:
+    path = tmp_path / "d.sock"
+    server = server_factory("--app", APP, "--bind", "[::1]:0", "--bind", f"unix:{path}",
+                            workers=1, bind=None).start(ready=1)
+    ipv6_port = int(server.address.rsplit(":", 1)[1])
+    assert f"listening on unix:{path}" in server.log
+    assert ask(ipv6_port, host="::1").split()[0] == "0"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b"hi\n")
+        assert read_all(sock).split()[0] == "0"
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not path.exists()
+
+
+def test_web_concurrency_sets_worker_count(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=0, env={"WEB_CONCURRENCY": "3"}).start(ready=3)
+    assert "3 worker(s)" in server.log
+
+
+def test_bind_error_is_one_clear_line(server_factory: type[Server]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = server_factory("--app", APP, workers=1, bind=f"127.0.0.1:{port}")
+        assert server.wait(timeout=10) == 1
+    assert f"bind '127.0.0.1:{port}': Address already in use" in server.log
+
+
+def test_help_explains_options() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "dispatcher", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    for option in ("--app", "--bind", "--workers", "--policy", "--window", "--max-pending",
+                   "--graceful-timeout", "--threads", "WEB_CONCURRENCY", "exit codes"):
+        assert option in out

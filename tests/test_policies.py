@@ -1,0 +1,139 @@
+"""Scheduling policies: round-robin's FIFO and window, as examples and as properties."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from dispatcher import policies
+from dispatcher.policies import ReusePort, RoundRobin, SharedAccept
+
+
+def test_oldest_free_worker_gets_the_next_connection() -> None:
+    rr = RoundRobin()
+    for key in (1, 2, 3):
+        rr.attach(key)
+    assert [rr.choose() for _ in range(3)] == [1, 2, 3]
+    assert rr.choose() is None  # window 1: everyone holds one un-acked hand-off
+    rr.ack(2, True)
+    rr.ack(1, True)
+    assert [rr.choose(), rr.choose(), rr.choose()] == [2, 1, None]
+
+
+def test_window_bounds_unacked_handoffs() -> None:
+    rr = RoundRobin(window=3)
+    rr.attach(1)
+    assert [rr.choose() for _ in range(4)] == [1, 1, 1, None]
+    assert rr.in_flight(1) == 3
+    with pytest.raises(ValueError):
+        RoundRobin(window=0)
+
+
+def test_refused_connection_goes_to_a_different_worker() -> None:
+    rr = RoundRobin()
+    rr.attach(1)
+    rr.attach(2)
+    assert rr.choose(exclude=1) == 2
+    assert rr.choose(exclude=1) is None  # only 1 is free and it is excluded
+    assert rr.choose() == 1
+
+
+def test_exclusion_keeps_fifo_order_of_the_skipped() -> None:
+    rr = RoundRobin(window=2)
+    rr.attach(1)
+    rr.attach(2)  # free: 1 1 2 2
+    assert rr.choose(exclude=1) == 2
+    assert [rr.choose(), rr.choose(), rr.choose()] == [1, 1, 2]
+
+
+def test_detach_says_when_the_last_worker_is_gone() -> None:
+    rr = RoundRobin()
+    rr.attach(1)
+    rr.attach(2)
+    assert rr.detach(1) is False
+    assert rr.choose() == 2
+    rr.ack(1, True)  # an ack from a detached worker gives it nothing back
+    assert rr.choose() is None
+    assert rr.detach(2) is True
+    with pytest.raises(ValueError):
+        rr.attach(3) or rr.attach(3)
+
+
+def test_more_acks_than_handoffs_is_an_error() -> None:
+    rr = RoundRobin()
+    rr.attach(1)
+    with pytest.raises(ValueError):
+        rr.ack(1, True)
+
+
+@pytest.mark.parametrize("cls", [SharedAccept, ReusePort])
+def test_accepting_workers_policies_choose_nothing(cls: type[SharedAccept]) -> None:
+    policy = cls()
+    assert policy.master_accepts is False
+    policy.attach(1)
+    assert policy.choose() is None
+    assert policy.workers == 1
+    assert policy.detach(1) is True
+
+
+def test_create_by_name() -> None:
+    assert isinstance(policies.create("round-robin", 2), RoundRobin)
+    assert isinstance(policies.create("shared"), SharedAccept)
+    assert isinstance(policies.create("reuseport"), ReusePort)
+    with pytest.raises(ValueError, match="unknown policy"):
+        policies.create("random")
+
+
+class RoundRobinMachine(RuleBasedStateMachine):
+    """Any sequence of attach, detach, choose and ack keeps the window and FIFO promises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = 2
+        self.rr = RoundRobin(self.window)
+        self.attached: set[int] = set()
+        self.unacked: collections.Counter[int] = collections.Counter()
+        self.next_key = 0
+
+    @rule()
+    def attach(self) -> None:
+        self.next_key += 1
+        self.rr.attach(self.next_key)
+        self.attached.add(self.next_key)
+
+    @precondition(lambda self: self.attached)
+    @rule(data=st.data())
+    def detach(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.attached)))
+        self.attached.discard(key)
+        assert self.rr.detach(key) == (not self.attached)
+
+    @rule(exclude=st.none() | st.integers(0, 8))
+    def choose(self, exclude: int | None) -> None:
+        key = self.rr.choose(exclude=exclude)
+        free = {k for k in self.attached if self.unacked[k] < self.window and k != exclude}
+        if key is None:
+            assert not free
+        else:
+            assert key in free
+            self.unacked[key] += 1
+
+    @precondition(lambda self: any(self.unacked.values()))
+    @rule(data=st.data(), accepted=st.booleans())
+    def ack(self, data: st.DataObject, accepted: bool) -> None:
+        key = data.draw(st.sampled_from(sorted(k for k, n in self.unacked.items() if n)))
+        self.unacked[key] -= 1
+        self.rr.ack(key, accepted)
+
+    @invariant()
+    def at_most_window_unacked(self) -> None:
+        for key in self.attached:
+            assert 0 <= self.rr.in_flight(key) <= self.window
+            assert self.rr.in_flight(key) == self.unacked[key]
+        assert self.rr.workers == len(self.attached)
+
+
+TestRoundRobinMachine = RoundRobinMachine.TestCase

@@ -1,0 +1,167 @@
+"""The round-robin hand-off with a real master, real workers and real sockets."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import Server, ask, read_all, wait_for
+
+APP = "tests.apps.handlers:pid"
+SLOW = "tests.apps.handlers:slow"
+
+
+def test_forty_connections_to_four_workers_ten_each(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=4).start(ready=4)
+    served = collections.Counter(ask(server.port).split()[1] for _ in range(40))
+    assert len(served) == 4
+    assert set(served.values()) == {10}
+
+
+def test_unacked_handoff_of_killed_worker_is_redispatched(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=2).start(ready=2)
+    victim = int(ask(server.port).split()[1])  # the oldest free worker after this is the other one
+    survivor = next(pid for pid in server.worker_pids() if pid != victim)
+    # Round-robin: the next connection goes to the other worker, the one after to victim.
+    assert ask(server.port).split()[1] == str(survivor)
+    os.kill(victim, signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(3):  # victim takes one and cannot ack; the rest go to the survivor
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"hi\n")
+            clients.append(sock)
+        os.kill(victim, signal.SIGKILL)
+        answers = [read_all(sock).split()[1] for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert set(answers) == {str(survivor)}
+    server.wait_line(rf"pid {victim}\) killed by SIGKILL .*1 un-acked connection\(s\) re-dispatched")
+
+
+def test_refused_handoff_goes_to_another_worker(server_factory: type[Server]) -> None:
+    server = server_factory("--app", SLOW, workers=2).start(ready=2)
+    # Hold a slow request on one worker so that, once draining, it stays alive refusing.
+    holder = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    holder.sendall(b"sleep 3\n")
+    wait_for(lambda: any(_active(pid) for pid in server.worker_pids()), 5, "request in flight")
+    draining = next(pid for pid in server.worker_pids() if _active(pid))
+    os.kill(draining, signal.SIGTERM)
+    server.wait_line(rf"\[{draining}\] \[worker \d\] INFO draining")
+    answers = [ask(server.port, b"sleep 0\n").split()[1] for _ in range(6)]
+    assert str(draining) not in answers
+    server.wait_line(rf"pid {draining}\) refused a hand-off")
+    assert read_all(holder).split()[1] == str(draining)  # the draining worker finished its request
+    holder.close()
+
+
+def _active(pid: int) -> bool:
+    """Whether worker ``pid`` has an established TCP connection open."""
+    try:
+        import psutil
+
+        return any(c.status == "ESTABLISHED" for c in psutil.Process(pid).net_connections("tcp"))
+    except Exception:
+        return False
+
+
+def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=1).start(ready=1)
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(2):  # one hand-off un-acked, one waiting in the master's queue
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"hi\n")
+            clients.append(sock)
+        os.kill(only, signal.SIGKILL)
+        server.wait_line(r"no worker is ready: 2 connection\(s\) wait")
+        answers = [read_all(sock).split()[1] for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert len(set(answers)) == 1 and answers[0] != str(only)
+
+
+def test_pending_queue_full_pauses_accepting_and_loses_nothing(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, "--max-pending", "2", workers=1).start(ready=1)
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    clients = []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"hi\n")
+            clients.append(sock)
+        server.wait_line(r"pending queue full \(2 connections\); accepting paused")
+        os.kill(only, signal.SIGCONT)
+        answers = [read_all(sock).split()[1] for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert answers == [str(only)] * 6
+
+
+def test_accept_emfile_pauses_without_spinning_or_crashing(server_factory: type[Server]) -> None:
+    import resource
+
+    server = server_factory("--app", APP, workers=1).start(ready=1)
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    open_now = server.fd_count()
+    _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    # Room for three accepted connections; the rest hit EMFILE.
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (open_now + 3, hard))
+    clients = []
+    try:
+        cpu_before = sum(_cpu(server.pid))
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"hi\n")
+            clients.append(sock)
+        server.wait_line(r"accept failed: Too many open files; pausing accepts")
+        started = time.monotonic()
+        time.sleep(1.0)  # measuring that nothing spins over a second is the point here
+        cpu_used = sum(_cpu(server.pid)) - cpu_before
+        assert cpu_used < 0.5 * (time.monotonic() - started), "the master spins on EMFILE"
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (hard, hard))
+        os.kill(only, signal.SIGCONT)
+        answers = [read_all(sock).split()[1] for sock in clients]
+    finally:
+        for sock in clients:
+            sock.close()
+    assert answers == [str(only)] * 8
+    assert server.proc.poll() is None
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user, times.system
+
+
+def test_master_fd_count_is_stable_after_2000_connections(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=2).start(ready=2)
+    ask(server.port)
+    before = server.fd_count()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: ask(server.port), range(2000)))
+    assert all(a.strip() for a in answers)
+    assert server.fd_count() == before
+
+
+@pytest.mark.parametrize("window", ["1", "4"])
+def test_window_setting_serves_concurrent_clients(server_factory: type[Server], window: str) -> None:
+    server = server_factory("--app", APP, "--window", window, workers=2).start(ready=2)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: ask(server.port), range(200)))
+    assert len({a.split()[1] for a in answers}) == 2

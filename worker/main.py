@@ -1,0 +1,81 @@
+"""Entry point of a worker process: ``python -m worker``, started by the master.
+
+Boot order matters: the channel and ``Hello`` come first so the master hears
+of a worker that fails later; the app is imported once, and an import error
+is reported over the channel and as a named exit code, never as a crash loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+from shared.exitcodes import ExitCode
+from worker import process
+from worker.app import AppLoadError, load
+from worker.runtime import Runtime
+
+log = logging.getLogger("worker")
+
+
+class _BootArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"worker: {message}\n")
+        sys.exit(ExitCode.WORKER_BOOT_FAILED)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _BootArgumentParser(
+        prog="python -m worker",
+        description="A dispatcher worker. Started by the master, not by hand.",
+    )
+    parser.add_argument("--id", type=int, required=True, help="worker slot number")
+    parser.add_argument("--channel-fd", type=int, required=True, help="inherited channel fd")
+    parser.add_argument("--master-pid", type=int, required=True)
+    parser.add_argument("--app", required=True, help="MODULE:ATTRIBUTE")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace, chan: socket.socket) -> ExitCode:
+    runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads)
+    try:
+        try:
+            app = load(args.app)
+        except AppLoadError as exc:
+            log.debug("app load failed", exc_info=True)
+            runtime.fail_boot(ExitCode.APP_LOAD_FAILED, str(exc))
+            return ExitCode.APP_LOAD_FAILED
+        runtime.start(app)
+        return await runtime.wait()
+    finally:
+        runtime.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s [%(process)d] [worker {args.id}] %(levelname)s %(message)s",
+    )
+    # Ctrl-C reaches the whole process group; the master decides how we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not process.bind_to_master(args.master_pid):
+        log.error("master %d is gone before the worker started", args.master_pid)
+        return ExitCode.MASTER_GONE
+    process.set_title(f"dispatcher: worker {args.id} {args.app}")
+    try:
+        chan = socket.socket(fileno=args.channel_fd)
+    except OSError as exc:
+        log.error("channel fd %d is unusable: %s", args.channel_fd, exc)
+        return ExitCode.WORKER_BOOT_FAILED
+    if chan.type != socket.SOCK_SEQPACKET:
+        log.error("channel fd %d is not a SOCK_SEQPACKET socket", args.channel_fd)
+        return ExitCode.WORKER_BOOT_FAILED
+    return int(asyncio.run(_serve(args, chan)))

@@ -1,0 +1,284 @@
+"""The worker's event loop: take connections from the master, run the app on them.
+
+Theory of operation
+-------------------
+The channel to the master is read from the asyncio loop itself, so a loop
+blocked by the app stops acking hand-offs and answering pings, and the master
+sees it.
+
+fd ownership:
+- A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
+  ack it at once, before the app reads a byte (as Node does), and wrap it in a
+  socket object that the connection's task closes when the handler returns.
+  The master closes its own copy when the ack arrives.
+- While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
+  master still holds its own and gives the connection to another worker.
+- A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
+  we accept on ourselves; it is closed when draining starts. Connections it
+  accepts are ours alone and are never acked.
+- If the master goes away (EOF on the channel), the process exits at once;
+  the kernel closes whatever it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shared import protocol
+from shared.channel import PEER_CLOSED, Channel, close_fds
+from shared.exitcodes import ExitCode
+from shared.protocol import (
+    Drain,
+    Error,
+    Handoff,
+    Hello,
+    Listen,
+    Message,
+    Ping,
+    Pong,
+    Ready,
+    UserMessage,
+)
+from worker import api
+from worker.app import App, HandlerKind
+
+log = logging.getLogger("worker")
+
+_STREAM_LIMIT = 64 * 1024
+
+
+class Runtime:
+    """One worker's loop-side state.
+
+    Parameters:
+        worker_id: the slot number the master gave this worker.
+        chan_sock: this worker's end of the channel.
+        loop: the running loop.
+        threads: thread pool size for blocking handlers.
+    """
+
+    def __init__(
+        self,
+        worker_id: int,
+        chan_sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        threads: int | None,
+    ) -> None:
+        self.worker_id = worker_id
+        self._loop = loop
+        self._threads = threads
+        self._app: App | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._listeners: list[socket.socket] = []
+        self._done: asyncio.Future[ExitCode] = loop.create_future()
+        self._server_task: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.draining = False
+        self.started = time.monotonic()
+        self.handed = self.acked = self.refused = self.handled = self.accepted = 0
+        self.channel = Channel(chan_sock, loop, self._on_message, self._on_channel_closed)
+        self.api = api.Worker(worker_id, self.channel.send)
+        api._set_current(self.api)
+        self.channel.send(Hello(worker_id, os.getpid()))
+
+    # Start and stop
+
+    def start(self, app: App) -> None:
+        """Begin serving ``app`` and tell the master we are ready."""
+        self._app = app
+        if app.kind is HandlerKind.BLOCKING:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="handler")
+        elif app.kind is HandlerKind.SERVER:
+            self._server_task = self._loop.create_task(app.handler(self.api))
+            self._server_task.add_done_callback(self._on_server_done)
+        self._loop.add_signal_handler(signal.SIGTERM, self.drain)
+        self.channel.send(Ready())
+
+    def fail_boot(self, code: ExitCode, message: str) -> None:
+        """Tell the master why we cannot serve; the caller exits with ``code``."""
+        with contextlib.suppress(ValueError):
+            self.channel.send(Error(int(code), message))
+
+    async def wait(self) -> ExitCode:
+        """Run until drained or the master is gone; return the exit code."""
+        return await self._done
+
+    def drain(self) -> None:
+        """Refuse new hand-offs, stop accepting, exit once open connections finish."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d connection(s) open", len(self._tasks))
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+        self.api._start_draining()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self.draining or self._done.done() or self._tasks:
+            return
+        if self._server_task is not None and not self._server_task.done():
+            return
+        self._done.set_result(ExitCode.OK)
+
+    def shutdown(self) -> None:
+        """Release what the runtime holds (after the loop stopped serving)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for listener in self._listeners:
+            listener.close()
+        self.channel.close()
+
+    # Channel
+
+    def _on_channel_closed(self, reason: str) -> None:
+        if reason == PEER_CLOSED:
+            log.warning("master is gone (channel closed); exiting")
+        else:
+            log.error("channel to master failed: %s; exiting", reason)
+        if not self._done.done():
+            self._done.set_result(ExitCode.MASTER_GONE)
+
+    def _on_message(self, message: Message, fds: list[int]) -> None:
+        match message:
+            case Handoff(conn_id):
+                self._on_handoff(conn_id, fds[0])
+            case Listen():
+                self._on_listen(fds[0])
+            case Ping(seq):
+                self.channel.send(Pong(seq, self.stats()))
+            case Drain():
+                self.drain()
+            case UserMessage(payload):
+                self.api._deliver_message(payload)
+            case Error(code, text):
+                log.error("master reports error %d: %s", code, text)
+            case _:
+                close_fds(fds)
+                log.error("unexpected %s from master; exiting", type(message).__name__)
+                if not self._done.done():
+                    self._done.set_result(ExitCode.ERROR)
+
+    def _on_handoff(self, conn_id: int, fd: int) -> None:
+        self.handed += 1
+        if self.draining or self._app is None:
+            self.refused += 1
+            os.close(fd)
+            self.channel.send_bytes(protocol.encode_ack(conn_id, False))
+            return
+        self.acked += 1
+        self.channel.send_bytes(protocol.encode_ack(conn_id, True))
+        self._serve(socket.socket(fileno=fd))
+
+    def _on_listen(self, fd: int) -> None:
+        listener = socket.socket(fileno=fd)
+        if self.draining:
+            listener.close()
+            return
+        listener.setblocking(False)
+        self._listeners.append(listener)
+        self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        # Shared accept: several workers wake for one connection; losers get EAGAIN.
+        while not self.draining:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s; pausing accept for 0.1 s", exc)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(0.1, self._resume_accept, listener)
+                return
+            self.accepted += 1
+            self._serve(sock)
+
+    def _resume_accept(self, listener: socket.socket) -> None:
+        if listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    # Connections
+
+    def _serve(self, sock: socket.socket) -> None:
+        app = self._app
+        assert app is not None
+        if app.kind is HandlerKind.SERVER:
+            sock.setblocking(False)
+            self.api._deliver_connection(sock, _peer(sock))
+            self.handled += 1
+            return
+        future: asyncio.Future[Any]
+        if app.kind is HandlerKind.STREAMS:
+            future = self._loop.create_task(self._run_streams(app, sock))
+        else:
+            sock.setblocking(True)
+            assert self._pool is not None
+            future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock)
+        self._tasks.add(future)
+        future.add_done_callback(self._on_connection_done)
+
+    def _on_connection_done(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.discard(future)
+        self.handled += 1
+        if not future.cancelled() and future.exception() is not None:
+            exc = future.exception()
+            log.error("handler %s raised", self._app.spec if self._app else "?", exc_info=exc)
+        self._maybe_finish()
+
+    async def _run_streams(self, app: App, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+        try:
+            await app.handler(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _on_server_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("server %s raised", self._app.spec if self._app else "?",
+                      exc_info=task.exception())
+            if not self._done.done():
+                self._done.set_result(ExitCode.ERROR)
+            return
+        if not self.draining:
+            log.info("server returned; draining")
+            self.drain()
+        self._maybe_finish()
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's own counters, as carried in ``Pong``."""
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "handed": self.handed,
+            "acked": self.acked,
+            "refused": self.refused,
+            "accepted": self.accepted,
+            "active": len(self._tasks),
+            "handled": self.handled,
+            "draining": self.draining,
+        }
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+def _run_blocking(app: App, sock: socket.socket) -> None:
+    with sock:
+        app.handler(sock, _peer(sock))
