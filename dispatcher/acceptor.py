@@ -26,7 +26,6 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import cast
 
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
@@ -36,6 +35,8 @@ log = logging.getLogger("master")
 _OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Connections accepted per wake-up before the loop gets a turn.
 _BATCH = 64
+# socket._accept: accept4() returning the bare fd, no socket object.
+_Accept = Callable[[], tuple[int, object]]
 # A queue that fills and drains all the time would log on every cycle.
 _FULL_LOG_INTERVAL_S = 10.0
 
@@ -115,7 +116,7 @@ class Acceptor:
             self._watch()
 
     def _accept_batch(self, listener: Listener, limit: int | None) -> None:
-        accept = cast(Callable[[], tuple[int, object]], listener.sock._accept)  # type: ignore[attr-defined]
+        accept: _Accept = listener.sock._accept  # type: ignore[attr-defined]
         scheduler = self._scheduler
         submit = scheduler.submit
         count = 0

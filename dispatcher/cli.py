@@ -10,6 +10,7 @@ from dispatcher import __version__, policies
 from dispatcher.config import DEFAULT_BIND, Config, default_workers
 from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind
 from dispatcher.master import Master
+from shared import eventloop
 from shared.exitcodes import ExitCode
 from worker.app import AppLoadError, split_spec
 
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: Python's, min(32, CPUs + 4))",
     )
     parser.add_argument(
+        "--loop", choices=eventloop.CHOICES, default="auto",
+        help="event loop for the master and workers; auto: uvloop when installed "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)"
     )
     return parser
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        eventloop.loop_factory(args.loop)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.window > 64:
         parser.error("--window: at most 64")
     try:
@@ -149,6 +159,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         graceful_timeout_s=args.graceful_timeout,
         threads=args.threads,
         log_level=args.log_level,
+        loop=args.loop,
     )
 
 

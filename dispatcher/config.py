@@ -33,3 +33,4 @@ class Config:
     graceful_timeout_s: float = 30.0
     threads: int | None = None
     log_level: str = "info"
+    loop: str = "auto"

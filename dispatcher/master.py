@@ -36,6 +36,7 @@ from dispatcher.lifecycle import Slot, WorkerState
 from dispatcher.listeners import BindError, Listener
 from dispatcher.scheduler import Scheduler
 from dispatcher.worker_process import WorkerProcess, spawn
+from shared import eventloop
 from shared.channel import PEER_CLOSED, close_fds
 from shared.exitcodes import ExitCode
 from shared.protocol import Drain, Error, Hello, Listen, Message, Pong, Ready, UserMessage
@@ -73,6 +74,8 @@ class Master:
             on_fault=self._on_fault,
             on_refused=self._on_refused,
         )
+        # Acks go straight to the scheduler: the hot path skips a call.
+        self.on_ack = self.scheduler.on_ack
         self.slots = {n: Slot(n) for n in range(config.workers)}
         self.listeners: list[Listener] = []
         self.acceptor: Acceptor | None = None
@@ -91,7 +94,7 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
-        return int(asyncio.run(self.serve()))
+        return int(eventloop.run(self.serve(), self.config.loop))
 
     async def serve(self) -> ExitCode:
         loop = self._loop = asyncio.get_running_loop()
@@ -123,8 +126,9 @@ class Master:
             )
         window = f" (window {self.config.window})" if self.policy.master_accepts else ""
         log.info(
-            "app %s, %d worker(s), policy %s%s",
+            "app %s, %d worker(s), policy %s%s, %s event loop",
             self.config.app, self.config.workers, self.policy.name, window,
+            eventloop.resolve(self.config.loop),
         )
         for listener in self.listeners:
             log.info("listening on %s", listener.address)
@@ -157,7 +161,7 @@ class Master:
         expired = self.scheduler.expire(time.monotonic())
         if expired:
             log.warning(
-                "closed %d connection(s) that waited over %.0f s for a worker",
+                "closed %d connection(s) that waited over %g s for a worker",
                 expired, self.scheduler.pending_timeout_s,
             )
         self._tick_handle = self._loop.call_later(1.0, self._tick)
@@ -165,7 +169,8 @@ class Master:
     # Workers
 
     def _worker_args(self) -> list[str]:
-        args = ["--app", self.config.app, "--log-level", self.config.log_level]
+        args = ["--app", self.config.app, "--log-level", self.config.log_level,
+                "--loop", self.config.loop]
         if self.config.threads is not None:
             args += ["--threads", str(self.config.threads)]
         return args
@@ -218,9 +223,6 @@ class Master:
             log.info("%r refused a hand-off (draining); sending it nothing more", worker)
 
     # WorkerEvents, called from the channel and the pidfd watcher
-
-    def on_ack(self, worker: WorkerProcess, conn_id: int, accepted: bool) -> None:
-        self.scheduler.on_ack(worker, conn_id, accepted)
 
     def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None:
         match message:
@@ -293,7 +295,7 @@ class Master:
         level = logging.INFO if expected and returncode in _STOP_CODES else logging.WARNING
         log.log(level, "%r %s after %.1f s%s", worker, worker.exit_reason, worker.uptime_s, detail)
         self._changed.set()
-        if self.stopping:
+        if self.stopping or (self._stop is not None and self._stop.done()):
             return
         if returncode in _FATAL_EXITS and not self._serving():
             code = ExitCode(returncode)

@@ -123,12 +123,14 @@ class Scheduler:
         try:
             worker.channel.send_handoff(fd, fd)
         except OSError as exc:
-            # Not sent: the connection is still only ours. A full channel means
-            # the worker stopped reading, which the window should make
-            # impossible for a live one, so either way the worker is broken.
+            # Not sent: the connection is still only ours, first in line again.
             self._pending.appendleft((fd, time.monotonic()))
             self.stop_sending(worker)
-            self._on_fault(worker, f"hand-off could not be sent: {exc}")
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                # A full channel means the worker stopped reading, which the
+                # window makes impossible for a healthy one.
+                self._on_fault(worker, f"hand-off could not be sent: {exc}")
+            # Otherwise the worker is exiting; its pidfd will say so.
             return
         worker.inflight[fd] = None
         self.inflight += 1

@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 The socket is AF_UNIX SOCK_SEQPACKET and non-blocking. Reading happens in the
-loop's reader callback: datagrams are received until EAGAIN (bounded per
-wake-up so one chatty peer cannot starve the others), each decoded with
-``shared.protocol`` and handed to the owner's callbacks.
+loop's reader callback, one datagram per wake-up (a chatty peer cannot starve
+the others), decoded with ``shared.protocol`` and handed to the owner's
+callbacks.
 
 fd ownership:
 - An fd that arrives with a well-formed message that should carry it is
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
-# Datagrams handled per wake-up before yielding to the loop.
-_READ_BUDGET = 256
+# Plain ints: enum flag arithmetic is slow on the per-message path.
+_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 
 #: The reason given to ``on_closed`` when the peer went away (EOF, EPIPE, reset),
 #: as opposed to a protocol error.
@@ -52,6 +52,7 @@ PEER_CLOSED = "peer closed the channel"
 OnMessage = Callable[[Message, list[int]], None]
 OnAck = Callable[[int, bool], None]
 OnClosed = Callable[[str], None]
+OnHandoff = Callable[[int, int], None]
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -88,6 +89,7 @@ class Channel:
         on_closed: called once, with a reason, when the channel ends.
         on_ack: if given, acks skip the general decoder and come here
             (the master's hot path).
+        on_handoff: likewise for hand-offs, with their fd (the worker's).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Channel:
         on_message: OnMessage,
         on_closed: OnClosed,
         on_ack: OnAck | None = None,
+        on_handoff: OnHandoff | None = None,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -105,8 +108,9 @@ class Channel:
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_ack = on_ack
+        self._on_handoff = on_handoff
         self._buf = bytearray(protocol.MAX_MESSAGE_BYTES + 1)
-        self._view = memoryview(self._buf)
+        self._bufs = (memoryview(self._buf),)
         self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self._writing = False
         self.closed = False
@@ -115,53 +119,61 @@ class Channel:
 
     # Reading
 
-    def _on_readable(self) -> None:
-        sock = self._sock
-        buf = self._view
-        on_ack = self._on_ack
-        for _ in range(_READ_BUDGET):
-            try:
-                n, ancdata, flags, _ = sock.recvmsg_into((buf,), _ANC_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (ConnectionResetError, BrokenPipeError):
-                self._fail(PEER_CLOSED)
-                return
-            except OSError as exc:
-                self._fail(f"read error: {exc}")
-                return
-            if ancdata:
-                fds, unexpected = fds_from_ancillary(ancdata)
-            else:
-                fds, unexpected = [], False
-            if n == 0 and not fds:
-                self._fail(PEER_CLOSED)
-                return
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or unexpected:
+    def _on_readable(self) -> bool:
+        """Handle one datagram; return False if there was none (or the channel ended).
+
+        One per wake-up: the loop's readiness is level-triggered, so a second
+        datagram wakes us again, and the common case (one ack, one hand-off)
+        costs no extra EAGAIN read.
+        """
+        try:
+            n, ancdata, flags, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            self._fail(PEER_CLOSED)
+            return False
+        except OSError as exc:
+            self._fail(f"read error: {exc}")
+            return False
+        buf = self._buf
+        if ancdata:
+            fds, unexpected = fds_from_ancillary(ancdata)
+            if flags & _TRUNCATED or unexpected:
                 close_fds(fds)
                 self._fail("truncated message or unexpected ancillary data")
-                return
-            if on_ack is not None and not fds:
-                ack = protocol.decode_ack(bytes(buf[:n]))
+                return False
+            if self._on_handoff is not None and len(fds) == 1:
+                conn_id = protocol.decode_handoff(buf, n)
+                if conn_id is not None:
+                    self._on_handoff(conn_id, fds[0])
+                    return not self.closed
+        else:
+            if flags & _TRUNCATED:
+                self._fail("truncated message")
+                return False
+            if n == 0:
+                self._fail(PEER_CLOSED)
+                return False
+            fds = []
+            if self._on_ack is not None:
+                ack = protocol.decode_ack(buf, n)
                 if ack is not None:
-                    on_ack(*ack)
-                    if self.closed:
-                        return
-                    continue
-            try:
-                message = protocol.decode(bytes(buf[:n]))
-                if len(fds) != protocol.fds_expected(message):
-                    raise ProtocolError(
-                        f"{type(message).__name__} arrived with {len(fds)} fds, "
-                        f"expected {protocol.fds_expected(message)}"
-                    )
-            except ProtocolError as exc:
-                close_fds(fds)
-                self._fail(f"protocol error: {exc}")
-                return
-            self._on_message(message, fds)
-            if self.closed:
-                return
+                    self._on_ack(*ack)
+                    return not self.closed
+        try:
+            message = protocol.decode(bytes(buf[:n]))
+            if len(fds) != protocol.fds_expected(message):
+                raise ProtocolError(
+                    f"{type(message).__name__} arrived with {len(fds)} fds, "
+                    f"expected {protocol.fds_expected(message)}"
+                )
+        except ProtocolError as exc:
+            close_fds(fds)
+            self._fail(f"protocol error: {exc}")
+            return False
+        self._on_message(message, fds)
+        return not self.closed
 
     # Writing
 
@@ -200,6 +212,19 @@ class Channel:
             if fd is not None:
                 close_fds((fd,))
             return
+        if fd is None and not self._writing:
+            # Nothing queued: try at once (acks, pongs), no outbox round trip.
+            try:
+                self._sock.send(data)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                self._fail(PEER_CLOSED)
+                return
+            except OSError as exc:
+                self._fail(f"write error: {exc}")
+                return
         self._outbox.append((data, fd))
         if not self._writing:
             self._flush()
@@ -261,8 +286,8 @@ class Channel:
         Used when the peer is known to be dead: acks it sent before dying
         still count.
         """
-        if not self.closed:
-            self._on_readable()
+        while self._on_readable():
+            pass
 
     def close(self) -> None:
         """Stop reading and writing and close the socket; ``on_closed`` is not called."""

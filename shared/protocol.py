@@ -144,7 +144,8 @@ _FDS_EXPECTED: Final = {MessageType.HANDOFF: 1, MessageType.LISTEN: 1}
 _READY_BYTES: Final = _TYPE_ONLY.pack(MessageType.READY)
 _DRAIN_BYTES: Final = _TYPE_ONLY.pack(MessageType.DRAIN)
 _LISTEN_BYTES: Final = _TYPE_ONLY.pack(MessageType.LISTEN)
-_ACK_TRUE_BYTES: Final = MessageType.ACK.to_bytes(1, "big")
+_ACK_TYPE: Final = int(MessageType.ACK)
+_HANDOFF_TYPE: Final = int(MessageType.HANDOFF)
 
 
 def fds_expected(message: Message) -> int:
@@ -207,14 +208,30 @@ def encode_ack(conn_id: int, accepted: bool) -> bytes:
     return _ACK.pack(MessageType.ACK, conn_id, accepted)
 
 
-def decode_ack(data: bytes) -> tuple[int, bool] | None:
-    """Return ``(conn_id, accepted)`` if ``data`` is a well-formed ack, else None.
+def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[int, bool] | None:
+    """Return ``(conn_id, accepted)`` if ``data[:size]`` is a well-formed ack, else None.
 
-    The master's hot path tries this before the general ``decode``.
+    The master's hot path tries this before the general ``decode``; ``size``
+    lets it pass its receive buffer without copying the datagram out.
     """
-    if len(data) == _ACK.size and data[0] == MessageType.ACK and data[9] <= 1:
-        _, conn_id, accepted = _ACK.unpack(data)
+    if size is None:
+        size = len(data)
+    if size == _ACK.size and data[0] == _ACK_TYPE and data[9] <= 1:
+        _, conn_id, accepted = _ACK.unpack_from(data)
         return conn_id, accepted
+    return None
+
+
+def decode_handoff(data: bytes | bytearray, size: int | None = None) -> int | None:
+    """Return the conn id if ``data[:size]`` is a well-formed hand-off, else None.
+
+    The worker's hot path, as ``decode_ack`` is the master's.
+    """
+    if size is None:
+        size = len(data)
+    if size == _HANDOFF.size and data[0] == _HANDOFF_TYPE:
+        conn_id: int = _HANDOFF.unpack_from(data)[1]
+        return conn_id
     return None
 
 

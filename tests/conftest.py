@@ -110,6 +110,8 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
         self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

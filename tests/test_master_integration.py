@@ -130,8 +130,19 @@ def _established(pid: int) -> bool:
         return False
 
 
-def test_workers_die_with_master_sigkill(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=3).start(ready=3)
+@pytest.mark.parametrize("with_prctl", [True, False], ids=["pdeathsig", "channel-eof"])
+def test_workers_die_with_master_sigkill(
+    server_factory: type[Server], tmp_path: Path, with_prctl: bool
+) -> None:
+    env = {}
+    if with_prctl:
+        pytest.importorskip("prctl")
+    else:
+        # A module that fails to import shadows python-prctl, as if it were not installed.
+        (tmp_path / "prctl.py").write_text("raise ImportError('hidden by the test')\n")
+        env["PYTHONPATH"] = f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"
+    server = server_factory("--app", APP, workers=3, env=env).start(ready=3)
+    assert server.log.count("python-prctl is not installed") == (0 if with_prctl else 1)
     workers = server.worker_pids()
     assert len(workers) == 3
     server.signal(signal.SIGKILL)

@@ -165,3 +165,21 @@ def test_window_setting_serves_concurrent_clients(server_factory: type[Server], 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: ask(server.port), range(200)))
     assert len({a.split()[1] for a in answers}) == 2
+
+
+def test_connection_waiting_too_long_is_closed(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, "--pending-timeout", "0.5", workers=1).start(ready=1)
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    try:
+        inflight = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        waiting = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        server.wait_line(r"closed 1 connection\(s\) that waited over 0.5 s for a worker", timeout=5)
+        assert read_all(waiting) == ""  # closed without an answer
+        os.kill(only, signal.SIGCONT)
+        inflight.sendall(b"hi\n")
+        assert read_all(inflight).split()[1] == str(only)  # the hand-off itself never expires
+    finally:
+        os.kill(only, signal.SIGCONT)
+        inflight.close()
+        waiting.close()

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
 
+from shared import eventloop
 from shared.exitcodes import ExitCode
 from worker import process
 from worker.app import AppLoadError, load
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--app", required=True, help="MODULE:ATTRIBUTE")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
     return parser.parse_args(argv)
 
 
@@ -78,4 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if chan.type != socket.SOCK_SEQPACKET:
         log.error("channel fd %d is not a SOCK_SEQPACKET socket", args.channel_fd)
         return ExitCode.WORKER_BOOT_FAILED
-    return int(asyncio.run(_serve(args, chan)))
+    code = eventloop.run(_serve(args, chan), args.loop)
+    if code is ExitCode.MASTER_GONE:
+        # Handler threads still running would hold up interpreter exit, and
+        # nobody is left to wait for them.
+        logging.shutdown()
+        os._exit(code)
+    return int(code)

@@ -84,7 +84,9 @@ class Runtime:
         self.draining = False
         self.started = time.monotonic()
         self.handed = self.acked = self.refused = self.handled = self.accepted = 0
-        self.channel = Channel(chan_sock, loop, self._on_message, self._on_channel_closed)
+        self.channel = Channel(
+            chan_sock, loop, self._on_message, self._on_channel_closed, on_handoff=self._on_handoff
+        )
         self.api = api.Worker(worker_id, self.channel.send)
         api._set_current(self.api)
         self.channel.send(Hello(worker_id, os.getpid()))
