@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from dispatcher import __version__, policies
 from dispatcher.config import DEFAULT_BIND, Config, default_workers
 from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind
 from dispatcher.master import Master
-from shared import eventloop
+from shared import eventloop, logs
 from shared.exitcodes import ExitCode
 from worker.app import AppLoadError, split_spec
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EPILOG = """\
 handlers (--app MODULE:ATTRIBUTE):
   async def handler(reader, writer)   asyncio streams, like asyncio.start_server
   def handler(sock, addr)             blocking, run on a thread pool (--threads)
   async def serve(worker)             custom server: async for sock, addr in worker.connections()
+
+operating it: python -m dispatcher ctl status (also: stats, scale N, stop, message);
+see python -m dispatcher ctl --help.
 
 signals: TERM/INT stop gracefully (stop accepting, let open connections
 finish up to --graceful-timeout, then kill).
@@ -124,12 +124,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: Python's, min(32, CPUs + 4))",
     )
     parser.add_argument(
+        "--ping-interval", type=_seconds, default=1.0, metavar="SECONDS",
+        help="how often the master pings each worker's event loop; 0 turns pings off "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--ping-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        help="a worker silent this long is killed and replaced (default %(default)s)",
+    )
+    parser.add_argument(
+        "--control", metavar="PATH",
+        help="operator control socket (default: $XDG_RUNTIME_DIR/dispatcher/PID.sock, "
+        "mode 0600 in a 0700 directory); 'none' for no socket",
+    )
+    parser.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument(
         "--loop", choices=eventloop.CHOICES, default="auto",
         help="event loop for the master and workers; auto: uvloop when installed "
         "(default %(default)s)",
     )
     parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="(default %(default)s)"
+        "--log-level", choices=logs.LEVELS, default="info", help="(default %(default)s)"
+    )
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, default="text",
+        help="text lines, or one JSON object a line (default %(default)s)",
     )
     return parser
 
@@ -141,6 +163,15 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         eventloop.loop_factory(args.loop)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.metrics is not None:
+        try:
+            spec = parse_bind(args.metrics)
+        except BindError as exc:
+            parser.error(f"--metrics: {exc}")
+        if spec.is_unix:
+            parser.error("--metrics: needs HOST:PORT")
+    if args.ping_interval and args.ping_timeout <= args.ping_interval:
+        parser.error("--ping-timeout must be longer than --ping-interval")
     if args.window > 64:
         parser.error("--window: at most 64")
     try:
@@ -159,21 +190,23 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         graceful_timeout_s=args.graceful_timeout,
         threads=args.threads,
         log_level=args.log_level,
+        log_format=args.log_format,
         loop=args.loop,
-    )
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [%(process)d] [%(name)s] %(levelname)s %(message)s",
-        stream=sys.stderr,
+        ping_interval_s=args.ping_interval,
+        ping_timeout_s=args.ping_timeout,
+        control="" if args.control == "none" else args.control,
+        metrics=args.metrics,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = config_from_args(argv)
-    setup_logging(config.log_level)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["ctl"]:
+        from dispatcher import ctl
+
+        return ctl.main(args[1:])
+    config = config_from_args(args)
+    logs.setup(config.log_level, config.log_format)
     try:
         return Master(config).run()
     except KeyboardInterrupt:

@@ -33,4 +33,12 @@ class Config:
     graceful_timeout_s: float = 30.0
     threads: int | None = None
     log_level: str = "info"
+    log_format: str = "text"
     loop: str = "auto"
+    #: 0 turns health pings off.
+    ping_interval_s: float = 1.0
+    ping_timeout_s: float = 30.0
+    #: The operator control socket; None: the default path; "" : none.
+    control: str | None = None
+    #: ``HOST:PORT`` to serve Prometheus metrics on, or None.
+    metrics: str | None = None

@@ -19,6 +19,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from dispatcher.stats import Totals
+
 if TYPE_CHECKING:
     from dispatcher.worker_process import WorkerProcess
 
@@ -101,6 +103,9 @@ class Slot:
     restarts: int = 0
     last_exit: str = ""
     restart_timer: asyncio.TimerHandle | None = None
+    #: Being removed by a scale-down: not restarted when its process exits.
+    retiring: bool = False
+    totals: Totals = field(default_factory=Totals)
 
     def to(self, new: WorkerState) -> None:
         """Move to ``new`` (see ``transition``)."""

@@ -25,16 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
-from dispatcher import policies
+from dispatcher import __version__, policies
 from dispatcher.acceptor import Acceptor
 from dispatcher.config import Config
+from dispatcher.health import Health
 from dispatcher.lifecycle import Slot, WorkerState
 from dispatcher.listeners import BindError, Listener
 from dispatcher.scheduler import Scheduler
+from dispatcher.stats import ProcessSampler, Rate
 from dispatcher.worker_process import WorkerProcess, spawn
 from shared import eventloop
 from shared.channel import PEER_CLOSED, close_fds
@@ -51,6 +55,10 @@ _STOP_CODES = frozenset({0, -signal.SIGTERM, -signal.SIGKILL})
 _REAP_TIMEOUT_S = 5.0
 #: A worker that closed its channel but lingers is killed after this.
 _LINGER_S = 5.0
+#: Messages queued for one worker beyond which more are dropped (it is not reading).
+_MAX_BACKLOG = 1000
+#: An unresponsive worker gets SIGTERM, then SIGKILL after this.
+_KILL_GRACE_S = 1.0
 
 
 def prctl_available() -> bool:
@@ -87,8 +95,13 @@ class Master:
         self._stop: asyncio.Future[tuple[ExitCode, bool]] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self.ever_ready = False
-        #: Called with (worker slot, payload) for each message a worker sends.
-        self.message_handlers: list[Callable[[int, object], None]] = []
+        #: Called with (worker id, payload) for each message a worker sends.
+        self.message_handlers: list[Callable[[int, Any], None]] = []
+        self.health = Health(config.ping_interval_s, config.ping_timeout_s, self._on_unresponsive)
+        self.sampler = ProcessSampler(os.getpid())
+        self.accept_rate = Rate()
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._services: list[Any] = []
 
     # Running
 
@@ -105,14 +118,22 @@ class Master:
             log.error("%s", exc)
             return ExitCode.ERROR
         try:
+            try:
+                await self._start_services()
+            except (BindError, OSError) as exc:
+                log.error("%s", exc)
+                return ExitCode.ERROR
             return await self._serve(loop)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             for listener in self.listeners:
                 listener.close()
-            if self._tick_handle is not None:
-                self._tick_handle.cancel()
+            for handle in (self._tick_handle, self._ping_handle):
+                if handle is not None:
+                    handle.cancel()
+            for service in self._services:
+                service.close()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> ExitCode:
         assert self._stop is not None
@@ -138,6 +159,8 @@ class Master:
         for slot in self.slots.values():
             self._spawn(slot)
         self._tick_handle = loop.call_later(1.0, self._tick)
+        if self.health.interval_s > 0:
+            self._ping_handle = loop.call_later(self.health.interval_s, self._ping)
         code, graceful = await self._stop
         await self._shutdown(graceful)
         log.info("stopped")
@@ -156,8 +179,44 @@ class Master:
                  self.config.graceful_timeout_s)
         self.request_stop(ExitCode.OK, graceful=True)
 
+    async def _start_services(self) -> None:
+        """Start the control socket and the metrics endpoint, as configured."""
+        if self.config.control != "":
+            from dispatcher.control import ControlServer, default_path
+
+            control = ControlServer(self, self.config.control or default_path())
+            await control.start()
+            self._services.append(control)
+            log.info("control socket at %s", control.path)
+        if self.config.metrics:
+            from dispatcher.metrics import MetricsServer
+
+            metrics = MetricsServer(self, self.config.metrics)
+            metrics.start()
+            self._services.append(metrics)
+            log.info("metrics at http://%s/metrics", metrics.address)
+
+    def _ping(self) -> None:
+        assert self._loop is not None
+        self.health.tick(w for w in self._live() if w.returncode is None)
+        self._ping_handle = self._loop.call_later(self.health.interval_s, self._ping)
+
+    def _on_unresponsive(self, worker: WorkerProcess, silent_s: float) -> None:
+        assert self._loop is not None
+        log.error(
+            "%r is unresponsive: no pong for %.1f s (ping timeout %g s); killing it",
+            worker, silent_s, self.health.timeout_s,
+        )
+        self.scheduler.stop_sending(worker)
+        slot = self.slots[worker.slot]
+        if slot.worker is worker and slot.state is not WorkerState.STOPPING:
+            slot.to(WorkerState.STOPPING)
+        worker.kill(signal.SIGTERM)
+        self._loop.call_later(_KILL_GRACE_S, worker.kill, signal.SIGKILL)
+
     def _tick(self) -> None:
         assert self._loop is not None
+        self.accept_rate.update(self.acceptor.accepted if self.acceptor else 0)
         expired = self.scheduler.expire(time.monotonic())
         if expired:
             log.warning(
@@ -170,7 +229,7 @@ class Master:
 
     def _worker_args(self) -> list[str]:
         args = ["--app", self.config.app, "--log-level", self.config.log_level,
-                "--loop", self.config.loop]
+                "--log-format", self.config.log_format, "--loop", self.config.loop]
         if self.config.threads is not None:
             args += ["--threads", str(self.config.threads)]
         return args
@@ -238,7 +297,7 @@ class Master:
                 else:
                     log.error("%r: %s", worker, text)
             case Pong():
-                pass
+                self.health.on_pong(worker, message)
             case UserMessage(payload):
                 for handler in list(self.message_handlers):
                     handler(worker.slot, payload)
@@ -291,11 +350,20 @@ class Master:
         slot.to(WorkerState.EXITED)
         slot.worker = None
         slot.last_exit = worker.exit_reason
+        slot.totals.add(
+            handed_off=worker.handed_off, acked=worker.acked, refused=worker.refused,
+            handled=int(worker.reported.get("handled", 0)),
+            accepted=int(worker.reported.get("accepted", 0)),
+        )
         detail = f"; {requeued} un-acked connection(s) re-dispatched" if requeued else ""
         level = logging.INFO if expected and returncode in _STOP_CODES else logging.WARNING
         log.log(level, "%r %s after %.1f s%s", worker, worker.exit_reason, worker.uptime_s, detail)
         self._changed.set()
         if self.stopping or (self._stop is not None and self._stop.done()):
+            return
+        if slot.retiring:
+            del self.slots[slot.id]
+            log.info("worker %d removed (scaled down)", slot.id)
             return
         if returncode in _FATAL_EXITS and not self._serving():
             code = ExitCode(returncode)
@@ -377,3 +445,148 @@ class Master:
         if dropped:
             log.warning("closed %d connection(s) that no worker could take", dropped)
 
+
+    # Operating: what the control socket and the library offer
+
+    def send(self, worker_id: int | None, payload: Any) -> int:
+        """Send a JSON-serialisable message to worker ``worker_id``, or to all if None.
+
+        Returns:
+            How many workers it was sent to (live ones only).
+
+        Raises:
+            ValueError: ``payload`` is not JSON-serialisable or too large, or
+                there is no worker ``worker_id``.
+        """
+        message = UserMessage(payload)
+        if worker_id is not None and worker_id not in self.slots:
+            raise ValueError(f"no worker {worker_id}")
+        targets = [
+            s.worker for s in self.slots.values()
+            if s.worker is not None and (worker_id is None or s.id == worker_id)
+        ]
+        sent = 0
+        for worker in targets:
+            if worker.channel.closed:
+                continue
+            if worker.channel.backlog >= _MAX_BACKLOG:
+                log.warning("%r has %d messages it has not read; dropping one more",
+                            worker, worker.channel.backlog)
+                continue
+            worker.channel.send(message)
+            sent += 1
+        return sent
+
+    def broadcast(self, payload: Any) -> int:
+        """``send(None, payload)``."""
+        return self.send(None, payload)
+
+    def scale(self, workers: int) -> tuple[int, int]:
+        """Run ``workers`` workers from now on; return (added, removed).
+
+        New slots take the lowest free ids; the highest-numbered slots are
+        removed, their workers drained first.
+
+        Raises:
+            ValueError: ``workers`` is below 1, or the master is stopping.
+        """
+        if workers < 1:
+            raise ValueError("at least 1 worker")
+        if self.stopping:
+            raise ValueError("the master is stopping")
+        active = sorted(s.id for s in self.slots.values() if not s.retiring)
+        added = removed = 0
+        if workers > len(active):
+            new_id = 0
+            for _ in range(workers - len(active)):
+                while new_id in self.slots:
+                    new_id += 1
+                slot = self.slots[new_id] = Slot(new_id)
+                self._spawn(slot)
+                added += 1
+        for slot_id in reversed(active[workers:]):
+            self._retire(self.slots[slot_id])
+            removed += 1
+        self.config.workers = workers
+        if added or removed:
+            log.info("scaled to %d worker(s): %d added, %d removed", workers, added, removed)
+        return added, removed
+
+    def _retire(self, slot: Slot) -> None:
+        slot.retiring = True
+        if slot.restart_timer is not None:
+            slot.restart_timer.cancel()
+            slot.restart_timer = None
+        worker = slot.worker
+        if worker is None:
+            del self.slots[slot.id]
+            return
+        self.scheduler.stop_sending(worker)
+        if not self.policy.master_accepts:
+            self.policy.detach(worker.key)
+        if slot.state in (WorkerState.STARTING, WorkerState.READY):
+            slot.to(WorkerState.DRAINING)
+        worker.channel.send(Drain())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything known about the master and each worker, JSON-serialisable."""
+        now = time.monotonic()
+        scheduler = self.scheduler
+        workers = []
+        for slot in sorted(self.slots.values(), key=lambda s: s.id):
+            worker = slot.worker
+            totals = slot.totals
+            entry: dict[str, Any] = {
+                "id": slot.id,
+                "pid": worker.pid if worker else None,
+                "state": slot.state.value,
+                "uptime_s": round(now - worker.started, 3) if worker else 0.0,
+                "restarts": slot.restarts,
+                "last_exit": slot.last_exit,
+                "handed_off": totals.handed_off + (worker.handed_off if worker else 0),
+                "acked": totals.acked + (worker.acked if worker else 0),
+                "refused": totals.refused + (worker.refused if worker else 0),
+                "handled": totals.handled + int(worker.reported.get("handled", 0) if worker else 0),
+                "accepted": totals.accepted + int(worker.reported.get("accepted", 0) if worker else 0),
+                "active": int(worker.reported.get("active", 0)) if worker else 0,
+                "ping_rtt_ms": None,
+                "ping_rtt_avg_ms": None,
+                "loop_lag_ms": None,
+                "rss_bytes": None,
+                "uss_bytes": None,
+                "cpu_percent": None,
+                "open_fds": None,
+            }
+            if worker is not None:
+                if worker.rtt_last_s is not None:
+                    entry["ping_rtt_ms"] = round(worker.rtt_last_s * 1000, 3)
+                    entry["ping_rtt_avg_ms"] = round(worker.rtt_total_s / worker.pongs * 1000, 3)
+                lag = worker.reported.get("loop_lag_ms")
+                entry["loop_lag_ms"] = lag if isinstance(lag, (int, float)) else None
+                entry.update(worker.sampler.sample())
+            workers.append(entry)
+        master: dict[str, Any] = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "app": self.config.app,
+            "policy": self.policy.name,
+            "window": self.config.window,
+            "loop": eventloop.resolve(self.config.loop),
+            "listening": [listener.address for listener in self.listeners],
+            "uptime_s": round(now - self.started, 3),
+            "workers_wanted": self.config.workers,
+            "stopping": self.stopping,
+            "accepted": self.acceptor.accepted if self.acceptor else 0,
+            "accept_errors": self.acceptor.errors if self.acceptor else 0,
+            "accept_rate": round(self.accept_rate.per_s, 3),
+            "pending": scheduler.pending,
+            "in_flight": scheduler.inflight,
+            "handed_off": scheduler.handed_off,
+            "redispatched": scheduler.redispatched,
+            "expired": scheduler.expired,
+            "rss_bytes": None,
+            "cpu_percent": None,
+            "open_fds": None,
+        }
+        master.update(self.sampler.sample())
+        return {"master": master, "workers": workers}

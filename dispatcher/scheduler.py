@@ -29,6 +29,7 @@ with the socket; ours is still here, so nothing is lost.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import time
@@ -122,19 +123,36 @@ class Scheduler:
         worker = self._workers[key]
         try:
             worker.channel.send_handoff(fd, fd)
+        except BlockingIOError:
+            # The channel is full (of messages the worker has yet to read):
+            # the connection goes back first in line, and the slot it took
+            # stays taken until the channel drains, so this worker is not
+            # chosen again and again meanwhile. Health pings catch a worker
+            # that never reads again.
+            self._pending.appendleft((fd, time.monotonic()))
+            worker.blocked_slots += 1
+            if worker.blocked_slots == 1:
+                worker.channel.when_writable(functools.partial(self._unblocked, worker))
+            return
         except OSError as exc:
             # Not sent: the connection is still only ours, first in line again.
             self._pending.appendleft((fd, time.monotonic()))
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                # A full channel means the worker stopped reading, which the
-                # window makes impossible for a healthy one.
                 self._on_fault(worker, f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
             return
         worker.inflight[fd] = None
+        worker.handed_off += 1
         self.inflight += 1
         self.handed_off += 1
+
+    def _unblocked(self, worker: WorkerProcess) -> None:
+        slots, worker.blocked_slots = worker.blocked_slots, 0
+        if worker.key in self._workers:
+            for _ in range(slots):
+                self._policy.ack(worker.key, True)
+            self.pump()
 
     # Workers
 
@@ -177,9 +195,11 @@ class Scheduler:
         self.inflight -= 1
         if accepted:
             os.close(conn_id)
+            worker.acked += 1
             self.acked += 1
             self._policy.ack(worker.key, True)
         else:
+            worker.refused += 1
             self.refused += 1
             self._policy.ack(worker.key, False)
             self.stop_sending(worker)

@@ -28,8 +28,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from dispatcher.stats import ProcessSampler
 from shared.channel import Channel, socketpair
 from shared.exitcodes import describe
 from shared.protocol import Message
@@ -80,6 +81,20 @@ class WorkerProcess:
         self.ready = False
         self.error: str | None = None
         self.returncode: int | None = None
+        # The master's own counts of this process's hand-offs.
+        self.handed_off = self.acked = self.refused = 0
+        #: Window slots held by hand-offs that found the channel full (see scheduler).
+        self.blocked_slots = 0
+        # Health: the outstanding ping (if any) and what the last pong said.
+        self.ping_seq = 0
+        self.ping_sent_at: float | None = None
+        self.last_heard = self.started
+        self.rtt_last_s: float | None = None
+        self.rtt_total_s = 0.0
+        self.pongs = 0
+        self.reported: dict[str, Any] = {}
+        self.unresponsive = False
+        self.sampler = ProcessSampler(self.pid)
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"

@@ -113,6 +113,7 @@ class Channel:
         self._bufs = (memoryview(self._buf),)
         self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self._writing = False
+        self._when_writable: list[Callable[[], None]] = []
         self.closed = False
         self.close_reason = ""
         loop.add_reader(self._fileno, self._on_readable)
@@ -256,6 +257,22 @@ class Channel:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fileno)
+        callbacks, self._when_writable = self._when_writable, []
+        for callback in callbacks:
+            callback()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything queued is sent and the socket takes more.
+
+        For a sender that got EAGAIN outside the outbox (``send_handoff``).
+        Never called if the channel closes first.
+        """
+        if self.closed:
+            return
+        self._when_writable.append(callback)
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fileno, self._flush)
 
     @property
     def backlog(self) -> int:
@@ -279,6 +296,7 @@ class Channel:
             self._loop.remove_writer(self._fileno)
         close_fds(fd for _, fd in self._outbox if fd is not None)
         self._outbox.clear()
+        self._when_writable.clear()
 
     def drain_now(self) -> None:
         """Read whatever the peer already sent, synchronously, then stop reading.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shared import protocol
-from shared.protocol import Handoff, Hello, Ping, Ready
+from shared.protocol import Handoff, Hello, Ping, Pong, Ready, UserMessage
 from tests.conftest import Server, ask
 
 BAD_FRAMES = [
@@ -32,3 +34,34 @@ def test_bad_frame_gets_worker_replaced(server_factory: type[Server], kind: str,
     assert culprit not in answers and len(answers) == 2
     assert server.proc.poll() is None
     assert server.fd_count() == fds_before
+
+
+frames = st.one_of(
+    st.binary(min_size=1, max_size=40),
+    st.sampled_from([
+        protocol.encode(Ping(1)), protocol.encode(Pong(1, {"handled": 1})),
+        protocol.encode(Ready()), protocol.encode(Hello(0, 1)),
+        protocol.encode(UserMessage({"a": [1, 2]})), protocol.encode_ack(7, False),
+    ]).flatmap(lambda raw: st.integers(0, len(raw)).map(lambda cut: raw[:cut] or raw)),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=frames, with_fd=st.booleans())
+def test_any_frame_from_a_worker_leaves_the_master_serving(
+    server_factory: type[Server], frame: bytes, with_fd: bool
+) -> None:
+    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start(ready=2)
+    try:
+        fds_before = server.fd_count()
+        culprit = ask(server.port, f"{'fd' if with_fd else 'raw'} {frame.hex()}\n".encode()).strip()
+        # Whatever it was, the master answers the next connections and leaks nothing.
+        for _ in range(3):
+            assert ask(server.port, b"ok\n").strip()
+        assert server.proc.poll() is None
+        if f"pid {culprit}): " in server.log and "replacing it" in server.log:
+            server.wait_line(r"worker \d \(pid \d+\) ready")
+        assert server.fd_count() == fds_before
+        assert "Traceback" not in server.log
+    finally:
+        server.kill_all()

@@ -208,3 +208,19 @@ def test_help_explains_options() -> None:
     for option in ("--app", "--bind", "--workers", "--policy", "--window", "--max-pending",
                    "--graceful-timeout", "--threads", "WEB_CONCURRENCY", "exit codes"):
         assert option in out
+
+
+def test_json_log_lines_name_master_or_worker(server_factory: type[Server]) -> None:
+    import json
+
+    server = server_factory("--app", APP, "--log-format", "json", "--control", "none",
+                            workers=2)
+    server.wait_line(r'"message": "worker 1 \(pid \d+\) ready"')
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    entries = [json.loads(line) for line in server.lines]
+    assert {e["role"] for e in entries} == {"master", "worker"}
+    assert all(isinstance(e["pid"], int) for e in entries)
+    drained = [e for e in entries if e["role"] == "worker" and "draining" in e["message"]]
+    assert sorted(e["worker"] for e in drained) == [0, 1]
+    assert len({e["pid"] for e in drained}) == 2

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from shared import eventloop
+from shared import eventloop, logs
 from shared.exitcodes import ExitCode
 from worker import process
 from worker.app import AppLoadError, load
@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--app", required=True, help="MODULE:ATTRIBUTE")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
     return parser.parse_args(argv)
 
@@ -63,10 +64,7 @@ async def _serve(args: argparse.Namespace, chan: socket.socket) -> ExitCode:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s [%(process)d] [worker {args.id}] %(levelname)s %(message)s",
-    )
+    logs.setup(args.log_level, args.log_format, worker_id=args.id)
     # Ctrl-C reaches the whole process group; the master decides how we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not process.bind_to_master(args.master_pid):

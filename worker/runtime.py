@@ -53,6 +53,8 @@ from worker.app import App, HandlerKind
 log = logging.getLogger("worker")
 
 _STREAM_LIMIT = 64 * 1024
+# How often the event-loop lag is measured.
+_LAG_PROBE_S = 0.5
 
 
 class Runtime:
@@ -84,12 +86,26 @@ class Runtime:
         self.draining = False
         self.started = time.monotonic()
         self.handed = self.acked = self.refused = self.handled = self.accepted = 0
+        self.loop_lag_s = 0.0
+        self._lag_due = 0.0
+        self._lag_handle: asyncio.TimerHandle | None = None
+        self._schedule_lag_probe()
         self.channel = Channel(
             chan_sock, loop, self._on_message, self._on_channel_closed, on_handoff=self._on_handoff
         )
         self.api = api.Worker(worker_id, self.channel.send)
         api._set_current(self.api)
         self.channel.send(Hello(worker_id, os.getpid()))
+
+    # Event-loop lag: how late a timer fires says how long callbacks hold the loop.
+
+    def _schedule_lag_probe(self) -> None:
+        self._lag_due = self._loop.time() + _LAG_PROBE_S
+        self._lag_handle = self._loop.call_at(self._lag_due, self._lag_probe)
+
+    def _lag_probe(self) -> None:
+        self.loop_lag_s = max(0.0, self._loop.time() - self._lag_due)
+        self._schedule_lag_probe()
 
     # Start and stop
 
@@ -135,6 +151,8 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Release what the runtime holds (after the loop stopped serving)."""
+        if self._lag_handle is not None:
+            self._lag_handle.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for listener in self._listeners:
@@ -271,6 +289,7 @@ class Runtime:
             "active": len(self._tasks),
             "handled": self.handled,
             "draining": self.draining,
+            "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from typing import Any
 
 import worker
@@ -64,3 +65,19 @@ not_callable = 42
 
 def wrong_signature(only_one: Any) -> None:
     """Sync with one parameter: no handler kind takes that."""
+
+
+async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer who we are at once, then keep the connection open until the client closes."""
+    writer.write(_me())
+    await writer.drain()
+    await reader.read()
+
+
+async def block(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``block SECONDS`` blocks the whole event loop (a bug a health check must catch)."""
+    line = (await reader.readline()).decode().split()
+    if len(line) == 2 and line[0] == "block":
+        time.sleep(float(line[1]))
+    writer.write(_me())
+    await writer.drain()
