@@ -17,6 +17,16 @@ beside it as ``.raw`` (not committed).
 py-spy (``pip install py-spy``) sampling the master; the top functions by own
 time are printed and appended to the report.
 
+``--control-plane`` measures what the control plane costs the hot path: instead
+of the policy matrix, two variants of round-robin run alternately (plain,
+control, plain, control, ...) for the repeats. ``plain`` has pings and the
+control socket off (``--ping-interval 0 --control none``, no metrics);
+``control`` pings every second and serves metrics (``--ping-interval 1
+--metrics 127.0.0.1:0``, default control socket), and a thread of this script
+GETs ``/metrics`` once a second while wrk runs. The table has a row per
+variant, and the throughput difference of the medians is checked against the
+goal (control at most 2 % slower).
+
 Only 127.0.0.1 is ever targeted, and every step has a time limit.
 """
 
@@ -38,6 +48,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +62,7 @@ APP = "examples.hello:handler"
 POLICIES = ("round-robin", "shared", "reuseport")
 
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+METRICS_AT = re.compile(r"metrics at http://127\.0\.0\.1:(\d+)/metrics")
 READY = re.compile(r"worker \d+ \(pid (\d+)\) ready")
 
 #: How long a server may take to listen and have every worker ready.
@@ -62,6 +75,19 @@ RUN_SLACK_S = 30.0
 PROFILE_DELAY_S = 0.5
 #: Bound on the small commands that describe the machine.
 PROBE_TIMEOUT_S = 10.0
+#: With --control-plane: seconds between scrapes of /metrics, and the bound on one scrape.
+SCRAPE_INTERVAL_S = 1.0
+SCRAPE_TIMEOUT_S = 2.0
+
+#: --control-plane variants of round-robin: name -> extra server arguments. Run in this order.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "plain": ("--ping-interval", "0", "--control", "none"),
+    "control": ("--ping-interval", "1", "--metrics", f"{HOST}:0"),
+}
+#: The variant whose /metrics the bench scrapes while wrk runs.
+SCRAPED_VARIANTS = frozenset({"control"})
+#: Largest throughput loss of control vs plain (medians) the control plane may cost.
+CONTROL_PLANE_GOAL_PCT = 2.0
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -144,23 +170,25 @@ def parse_wrk(output: str) -> WrkResult:
 # The server
 
 
-def server_command(workers: int, policy: str) -> list[str]:
+def server_command(workers: int, policy: str, extra: Sequence[str] = ()) -> list[str]:
     """The server's command line (``python`` is this interpreter when run)."""
     return [
         "python", "-m", "dispatcher", "--app", APP, "--workers", str(workers),
-        "--bind", f"{HOST}:0", "--policy", policy,
+        "--bind", f"{HOST}:0", "--policy", policy, *extra,
     ]
 
 
 class Server:
     """A ``python -m dispatcher`` whose stderr is read by a thread, line by line."""
 
-    def __init__(self, policy: str, workers: int) -> None:
+    def __init__(self, policy: str, workers: int, extra: Sequence[str] = ()) -> None:
         self.policy = policy
         self.workers = workers
-        self.command = [sys.executable, *server_command(workers, policy)[1:]]
+        self.command = [sys.executable, *server_command(workers, policy, extra)[1:]]
         self.lines: list[str] = []
         self.port = 0
+        #: The metrics port from the ``metrics at`` line, once started; 0 if none was logged.
+        self.metrics_port = 0
         self.worker_pids: list[int] = []
         self._children: list[psutil.Process] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -204,6 +232,11 @@ class Server:
         self.port = int(self._wait_line(LISTENING, deadline).group(1))
         for _ in range(self.workers):
             self.worker_pids.append(int(self._wait_line(READY, deadline).group(1)))
+        # Logged before "listening on", so already read (the reader appends before it queues).
+        for line in list(self.lines):
+            match = METRICS_AT.search(line)
+            if match:
+                self.metrics_port = int(match.group(1))
         with contextlib.suppress(psutil.Error):
             self._children = psutil.Process(self.pid).children(recursive=True)
 
@@ -237,6 +270,66 @@ class Server:
         return code
 
 
+class Scraper:
+    """A thread that GETs ``url`` every ``interval_s`` until stopped, counting successes and failures.
+
+    A scrape fails on any error, a status other than 200, a timeout (``timeout_s``), or a body
+    lacking ``dispatcher_scrape_error 0`` (the master's loop did not answer in time).
+    """
+
+    def __init__(self, url: str, interval_s: float = SCRAPE_INTERVAL_S,
+                 timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.ok = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self.latencies_ms: list[float] = []
+        self._stop = threading.Event()
+        # No proxy from the environment: the request must go straight to 127.0.0.1.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._thread = threading.Thread(target=self._run, name="metrics-scraper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join; a scrape under way ends on its own timeout."""
+        self._stop.set()
+        if self._thread.ident is not None:  # started
+            self._thread.join(self.timeout_s + 5.0)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self._scrape()
+            next_at += self.interval_s
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def _scrape(self) -> None:
+        started = time.monotonic()
+        try:
+            with self._opener.open(self.url, timeout=self.timeout_s) as response:
+                status = response.status
+                body = response.read().decode("utf-8", "replace")
+        except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        if status != 200:
+            self._fail(f"HTTP {status}")
+        elif not re.search(r"^dispatcher_scrape_error 0(\.0)?$", body, re.MULTILINE):
+            self._fail("dispatcher_scrape_error is not 0")
+        else:
+            self.ok += 1
+            self.latencies_ms.append((time.monotonic() - started) * 1e3)
+
+    def _fail(self, reason: str) -> None:
+        self.failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(reason)
+
+
 # Running
 
 
@@ -251,6 +344,18 @@ class Run:
     wrk_output: str
     server_log: str
     exit_code: int | None
+    #: The --control-plane variant, if any.
+    variant: str | None = None
+    #: Scrapes of /metrics during the wrk run: None when not scraped.
+    scrapes_ok: int | None = None
+    scrapes_failed: int = 0
+    scrape_errors: list[str] = field(default_factory=list)
+    scrape_p50_ms: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        """The table row this run belongs to: its variant, else its policy."""
+        return self.variant or self.policy
 
     @property
     def master_us_per_conn(self) -> float:
@@ -302,12 +407,22 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
     return out or "", err or ""
 
 
-def run_once(policy: str, repeat: int, opts: Options) -> Run:
-    """Start a server, load it with wrk (and py-spy it if ``opts.profile_raw``), stop it."""
-    server = Server(policy, opts.workers)
+def run_once(policy: str, repeat: int, opts: Options, variant: str | None = None) -> Run:
+    """Start a server, load it with wrk (and py-spy it if ``opts.profile_raw``), stop it.
+
+    With ``variant`` (a key of VARIANTS) the server gets that variant's arguments, and for a
+    scraped variant /metrics is fetched every SCRAPE_INTERVAL_S while wrk runs.
+    """
+    extra = VARIANTS[variant] if variant is not None else ()
+    server = Server(policy, opts.workers, extra)
     spy: subprocess.Popen[str] | None = None
+    scraper: Scraper | None = None
     try:
         server.start()
+        if variant in SCRAPED_VARIANTS:
+            if not server.metrics_port:
+                raise RuntimeError(f"no 'metrics at' line from the server; log:\n{server.log}")
+            scraper = Scraper(f"http://{HOST}:{server.metrics_port}/metrics")
         workers = list(server.worker_pids)
         master_before = cpu_seconds(server.pid)
         workers_before = cpu_seconds_of(workers)
@@ -315,6 +430,8 @@ def run_once(policy: str, repeat: int, opts: Options) -> Run:
             wrk_command(opts, server.port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )
+        if scraper is not None:
+            scraper.start()
         try:
             if opts.profile_raw is not None:
                 time.sleep(PROFILE_DELAY_S)  # sample the master under full load only
@@ -324,6 +441,8 @@ def run_once(policy: str, repeat: int, opts: Options) -> Run:
                 )
             wrk_out, wrk_err = _finish(wrk, opts.duration + RUN_SLACK_S)
         finally:
+            if scraper is not None:
+                scraper.stop()
             if wrk.poll() is None:
                 wrk.kill()
                 wrk.wait(5.0)
@@ -337,15 +456,22 @@ def run_once(policy: str, repeat: int, opts: Options) -> Run:
             raise RuntimeError(f"wrk exited with {wrk.returncode}:\n{wrk_out}{wrk_err}")
         result = parse_wrk(wrk_out)
     finally:
+        if scraper is not None:
+            scraper.stop()  # idempotent; here for a failure before wrk's block
         if spy is not None and spy.poll() is None:
             spy.kill()
             spy.wait(5.0)
         code = server.stop()
-    return Run(
+    run = Run(
         policy=policy, repeat=repeat, port=server.port, wrk=result,
         master_cpu_s=master_after - master_before, workers_cpu_s=workers_after - workers_before,
-        wrk_output=wrk_out, server_log=server.log, exit_code=code,
+        wrk_output=wrk_out, server_log=server.log, exit_code=code, variant=variant,
     )
+    if scraper is not None:
+        run.scrapes_ok, run.scrapes_failed, run.scrape_errors = scraper.ok, scraper.failed, scraper.errors
+        if scraper.latencies_ms:
+            run.scrape_p50_ms = statistics.median(scraper.latencies_ms)
+    return run
 
 
 # Reporting
@@ -358,21 +484,35 @@ def _spread(values: Sequence[float], fmt: str) -> str:
     return f"{format(med, fmt)} ({format(min(values), fmt)}\N{EN DASH}{format(max(values), fmt)})"
 
 
-def summary_table(runs: Sequence[Run], policies: Sequence[str]) -> str:
+def summary_table(runs: Sequence[Run], labels: Sequence[str], variants: bool = False) -> str:
+    """One row per policy (or, with ``variants``, per --control-plane variant, plus scrape counts)."""
+    head = "| variant " if variants else "| policy "
+    extra_head, extra_rule = ("", "")
+    if variants:
+        extra_head, extra_rule = ("| workers µs/conn | scrapes ok/failed ", "| --- | --- ")
     rows = [
-        "| policy | req/s | p50 ms | p99 ms | master µs/conn | errors |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"{head}| req/s | p50 ms | p99 ms | master µs/conn {extra_head}| errors |",
+        f"| --- | --- | --- | --- | --- {extra_rule}| --- |",
     ]
-    for policy in policies:
-        mine = [r for r in runs if r.policy == policy]
+    for label in labels:
+        mine = [r for r in runs if r.label == label]
         if not mine:
             continue
+        extra = ""
+        if variants:
+            scraped = [r for r in mine if r.scrapes_ok is not None]
+            scrapes = (
+                f"{sum(r.scrapes_ok or 0 for r in scraped)}/{sum(r.scrapes_failed for r in scraped)}"
+                if scraped else "-"
+            )
+            extra = f"| {_spread([r.workers_us_per_conn for r in mine], '.1f')} | {scrapes} "
         rows.append(
-            f"| {policy} "
+            f"| {label} "
             f"| {_spread([r.wrk.requests_per_s for r in mine], '.0f')} "
             f"| {_spread([r.wrk.p50_ms for r in mine], '.2f')} "
             f"| {_spread([r.wrk.p99_ms for r in mine], '.2f')} "
             f"| {_spread([r.master_us_per_conn for r in mine], '.1f')} "
+            f"{extra}"
             f"| {_spread([float(r.wrk.errors) for r in mine], '.0f')} |"
         )
     return "\n".join(rows)
@@ -387,16 +527,34 @@ def throughput_ratio(runs: Sequence[Run]) -> str:
     return f"round-robin/shared throughput (ratio of medians): {ratio:.2f}"
 
 
+def control_plane_cost(runs: Sequence[Run]) -> str:
+    """Throughput of control vs plain, in percent: of the medians (checked against the goal),
+    and the median of the per-repeat pairs (each control run against the plain run before it)."""
+    plain = {r.repeat: r.wrk.requests_per_s for r in runs if r.variant == "plain"}
+    control = {r.repeat: r.wrk.requests_per_s for r in runs if r.variant == "control"}
+    if not plain or not control:
+        return "control vs plain throughput: n/a (both variants must run)"
+    diff = 100 * (statistics.median(control.values()) / statistics.median(plain.values()) - 1)
+    pairs = [100 * (control[k] / plain[k] - 1) for k in sorted(plain.keys() & control.keys())]
+    paired = f"; median of {len(pairs)} paired repeats {statistics.median(pairs):+.1f} %" if pairs else ""
+    verdict = "met" if -diff < CONTROL_PLANE_GOAL_PCT else "NOT met"
+    return (
+        f"control vs plain throughput (medians): {diff:+.1f} %{paired} "
+        f"(goal: < {CONTROL_PLANE_GOAL_PCT:g} % slower: {verdict})"
+    )
+
+
 def runs_table(runs: Sequence[Run]) -> str:
+    what = "variant" if any(r.variant for r in runs) else "policy"
     rows = [
-        "| # | policy | port | requests | req/s | p50 ms | p99 ms | master CPU s | master µs/conn "
+        f"| # | {what} | port | requests | req/s | p50 ms | p99 ms | master CPU s | master µs/conn "
         "| workers µs/conn | socket errors c/r/w/t | non-2xx | exit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n, r in enumerate(runs, 1):
         errs = "/".join(str(v) for v in r.wrk.socket_errors.values())
         rows.append(
-            f"| {n} | {r.policy} | {r.port} | {r.wrk.requests} | {r.wrk.requests_per_s:.0f} "
+            f"| {n} | {r.label} | {r.port} | {r.wrk.requests} | {r.wrk.requests_per_s:.0f} "
             f"| {r.wrk.p50_ms:.2f} | {r.wrk.p99_ms:.2f} | {r.master_cpu_s:.2f} "
             f"| {r.master_us_per_conn:.1f} | {r.workers_us_per_conn:.1f} | {errs} | {r.wrk.non_2xx} "
             f"| {r.exit_code} |"
@@ -512,8 +670,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="wrk -c (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="wrk -t (default %(default)s)")
     parser.add_argument(
-        "--policies", default=",".join(POLICIES),
-        help="comma-separated, run in this order each repeat (default %(default)s)",
+        "--policies",
+        help=f"comma-separated, run in this order each repeat (default {','.join(POLICIES)})",
+    )
+    parser.add_argument(
+        "--control-plane", action="store_true",
+        help="instead of the policies, round-robin with pings off and no metrics (plain) against "
+        "pings every 1 s and /metrics scraped every second (control), alternately",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                         help="folder for the report (default bench/results)")
@@ -536,11 +699,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads > args.connections:
         parser.error("--threads must not exceed --connections (wrk needs a connection per thread)")
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.control_plane and args.policies is not None:
+        parser.error("--control-plane runs round-robin only: drop --policies")
+    policies = [p.strip() for p in (args.policies or ",".join(POLICIES)).split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or unknown:
         parser.error(f"--policies: unknown {unknown or 'empty'}; choose from {', '.join(POLICIES)}")
-    args.policies = policies
+    args.policies = ["round-robin"] if args.control_plane else policies
     return args
 
 
@@ -580,15 +745,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw_path = out_dir / f"wrk-{stamp}.raw"
 
     runs: list[Run] = []
-    total = args.repeats * len(args.policies)
+    # (policy, variant) per step of a repeat: the policy matrix, or the control-plane variants.
+    steps: list[tuple[str, str | None]] = (
+        [("round-robin", v) for v in VARIANTS] if args.control_plane else [(p, None) for p in args.policies]
+    )
+    labels = [variant or policy for policy, variant in steps]
+    total = args.repeats * len(steps)
     try:
         for repeat in range(args.repeats):
-            for policy in args.policies:
-                print(f"[{len(runs) + 1}/{total}] {policy} (repeat {repeat + 1}) ...", end=" ", flush=True)
-                run = run_once(policy, repeat, opts)
+            for policy, variant in steps:
+                print(f"[{len(runs) + 1}/{total}] {variant or policy} (repeat {repeat + 1}) ...",
+                      end=" ", flush=True)
+                run = run_once(policy, repeat, opts, variant)
                 runs.append(run)
+                scraped = ""
+                if run.scrapes_ok is not None:
+                    scraped = f", scrapes {run.scrapes_ok} ok/{run.scrapes_failed} failed"
+                    if run.scrape_errors:
+                        scraped += f" ({run.scrape_errors[0]})"
                 print(f"{run.wrk.requests_per_s:.0f} req/s, p99 {run.wrk.p99_ms:.2f} ms, "
-                      f"master {run.master_us_per_conn:.1f} µs/conn, errors {run.wrk.errors}", flush=True)
+                      f"master {run.master_us_per_conn:.1f} µs/conn, errors {run.wrk.errors}{scraped}",
+                      flush=True)
         if args.profile:
             spy_raw = out_dir / f"pyspy-master-round-robin-{stamp}.raw"
             opts.profile_raw = spy_raw
@@ -613,8 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         runs_for_raw = runs
 
-    table = summary_table(runs, args.policies)
-    ratio = throughput_ratio(runs)
+    table = summary_table(runs, labels, variants=args.control_plane)
+    ratio = control_plane_cost(runs) if args.control_plane else throughput_ratio(runs)
     print()
     print(table)
     print()
@@ -626,30 +803,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     python = Path(sys.executable)
     with contextlib.suppress(ValueError):
         python = python.relative_to(ROOT)
-    server_cmd = shlex.join([str(python), *server_command(args.workers, "P")[1:]])
+    cells = (
+        "Cells: median (min\N{EN DASH}max). master µs/conn = master CPU (utime+stime) during the wrk "
+        "run / requests wrk completed. errors = wrk socket errors + non-2xx/3xx responses."
+    )
+    if args.control_plane:
+        server_cmds = [
+            f"{shlex.join([str(python), *server_command(args.workers, 'round-robin', extra)[1:]])}"
+            f"  # {name}"
+            for name, extra in VARIANTS.items()
+        ]
+        about = [
+            f"Control-plane cost: {args.repeats} repeat(s) x {len(steps)} variants of round-robin, "
+            f"{args.duration} s each; each repeat runs {', '.join(labels)} in that order, a fresh "
+            "server per run. plain: pings off, no control socket, no metrics. control: pings every "
+            f"1 s, the default control socket (idle), and /metrics GET by the bench every "
+            f"{SCRAPE_INTERVAL_S:g} s during the wrk run (urllib, {SCRAPE_TIMEOUT_S:g} s timeout; a "
+            "scrape fails on an error, a non-200 or `dispatcher_scrape_error` not 0). "
+            "workers µs/conn = the workers' CPU likewise. "
+            f"{cells} The paired figure compares each repeat's control run with the plain run "
+            "just before it.",
+        ]
+        commands_intro = (
+            "From the repository root, per run (PORT is the one the server logs, `listening on "
+            "127.0.0.1:PORT`; MPORT from `metrics at http://127.0.0.1:MPORT/metrics`, scraped as "
+            "`http://127.0.0.1:MPORT/metrics` once a second):"
+        )
+    else:
+        server_cmds = [shlex.join([str(python), *server_command(args.workers, "P")[1:]])]
+        about = [
+            f"{args.repeats} repeat(s) x {len(args.policies)} policies, {args.duration} s each; each "
+            f"repeat runs {', '.join(args.policies)} in that order, a fresh server per run. {cells}",
+        ]
+        commands_intro = (
+            "From the repository root, per run (PORT is the one the server logs, `listening on "
+            "127.0.0.1:PORT`; P is the policy):"
+        )
+    scrape_notes = [
+        f"- run {n} ({r.label}, repeat {r.repeat + 1}): {r.scrapes_failed} failed scrape(s): "
+        + "; ".join(r.scrape_errors)
+        for n, r in enumerate(runs, 1) if r.scrapes_failed
+    ]
+    scrape_ms = [r.scrape_p50_ms for r in runs if r.scrapes_ok]
+    scrape_line = (
+        [f"Scrape round trip (median per run, median of runs): {statistics.median(scrape_ms):.1f} ms", ""]
+        if scrape_ms else []
+    )
     lines = [
         f"# wrk benchmark, {stamp}",
         "",
-        f"{args.repeats} repeat(s) x {len(args.policies)} policies, {args.duration} s each; each repeat "
-        f"runs {', '.join(args.policies)} in that order, a fresh server per run. Cells: median "
-        "(min\N{EN DASH}max). master µs/conn = master CPU (utime+stime) during the wrk run / requests wrk "
-        "completed. errors = wrk socket errors + non-2xx/3xx responses.",
+        *about,
         "",
         table,
         "",
         ratio,
         "",
+        *scrape_line,
+        *([*scrape_notes, ""] if scrape_notes else []),
         "## Machine",
         "",
         *machine_description(opts),
         "",
         "## Commands",
         "",
-        "From the repository root, per run (PORT is the one the server logs, `listening on "
-        "127.0.0.1:PORT`; P is the policy):",
+        commands_intro,
         "",
         "```",
-        server_cmd,
+        *server_cmds,
         shlex.join(wrk_command(opts, "PORT")),
         "```",
         "",
@@ -674,7 +894,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with raw_path.open("w") as raw:
         for n, r in enumerate(runs_for_raw, 1):
             label = "profiled" if r.repeat < 0 else f"repeat {r.repeat + 1}"
-            raw.write(f"===== run {n}: {r.policy}, {label}, port {r.port} =====\n")
+            scraped = "" if r.scrapes_ok is None else f", scrapes {r.scrapes_ok} ok/{r.scrapes_failed} failed"
+            raw.write(f"===== run {n}: {r.label}, {label}, port {r.port}{scraped} =====\n")
             raw.write(r.wrk_output)
             raw.write("----- server log -----\n")
             raw.write(r.server_log)

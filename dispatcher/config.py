@@ -42,3 +42,13 @@ class Config:
     control: str | None = None
     #: ``HOST:PORT`` to serve Prometheus metrics on, or None.
     metrics: str | None = None
+    #: Recycle a worker after this many connections (0: never), plus up to jitter more.
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    #: Recycle a worker whose RSS exceeds this many bytes (0: never).
+    max_memory: int = 0
+    #: Workers replaced at a time in a rolling reload.
+    reload_batch: int = 1
+    #: Numeric ids workers switch to, when the master was told to drop privileges.
+    uid: int | None = None
+    gid: int | None = None

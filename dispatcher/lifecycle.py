@@ -1,8 +1,9 @@
-"""A worker slot's life as an explicit state machine, and its restart backoff.
+"""A worker's life as an explicit state machine, and its restart backoff.
 
 A slot is a numbered place for one worker (``worker 3``) that outlives the
 processes filling it: when its process exits, the slot waits out a backoff
-and starts a new one.
+(BACKOFF) and starts a new one. Each process moves through the states on
+its own (``WorkerProcess.to``).
 
     STARTING --ready--> READY --drain--> DRAINING --exit--> EXITED --> BACKOFF
         |                 |                  |                ^           |
@@ -94,23 +95,31 @@ class Backoff:
 
 @dataclass
 class Slot:
-    """A numbered place for one worker, and the process in it (if any)."""
+    """A numbered place for one worker, and the processes in it.
+
+    ``worker`` serves; ``successor`` is a new process starting to replace it
+    (reload, recycle). The slot's own state is derived: BACKOFF while a
+    restart waits, else the serving process's state, else EXITED.
+    """
 
     id: int
-    state: WorkerState = WorkerState.EXITED
     worker: WorkerProcess | None = None
+    successor: WorkerProcess | None = None
     backoff: Backoff = field(default_factory=Backoff)
     restarts: int = 0
     last_exit: str = ""
     restart_timer: asyncio.TimerHandle | None = None
-    #: Being removed by a scale-down: not restarted when its process exits.
-    retiring: bool = False
+    #: Why ``successor`` was started, and the future that says how it went.
+    replacing: str = ""
+    outcome: asyncio.Future[str | None] | None = None
+    #: No recycling before this (monotonic), after a replacement failed to boot.
+    recycle_after: float = 0.0
     totals: Totals = field(default_factory=Totals)
 
-    def to(self, new: WorkerState) -> None:
-        """Move to ``new`` (see ``transition``)."""
-        self.state = transition(self.state, new)
-
     @property
-    def alive(self) -> bool:
-        return self.state in ALIVE
+    def state(self) -> WorkerState:
+        if self.restart_timer is not None:
+            return WorkerState.BACKOFF
+        if self.worker is not None:
+            return self.worker.state
+        return WorkerState.EXITED

@@ -50,6 +50,7 @@ class Scheduler:
         pending_timeout_s: how long one may wait before it is closed.
         on_fault: told (once per failure) that a worker could not be sent to.
         on_refused: told that a worker refused a hand-off (it is draining).
+        on_limit: told that a worker's acks reached its ``max_requests``.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class Scheduler:
         pending_timeout_s: float,
         on_fault: Callable[[WorkerProcess, str], None],
         on_refused: Callable[[WorkerProcess], None],
+        on_limit: Callable[[WorkerProcess], None],
     ) -> None:
         self._policy = policy
         self._workers: dict[int, WorkerProcess] = {}
@@ -68,6 +70,7 @@ class Scheduler:
         self._resume_mark = max(0, max_pending - max(1, max_pending // 4))
         self._on_fault = on_fault
         self._on_refused = on_refused
+        self._on_limit = on_limit
         #: Set by the acceptor while it is paused because the queue was full.
         self.on_room: Callable[[], None] | None = None
         #: Called when nothing is pending or in flight (set while stopping).
@@ -196,6 +199,8 @@ class Scheduler:
         if accepted:
             os.close(conn_id)
             worker.acked += 1
+            if worker.acked == worker.max_requests:
+                self._on_limit(worker)
             self.acked += 1
             self._policy.ack(worker.key, True)
         else:

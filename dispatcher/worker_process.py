@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from dispatcher.lifecycle import WorkerState, transition
 from dispatcher.stats import ProcessSampler
 from shared.channel import Channel, socketpair
 from shared.exitcodes import describe
@@ -94,10 +95,29 @@ class WorkerProcess:
         self.pongs = 0
         self.reported: dict[str, Any] = {}
         self.unresponsive = False
+        self.state = WorkerState.STARTING
+        #: Connections after which it is recycled (0: never), drawn at spawn.
+        self.max_requests = 0
         self.sampler = ProcessSampler(self.pid)
 
     def __repr__(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
+
+    def to(self, new: WorkerState) -> None:
+        """Move to ``new`` (see ``lifecycle.transition``)."""
+        self.state = transition(self.state, new)
+
+    def served(self) -> int:
+        """Connections this process took: acked hand-offs, or its own accepts."""
+        return max(self.acked, int(self.reported.get("accepted", 0)))
+
+    def counts(self) -> dict[str, int]:
+        """Its counters, to add to its slot's totals when it exits."""
+        return {
+            "handed_off": self.handed_off, "acked": self.acked, "refused": self.refused,
+            "handled": int(self.reported.get("handled", 0)),
+            "accepted": int(self.reported.get("accepted", 0)),
+        }
 
     @property
     def uptime_s(self) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from dispatcher.lifecycle import Backoff, Slot, TransitionError, WorkerState, transition
@@ -32,14 +34,22 @@ def test_forbidden_transition(current: WorkerState, new: WorkerState) -> None:
         transition(current, new)
 
 
-def test_slot_moves_only_through_transition() -> None:
+def test_slot_state_is_derived_from_its_process_and_restart_timer() -> None:
+    class Process:
+        state = S.READY
+
     slot = Slot(3)
-    assert not slot.alive
-    slot.to(S.STARTING)
-    assert slot.alive
-    with pytest.raises(TransitionError):
-        slot.to(S.BACKOFF)
-    assert slot.state is S.STARTING
+    assert slot.state is S.EXITED
+    slot.worker = Process()  # type: ignore[assignment]
+    assert slot.state is S.READY
+    slot.worker = None
+    loop = asyncio.new_event_loop()
+    try:
+        slot.restart_timer = loop.call_later(60, lambda: None)
+        assert slot.state is S.BACKOFF
+        slot.restart_timer.cancel()
+    finally:
+        loop.close()
 
 
 def test_backoff_grows_by_half_and_caps_at_15_s() -> None:
