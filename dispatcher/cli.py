@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dispatcher import __version__, policies
+from dispatcher import __version__, policies, privileges
 from dispatcher.config import DEFAULT_BIND, Config, default_workers
-from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind
+from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
 from shared import eventloop, logs
 from shared.exitcodes import ExitCode
@@ -23,7 +23,9 @@ operating it: python -m dispatcher ctl status (also: stats, scale N, stop, messa
 see python -m dispatcher ctl --help.
 
 signals: TERM/INT stop gracefully (stop accepting, let open connections
-finish up to --graceful-timeout, then kill).
+finish up to --graceful-timeout, then kill); a second INT, or QUIT, stops
+fast. HUP: rolling reload (new workers first, then the old ones drain).
+TTIN/TTOU: one worker more/less.
 
 exit codes: 0 stopped, 1 error, 2 bad usage, 3 worker failed to boot,
 4 app failed to load.
@@ -48,6 +50,22 @@ def _seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(text: str) -> int:
+    """``512M``, ``1.5G``, ``1048576``: bytes (binary units, an optional trailing B or iB)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 2G") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return int(value * _SIZE_UNITS[unit])
 
 
 def _bind(text: str) -> BindSpec:
@@ -83,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--bind", "-b", action="append", type=_bind, metavar="ADDRESS",
-        help=f"HOST:PORT, [IPV6]:PORT or unix:/path; repeat for several (default {DEFAULT_BIND}); "
-        "port 0 picks a free port, logged at start",
+        help=f"HOST:PORT, [IPV6]:PORT, unix:/path or fd://N (an inherited listening socket); "
+        f"repeat for several (default {DEFAULT_BIND}, or the sockets systemd passed with "
+        "LISTEN_FDS); port 0 picks a free port, logged at start",
     )
     parser.add_argument(
         "--workers", "-w", type=_positive_int, metavar="N",
@@ -122,6 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, metavar="N",
         help="thread pool size per worker for blocking handlers "
         "(default: Python's, min(32, CPUs + 4))",
+    )
+    parser.add_argument(
+        "--max-requests", type=_positive_int, default=0, metavar="N",
+        help="replace a worker after it took N connections (new one first, then the old one "
+        "drains; default: never)",
+    )
+    parser.add_argument(
+        "--max-requests-jitter", type=int, default=0, metavar="J",
+        help="each worker's limit is --max-requests plus a random 0..J, so they do not all "
+        "recycle at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-memory", type=_size, default=0, metavar="SIZE",
+        help="replace a worker whose RSS exceeds SIZE (e.g. 512M, 2G), checked every ping "
+        "interval (default: never)",
+    )
+    parser.add_argument(
+        "--reload-batch", type=_positive_int, default=1, metavar="N",
+        help="rolling reload (HUP, ctl reload): workers replaced at a time (default %(default)s)",
+    )
+    parser.add_argument(
+        "--user", metavar="USER",
+        help="run workers as this user (name or uid); the master keeps its own, "
+        "binds first and owns the control socket",
+    )
+    parser.add_argument(
+        "--group", metavar="GROUP",
+        help="run workers with this group (name or gid; default: --user's primary group)",
     )
     parser.add_argument(
         "--ping-interval", type=_seconds, default=1.0, metavar="SECONDS",
@@ -172,15 +219,23 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             parser.error("--metrics: needs HOST:PORT")
     if args.ping_interval and args.ping_timeout <= args.ping_interval:
         parser.error("--ping-timeout must be longer than --ping-interval")
+    if args.max_requests_jitter < 0:
+        parser.error("--max-requests-jitter must not be negative")
+    try:
+        uid, gid = privileges.resolve(args.user, args.group)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.window > 64:
         parser.error("--window: at most 64")
     try:
         workers = args.workers or default_workers()
     except ValueError as exc:
         parser.error(str(exc))
+    inherited = systemd_binds()
+    binds = [*(args.bind or []), *inherited] or [parse_bind(DEFAULT_BIND)]
     return Config(
         app=args.app,
-        binds=args.bind or [parse_bind(DEFAULT_BIND)],
+        binds=binds,
         workers=workers,
         policy=args.policy,
         window=args.window,
@@ -196,6 +251,12 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         ping_timeout_s=args.ping_timeout,
         control="" if args.control == "none" else args.control,
         metrics=args.metrics,
+        max_requests=args.max_requests,
+        max_requests_jitter=args.max_requests_jitter,
+        max_memory=args.max_memory,
+        reload_batch=args.reload_batch,
+        uid=uid,
+        gid=gid,
     )
 
 

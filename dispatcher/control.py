@@ -38,6 +38,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import inspect
 import json
 import logging
 import os
@@ -378,6 +379,7 @@ class ControlServer:
             "stop": self._stop,
             "message": self._message,
             "messages": self._messages,
+            "reload": self._reload,
         }
 
     async def start(self) -> None:
@@ -509,19 +511,22 @@ class ControlServer:
                     return
                 events = lines.feed(data)
             for event in events:
-                answer, then = self._answer(event)
+                answer, then = await self._answer(event)
                 writer.write(answer)
                 await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
                 if then is not None:
                     then()
 
-    def _answer(self, line: bytes | TooLong) -> tuple[bytes, Callable[[], None] | None]:
+    async def _answer(self, line: bytes | TooLong) -> tuple[bytes, Callable[[], None] | None]:
         try:
             cmd, args = decode_request(line)
             command = self._commands.get(cmd)
             if command is None:
                 raise RequestError(f"unknown command {cmd!r}; known: {', '.join(sorted(self._commands))}")
             result, then = command(args)
+            if inspect.isawaitable(result):
+                # A long command (reload): this connection waits for it, others go on.
+                result = await result
         except RequestError as exc:
             return _error(str(exc)), None
         except Exception as exc:
@@ -570,6 +575,17 @@ class ControlServer:
         except ValueError as exc:
             raise RequestError(f"message: {exc}") from None
         return {"sent": sent}, None
+
+    def _reload(self, args: dict[str, Any]) -> Outcome:
+        _check_args(args, "reload", ())
+
+        async def reload() -> dict[str, Any]:
+            error = await self.master.reload()
+            if error is not None:
+                raise RequestError(f"reload failed: {error}")
+            return {"reloaded": len(self.master.slots)}
+
+        return reload(), None
 
     def _messages(self, args: dict[str, Any]) -> Outcome:
         _check_args(args, "messages", ())

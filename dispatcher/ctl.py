@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: How long to wait for the master to answer.
 TIMEOUT_S = 10.0
+#: A reload starts and waits for every new worker: it may take a while.
+RELOAD_TIMEOUT_S = 300.0
 
 
 class CtlError(Exception):
@@ -295,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     message.add_argument("--worker", type=int, metavar="N", help="only worker N (default: all)")
     message.add_argument("payload", metavar="JSON", help='the message, as JSON (e.g. \'{"reload": true}\')')
     commands.add_parser("messages", help="the last messages workers sent to the master")
+    commands.add_parser(
+        "reload", help="rolling reload: new workers (code as on disk now) replace the old ones, "
+        "one at a time; waits until done (up to 5 minutes unless --timeout)",
+    )
     return parser
 
 
@@ -317,7 +323,8 @@ def run(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise CtlError(f"message: {args.payload!r} is not valid JSON: {exc}") from None
         extra["worker"] = args.worker
-    result = request(path, cmd, args.timeout, **extra)
+    timeout = RELOAD_TIMEOUT_S if cmd == "reload" and args.timeout == TIMEOUT_S else args.timeout
+    result = request(path, cmd, timeout, **extra)
     if args.json:
         print(json.dumps(result, indent=2))
     elif cmd == "status":
@@ -334,6 +341,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"message sent to {result['sent']} worker(s) ({target})")
     elif cmd == "messages":
         print_messages(result)
+    elif cmd == "reload":
+        print(f"reloaded: {result['reloaded']} worker(s) replaced")
 
 
 def main(argv: list[str] | None = None) -> int:

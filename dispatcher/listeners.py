@@ -32,6 +32,8 @@ class BindSpec:
     host: str | None = None
     port: int | None = None
     path: str | None = None
+    #: An inherited listening socket (``fd://N``, systemd socket activation).
+    fd: int | None = None
 
     @property
     def is_unix(self) -> bool:
@@ -39,11 +41,16 @@ class BindSpec:
 
 
 def parse_bind(text: str) -> BindSpec:
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``unix:/path``.
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT``, ``unix:/path`` or ``fd://N``.
 
     Raises:
         BindError: the spec is none of those.
     """
+    if text.startswith("fd://"):
+        number = text[len("fd://") :]
+        if not number.isdigit():
+            raise BindError(f"bind {text!r}: expected fd://N with N a file descriptor number")
+        return BindSpec(text, fd=int(number))
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path:
@@ -79,6 +86,8 @@ class Listener:
         """The bound address, with the real port when port 0 was asked for."""
         if self.spec.is_unix:
             return f"unix:{self.spec.path}"
+        if self.sock.family == socket.AF_UNIX:
+            return f"unix:{self.sock.getsockname()}"
         host, port = self.sock.getsockname()[:2]
         return f"[{host}]:{port}" if self.sock.family == socket.AF_INET6 else f"{host}:{port}"
 
@@ -159,6 +168,11 @@ def open_listener(spec: BindSpec, backlog: int, *, listen: bool = True,
     Raises:
         BindError: the address cannot be resolved or bound; nothing is left open.
     """
+    if spec.fd is not None:
+        if reuseport:
+            raise BindError(f"bind {spec.text!r}: the reuseport policy binds its own sockets; "
+                            "inherited ones do not fit it")
+        return Listener(spec, inherited(spec))
     if spec.is_unix:
         if reuseport:
             raise BindError(f"bind {spec.text!r}: SO_REUSEPORT does not apply to Unix sockets")
@@ -191,3 +205,47 @@ def reuseport_sibling(listener: Listener, backlog: int) -> socket.socket:
         sock.close()
         raise BindError(f"bind {listener.spec.text!r}: listen failed: {exc.strerror}") from exc
     return sock
+
+
+def inherited(spec: BindSpec) -> socket.socket:
+    """Adopt the listening socket at ``spec.fd`` (made close-on-exec and non-blocking).
+
+    Raises:
+        BindError: the fd is not open, not a stream socket, or not listening.
+    """
+    assert spec.fd is not None
+    try:
+        sock = socket.socket(fileno=spec.fd)
+    except OSError as exc:
+        raise BindError(f"bind {spec.text!r}: fd {spec.fd} is not a socket: {exc.strerror}") from exc
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise BindError(f"bind {spec.text!r}: fd {spec.fd} is not a stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise BindError(f"bind {spec.text!r}: fd {spec.fd} is not listening")
+    except BaseException:
+        sock.detach()  # not ours to close: leave the fd as we found it
+        raise
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
+def systemd_binds(environ: dict[str, str] | None = None) -> list[BindSpec]:
+    """The sockets systemd passed (``LISTEN_FDS``), as ``fd://N`` specs.
+
+    Only when ``LISTEN_PID`` names this process, as sd_listen_fds(3) says;
+    the variables are then removed so that workers do not see them.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = env.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if not count.isdigit():
+        return []
+    return [parse_bind(f"fd://{fd}") for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count))]
+
+
+_SD_LISTEN_FDS_START = 3

@@ -27,15 +27,16 @@ class Server:
     """A ``python -m dispatcher`` process whose log is read line by line."""
 
     def __init__(self, *args: str, workers: int = 2, env: dict[str, str] | None = None,
-                 bind: str | None = "127.0.0.1:0") -> None:
-        command = [sys.executable, "-m", "dispatcher", *args]
+                 bind: str | None = "127.0.0.1:0", launcher: list[str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
+        command = [*(launcher or [sys.executable, "-m", "dispatcher"]), *args]
         if workers:
             command += ["--workers", str(workers)]
         if bind:
             command += ["--bind", bind]
         self.proc = subprocess.Popen(
             command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, text=True,
+            env={**os.environ, **(env or {})}, text=True, pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--app", required=True, help="MODULE:ATTRIBUTE")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--uid", type=int, default=None, help="user id to run as")
+    parser.add_argument("--gid", type=int, default=None, help="group id to run as")
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
@@ -67,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format, worker_id=args.id)
     # Ctrl-C reaches the whole process group; the master decides how we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.drop_privileges(args.uid, args.gid)
+    except OSError as exc:
+        log.error("cannot switch to uid %s gid %s: %s", args.uid, args.gid, exc)
+        return ExitCode.WORKER_BOOT_FAILED
     if not process.bind_to_master(args.master_pid):
         log.error("master %d is gone before the worker started", args.master_pid)
         return ExitCode.MASTER_GONE

@@ -50,3 +50,21 @@ def set_title(title: str) -> bool:
 
 def prctl_available() -> bool:
     return _prctl() is not None
+
+
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become ``uid``/``gid`` for good (group first: after setuid it is not allowed).
+
+    Supplementary groups are cleared, so nothing of root's stays. Done before
+    the death signal is asked for: the kernel clears it when ids change.
+
+    Raises:
+        OSError: the kernel refused (not root).
+    """
+    if gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+    if uid is not None:
+        if gid is None:
+            os.setgroups([])
+        os.setuid(uid)

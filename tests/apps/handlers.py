@@ -81,3 +81,15 @@ async def block(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         time.sleep(float(line[1]))
     writer.write(_me())
     await writer.drain()
+
+
+_hoard: list[bytes] = []
+
+
+async def hog(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``hog MB`` keeps MB megabytes alive in this worker (a leak to recycle)."""
+    line = (await reader.readline()).decode().split()
+    if len(line) == 2 and line[0] == "hog":
+        _hoard.append(b"\x01" * (int(line[1]) * 2**20))  # touched, so resident
+    writer.write(_me())
+    await writer.drain()
