@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a worker silent this long is killed and replaced (default %(default)s)",
     )
     parser.add_argument(
+        "--boot-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+        help="a worker not ready this long after it started (importing the app) is killed; "
+        "also how long a reload waits for each new worker (default %(default)s)",
+    )
+    parser.add_argument(
         "--control", metavar="PATH",
         help="operator control socket (default: $XDG_RUNTIME_DIR/dispatcher/PID.sock, "
         "mode 0600 in a 0700 directory); 'none' for no socket",
@@ -232,7 +237,12 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     except ValueError as exc:
         parser.error(str(exc))
     inherited = systemd_binds()
-    binds = [*(args.bind or []), *inherited] or [parse_bind(DEFAULT_BIND)]
+    binds: list[BindSpec] = []
+    for spec in [*(args.bind or []), *inherited]:
+        # fd://3 given and passed by systemd too: one listener, or it is closed twice.
+        if all(spec.fd != b.fd if spec.fd is not None else spec.text != b.text for b in binds):
+            binds.append(spec)
+    binds = binds or [parse_bind(DEFAULT_BIND)]
     return Config(
         app=args.app,
         binds=binds,
@@ -249,6 +259,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         loop=args.loop,
         ping_interval_s=args.ping_interval,
         ping_timeout_s=args.ping_timeout,
+        boot_timeout_s=args.boot_timeout,
         control="" if args.control == "none" else args.control,
         metrics=args.metrics,
         max_requests=args.max_requests,

@@ -38,6 +38,8 @@ class Config:
     #: 0 turns health pings off.
     ping_interval_s: float = 1.0
     ping_timeout_s: float = 30.0
+    #: A worker not ready this long after it started is killed (counts as a failed boot).
+    boot_timeout_s: float = 60.0
     #: The operator control socket; None: the default path; "" : none.
     control: str | None = None
     #: ``HOST:PORT`` to serve Prometheus metrics on, or None.

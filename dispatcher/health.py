@@ -16,6 +16,13 @@ from collections.abc import Callable, Iterable
 from dispatcher.worker_process import WorkerProcess
 from shared.protocol import Ping, Pong
 
+# What a pong may report, and as what.
+_REPORTED: dict[str, tuple[type, ...]] = {
+    "handled": (int,), "accepted": (int,), "active": (int,), "handed": (int,),
+    "acked": (int,), "refused": (int,), "loop_lag_ms": (int, float),
+}
+_LIMIT = 2**63
+
 
 class Health:
     """Ping bookkeeping for the master's workers.
@@ -40,7 +47,9 @@ class Health:
         """Ping who needs it; report who has been silent too long."""
         now = time.monotonic() if now is None else now
         for worker in workers:
-            if worker.returncode is not None or worker.channel.closed:
+            # A worker still loading its app has a blocked loop by design: the
+            # boot timeout covers it, not the pings.
+            if worker.returncode is not None or worker.channel.closed or not worker.ready:
                 continue
             silent = now - worker.last_heard
             if silent > self.timeout_s:
@@ -55,10 +64,17 @@ class Health:
 
     @staticmethod
     def on_pong(worker: WorkerProcess, pong: Pong, now: float | None = None) -> None:
-        """Record ``worker``'s answer: round trip and its own counters."""
+        """Record ``worker``'s answer: round trip and its own counters.
+
+        Only the counters the master uses are kept, and only as non-negative
+        numbers: the figures come from the worker and are not trusted.
+        """
         now = time.monotonic() if now is None else now
         worker.last_heard = now
-        worker.reported = pong.stats
+        worker.reported = {
+            key: value for key, value in pong.stats.items()
+            if key in _REPORTED and type(value) in _REPORTED[key] and 0 <= value < _LIMIT
+        }
         if worker.ping_sent_at is not None and pong.seq == worker.ping_seq:
             rtt = now - worker.ping_sent_at
             worker.rtt_last_s = rtt

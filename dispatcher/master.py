@@ -240,6 +240,7 @@ class Master:
 
     def _tick(self) -> None:
         self.accept_rate.update(self.acceptor.accepted if self.acceptor else 0)
+        self.supervisor.check_boot(time.monotonic())
         expired = self.scheduler.expire(time.monotonic())
         if expired:
             log.warning(
@@ -317,8 +318,7 @@ class Master:
         """
         if self.stopping:
             return "the master is stopping"
-        boot_timeout = self.config.ping_timeout_s if self.health.interval_s > 0 else 60.0
-        return await self.supervisor.reload(self.config.reload_batch, boot_timeout)
+        return await self.supervisor.reload(self.config.reload_batch, self.config.boot_timeout_s)
 
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""

@@ -105,7 +105,8 @@ class Scheduler:
         if not self._pending:
             key = self._policy.choose()
             if key is not None:
-                self._send(key, fd)
+                if not self._send(key, fd):
+                    self.pump()  # it went back in line: another worker may take it
                 return
         self._pending.append((fd, time.monotonic()))
 
@@ -122,7 +123,8 @@ class Scheduler:
         if self.on_room is not None and len(pending) <= self._resume_mark:
             self.on_room()
 
-    def _send(self, key: int, fd: int) -> None:
+    def _send(self, key: int, fd: int) -> bool:
+        """Hand ``fd`` to worker ``key``; False if it went back to the queue instead."""
         worker = self._workers[key]
         try:
             worker.channel.send_handoff(fd, fd)
@@ -136,7 +138,7 @@ class Scheduler:
             worker.blocked_slots += 1
             if worker.blocked_slots == 1:
                 worker.channel.when_writable(functools.partial(self._unblocked, worker))
-            return
+            return False
         except OSError as exc:
             # Not sent: the connection is still only ours, first in line again.
             self._pending.appendleft((fd, time.monotonic()))
@@ -144,17 +146,19 @@ class Scheduler:
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 self._on_fault(worker, f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
-            return
+            return False
         worker.inflight[fd] = None
         worker.handed_off += 1
         self.inflight += 1
         self.handed_off += 1
+        return True
 
     def _unblocked(self, worker: WorkerProcess) -> None:
         slots, worker.blocked_slots = worker.blocked_slots, 0
         if worker.key in self._workers:
             for _ in range(slots):
                 self._policy.ack(worker.key, True)
+        if self._pending:
             self.pump()
 
     # Workers
@@ -184,6 +188,7 @@ class Scheduler:
             worker.inflight.clear()
             self.inflight -= count
             self.redispatched += count
+        if self._pending:
             self.pump()
         return count
 
@@ -212,9 +217,8 @@ class Scheduler:
             key = self._policy.choose(exclude=worker.key)
             if key is None:
                 self._pending.appendleft((conn_id, time.monotonic()))
-            else:
+            elif self._send(key, conn_id):
                 self.redispatched += 1
-                self._send(key, conn_id)
         if self._pending:
             self.pump()
         elif self.on_settled is not None and not self.inflight:

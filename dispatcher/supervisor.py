@@ -39,6 +39,7 @@ from dispatcher.lifecycle import Slot, WorkerState
 from dispatcher.listeners import BindError, Listener
 from dispatcher.policies import Policy
 from dispatcher.scheduler import Scheduler
+from dispatcher.stats import Totals
 from dispatcher.worker_process import WorkerProcess, spawn
 from shared.channel import PEER_CLOSED, close_fds
 from shared.exitcodes import ExitCode
@@ -88,7 +89,10 @@ class Supervisor:
         self.listeners: Sequence[Listener] = ()
         self.health = health
         self._on_fatal = on_fatal
-        self.slots: dict[int, Slot] = {n: Slot(n) for n in range(config.workers)}
+        # Counters of exited processes, per worker id: they outlive slots, so
+        # they never go back, even across a scale-down and up.
+        self._totals: dict[int, Totals] = {}
+        self.slots: dict[int, Slot] = {n: self._new_slot(n) for n in range(config.workers)}
         self.retired: dict[int, WorkerProcess] = {}
         self.stopping = False
         self.ever_ready = False
@@ -100,6 +104,9 @@ class Supervisor:
         self._reload: asyncio.Task[str | None] | None = None
         # Acks go straight to the scheduler: the hot path skips a call.
         self.on_ack = scheduler.on_ack
+
+    def _new_slot(self, slot_id: int) -> Slot:
+        return Slot(slot_id, totals=self._totals.setdefault(slot_id, Totals()))
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -202,6 +209,18 @@ class Supervisor:
             worker.to(WorkerState.DRAINING)
             log.info("%r refused a hand-off (draining); sending it nothing more", worker)
 
+    def check_boot(self, now: float) -> None:
+        """Kill workers not ready within the boot timeout (a hung import, a deadlock)."""
+        limit = self.config.boot_timeout_s
+        for worker in self.live():
+            if (worker.state is WorkerState.STARTING and not worker.boot_timed_out
+                    and now - worker.started > limit):
+                worker.boot_timed_out = True
+                log.error("%r not ready after %.1f s (boot timeout %g s); killing it",
+                          worker, now - worker.started, limit)
+                worker.to(WorkerState.STOPPING)
+                worker.kill(signal.SIGKILL)
+
     def on_unresponsive(self, worker: WorkerProcess, silent_s: float) -> None:
         log.error(
             "%r is unresponsive: no pong for %.1f s (ping timeout %g s); killing it",
@@ -226,6 +245,16 @@ class Supervisor:
     def _retire_process(self, worker: WorkerProcess) -> None:
         self.retired[worker.key] = worker
         self.drain(worker)
+        # As on a graceful stop: open connections get the graceful timeout, no more.
+        self._loop.call_later(self.config.graceful_timeout_s, self._overdue, worker)
+
+    def _overdue(self, worker: WorkerProcess) -> None:
+        if worker.returncode is None and worker.key in self.retired:
+            log.warning("%r still draining after the graceful timeout (%g s); killing it",
+                        worker, self.config.graceful_timeout_s)
+            if worker.state is not WorkerState.STOPPING:
+                worker.to(WorkerState.STOPPING)
+            worker.kill(signal.SIGKILL)
 
     # WorkerEvents: from each worker's channel and pidfd
 
@@ -236,7 +265,10 @@ class Supervisor:
                 self._check_limits_of(worker)
             case UserMessage(payload):
                 for handler in list(self.message_handlers):
-                    handler(worker.slot, payload)
+                    try:
+                        handler(worker.slot, payload)
+                    except Exception:
+                        log.exception("message handler %r failed on a message from %r", handler, worker)
             case Hello(worker_id, pid):
                 if worker_id != worker.slot or pid != worker.pid:
                     self.kill(worker, f"hello from worker {worker_id} pid {pid}, wrong one")
@@ -259,6 +291,7 @@ class Supervisor:
         if worker.state is not WorkerState.STARTING:
             return  # already told to drain or stop
         worker.ready = True
+        worker.last_heard = time.monotonic()  # the ping timeout counts from here
         worker.to(WorkerState.READY)
         self.ever_ready = True
         if not self._attach(worker):
@@ -283,7 +316,7 @@ class Supervisor:
             return True
         try:
             socks = self.policy.sockets_for_worker(self.listeners, self.config.backlog)
-        except BindError as exc:
+        except (BindError, OSError) as exc:
             self.kill(worker, f"no listening socket for it: {exc}")
             return False
         for sock in socks:
@@ -301,21 +334,24 @@ class Supervisor:
             self.kill(worker, reason)
 
     def on_exit(self, worker: WorkerProcess) -> None:
-        worker.channel.drain_now()
-        returncode = worker.reap()
-        requeued = self.scheduler.forget(worker)
-        if not self.policy.master_accepts:
-            self.policy.detach(worker.key)
-        worker.channel.close()
+        try:
+            worker.channel.read_acks_of_dead_peer()
+        finally:
+            # Whatever happened above, the process is reaped, its connections
+            # go back to the queue and its fds are closed.
+            returncode = worker.reap()
+            requeued = self.scheduler.forget(worker)
+            if not self.policy.master_accepts:
+                self.policy.detach(worker.key)
+            worker.channel.close()
         expected = worker.state in (WorkerState.DRAINING, WorkerState.STOPPING) or self.stopping
         worker.to(WorkerState.EXITED)
         detail = f"; {requeued} un-acked connection(s) re-dispatched" if requeued else ""
         level = logging.INFO if expected and returncode in _STOP_CODES else logging.WARNING
         log.log(level, "%r %s after %.1f s%s", worker, worker.exit_reason, worker.uptime_s, detail)
         self.changed.set()
+        self._totals.setdefault(worker.slot, Totals()).add(**worker.counts())
         slot = self.slots.get(worker.slot)
-        if slot is not None:
-            slot.totals.add(**worker.counts())
         if self.retired.pop(worker.key, None) is not None or slot is None:
             return
         if slot.successor is worker:
@@ -335,8 +371,8 @@ class Supervisor:
         slot.last_exit = worker.exit_reason
         if self.stopping:
             return
-        if returncode in _FATAL_EXITS and not self.serving():
-            code = ExitCode(returncode)
+        if (returncode in _FATAL_EXITS or worker.boot_timed_out) and not self.serving():
+            code = ExitCode(returncode) if returncode in _FATAL_EXITS else ExitCode.WORKER_BOOT_FAILED
             if worker.error and code is ExitCode.APP_LOAD_FAILED:
                 log.error("cannot load app: %s", worker.error)
             else:
@@ -467,7 +503,7 @@ class Supervisor:
         for _ in range(workers - len(ids)):
             while new_id in self.slots:
                 new_id += 1
-            slot = self.slots[new_id] = Slot(new_id)
+            slot = self.slots[new_id] = self._new_slot(new_id)
             self._spawn(slot)
             added += 1
         for slot_id in reversed(ids[workers:]):
@@ -485,10 +521,12 @@ class Supervisor:
             slot.restart_timer = None
         if slot.successor is not None:
             self._retire_process(slot.successor)
-            if slot.outcome is not None and not slot.outcome.done():
-                slot.outcome.set_result(f"worker {slot.id} was removed")
+        if slot.outcome is not None and not slot.outcome.done():
+            slot.outcome.set_result(None)  # nothing left to replace: not a failure
+        slot.successor = slot.outcome = None
         if slot.worker is not None:
             self._retire_process(slot.worker)
+            slot.worker = None
         log.info("worker %d removed (scaled down)", slot.id)
 
     def send(self, worker_id: int | None, message: UserMessage, max_backlog: int) -> int:

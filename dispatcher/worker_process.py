@@ -95,6 +95,7 @@ class WorkerProcess:
         self.pongs = 0
         self.reported: dict[str, Any] = {}
         self.unresponsive = False
+        self.boot_timed_out = False
         self.state = WorkerState.STARTING
         #: Connections after which it is recycled (0: never), drawn at spawn.
         self.max_requests = 0
@@ -174,7 +175,14 @@ def spawn(
         raise
     finally:
         worker_end.close()
-    pidfd = os.pidfd_open(proc.pid)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:
+        # Out of fds: without a pidfd the exit cannot be watched; undo the start.
+        proc.kill()
+        proc.wait()
+        master_end.close()
+        raise
     worker = WorkerProcess(slot, key, proc, pidfd, master_end, loop, events)
     loop.add_reader(pidfd, _exited, loop, worker, events)
     return worker

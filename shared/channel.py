@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterable
 
 from shared import protocol
@@ -44,6 +45,9 @@ _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
 # Plain ints: enum flag arithmetic is slow on the per-message path.
 _TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+# Received fds are close-on-exec at once: a handler's child process must not
+# inherit client connections or listening sockets.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 
 #: The reason given to ``on_closed`` when the peer went away (EOF, EPIPE, reset),
 #: as opposed to a protocol error.
@@ -128,7 +132,7 @@ class Channel:
         costs no extra EAGAIN read.
         """
         try:
-            n, ancdata, flags, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE)
+            n, ancdata, flags, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
         except (ConnectionResetError, BrokenPipeError):
@@ -151,6 +155,12 @@ class Channel:
                     return not self.closed
         else:
             if flags & _TRUNCATED:
+                conn_id = protocol.decode_handoff(buf, n) if not flags & socket.MSG_TRUNC else None
+                if conn_id is not None and self._on_handoff is not None:
+                    # The kernel could not install the fd (we are at our fd
+                    # limit): a well-formed hand-off without its connection.
+                    self._on_handoff(conn_id, -1)
+                    return not self.closed
                 self._fail("truncated message")
                 return False
             if n == 0:
@@ -187,7 +197,7 @@ class Channel:
         """
         self._sock.sendmsg(
             (protocol.encode_handoff(conn_id),),
-            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, "little", signed=True)),),
+            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder, signed=True)),),
         )
 
     def send(self, message: Message, fd: int | None = None) -> None:
@@ -213,19 +223,6 @@ class Channel:
             if fd is not None:
                 close_fds((fd,))
             return
-        if fd is None and not self._writing:
-            # Nothing queued: try at once (acks, pongs), no outbox round trip.
-            try:
-                self._sock.send(data)
-                return
-            except (BlockingIOError, InterruptedError):
-                pass
-            except (ConnectionResetError, BrokenPipeError):
-                self._fail(PEER_CLOSED)
-                return
-            except OSError as exc:
-                self._fail(f"write error: {exc}")
-                return
         self._outbox.append((data, fd))
         if not self._writing:
             self._flush()
@@ -257,9 +254,10 @@ class Channel:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fileno)
-        callbacks, self._when_writable = self._when_writable, []
-        for callback in callbacks:
-            callback()
+        if self._when_writable:
+            callbacks, self._when_writable = self._when_writable, []
+            for callback in callbacks:
+                callback()
 
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything queued is sent and the socket takes more.
@@ -298,14 +296,50 @@ class Channel:
         self._outbox.clear()
         self._when_writable.clear()
 
-    def drain_now(self) -> None:
-        """Read whatever the peer already sent, synchronously, then stop reading.
+    def read_acks_of_dead_peer(self) -> None:
+        """Read, synchronously and to the end, what a dead peer sent: acks only.
 
-        Used when the peer is known to be dead: acks it sent before dying
-        still count.
+        Acks it sent before dying still count, even after the channel failed
+        (a bad frame, then acks); anything else from a dead peer (ready,
+        pong) must not change what the owner believes, and its fds are closed.
         """
-        while self._on_readable():
+        if self._on_ack is None:
+            return
+        while True:
+            try:
+                n, ancdata, _, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE, _RECV_FLAGS)
+            except OSError:
+                return
+            if ancdata:
+                close_fds(fds_from_ancillary(ancdata)[0])
+            elif n == 0:
+                return
+            ack = protocol.decode_ack(self._buf, n)
+            if ack is not None:
+                self._on_ack(*ack)
+
+    def flush_before_exit(self, timeout_s: float) -> None:
+        """Send what is still queued, blocking up to ``timeout_s`` (the process is ending)."""
+        if self.closed or not self._outbox:
+            return
+        if self._writing:
+            self._loop.remove_writer(self._fileno)
+            self._writing = False
+        self._sock.settimeout(timeout_s)
+        try:
+            while self._outbox:
+                data, fd = self._outbox.popleft()
+                if fd is None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendmsg(
+                        (data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,))),)
+                    )
+                    close_fds((fd,))
+        except OSError:
             pass
+        finally:
+            self._sock.setblocking(False)
 
     def close(self) -> None:
         """Stop reading and writing and close the socket; ``on_closed`` is not called."""

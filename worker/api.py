@@ -40,6 +40,8 @@ class Worker:
         self._message_handlers: list[MessageHandler] = []
         self._draining = asyncio.Event()
         self._drain_future: asyncio.Task[bool] | None = None
+        #: Set by the runtime: called when a custom server starts iterating.
+        self._on_serving: Callable[[], None] | None = None
 
     @property
     def draining(self) -> bool:
@@ -78,6 +80,8 @@ class Worker:
         Each socket is non-blocking and already acknowledged to the master; the
         caller owns it and must close it.
         """
+        if self._on_serving is not None:
+            self._on_serving()
         while True:
             item = await self._incoming.get()
             if item is None:

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("channel fd %d is unusable: %s", args.channel_fd, exc)
         return ExitCode.WORKER_BOOT_FAILED
+    # pass_fds made it inheritable; a handler's child processes must not hold it.
+    chan.set_inheritable(False)
     if chan.type != socket.SOCK_SEQPACKET:
         log.error("channel fd %d is not a SOCK_SEQPACKET socket", args.channel_fd)
         return ExitCode.WORKER_BOOT_FAILED

@@ -53,6 +53,8 @@ from worker.app import App, HandlerKind
 log = logging.getLogger("worker")
 
 _STREAM_LIMIT = 64 * 1024
+# How long an exiting worker may block sending what it still has queued.
+_FLUSH_AT_EXIT_S = 1.0
 # How often the event-loop lag is measured.
 _LAG_PROBE_S = 0.5
 
@@ -84,6 +86,7 @@ class Runtime:
         self._server_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self.draining = False
+        self.ready = False
         self.started = time.monotonic()
         self.handed = self.acked = self.refused = self.handled = self.accepted = 0
         self.loop_lag_s = 0.0
@@ -114,11 +117,21 @@ class Runtime:
         self._app = app
         if app.kind is HandlerKind.BLOCKING:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="handler")
-        elif app.kind is HandlerKind.SERVER:
+        self._loop.add_signal_handler(signal.SIGTERM, self.drain)
+        if app.kind is HandlerKind.SERVER:
+            # A custom server is ready when it starts iterating connections:
+            # its set-up before that may still fail, and must count as a
+            # failed boot, not as a worker that crashed while serving.
+            self.api._on_serving = self._ready
             self._server_task = self._loop.create_task(app.handler(self.api))
             self._server_task.add_done_callback(self._on_server_done)
-        self._loop.add_signal_handler(signal.SIGTERM, self.drain)
-        self.channel.send(Ready())
+        else:
+            self._ready()
+
+    def _ready(self) -> None:
+        if not self.ready:
+            self.ready = True
+            self.channel.send(Ready())
 
     def fail_boot(self, code: ExitCode, message: str) -> None:
         """Tell the master why we cannot serve; the caller exits with ``code``."""
@@ -157,6 +170,9 @@ class Runtime:
             self._pool.shutdown(wait=False, cancel_futures=True)
         for listener in self._listeners:
             listener.close()
+        # An ack still queued must reach the master, or it would hand the
+        # connection to someone else after this worker began reading it.
+        self.channel.flush_before_exit(_FLUSH_AT_EXIT_S)
         self.channel.close()
 
     # Channel
@@ -191,9 +207,16 @@ class Runtime:
 
     def _on_handoff(self, conn_id: int, fd: int) -> None:
         self.handed += 1
+        if fd < 0:
+            # The kernel dropped the fd: we are out of descriptors. Refuse (the
+            # master gives the connection to another worker) and make way for
+            # a fresh process.
+            log.error("out of file descriptors: refusing hand-offs and draining")
+            self.drain()
         if self.draining or self._app is None:
             self.refused += 1
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self.channel.send_bytes(protocol.encode_ack(conn_id, False))
             return
         self.acked += 1
@@ -266,6 +289,15 @@ class Runtime:
                 await writer.wait_closed()
 
     def _on_server_done(self, task: asyncio.Task[Any]) -> None:
+        if not self.ready:
+            failure = task.exception() if not task.cancelled() else None
+            why = f"raised {type(failure).__name__}: {failure}" if failure else "returned"
+            message = f"server {self._app.spec if self._app else '?'} {why} before serving"
+            log.debug("%s", message, exc_info=failure)
+            self.fail_boot(ExitCode.WORKER_BOOT_FAILED, message)
+            if not self._done.done():
+                self._done.set_result(ExitCode.WORKER_BOOT_FAILED)
+            return
         if not task.cancelled() and task.exception() is not None:
             log.error("server %s raised", self._app.spec if self._app else "?",
                       exc_info=task.exception())

@@ -93,3 +93,11 @@ async def hog(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
         _hoard.append(b"\x01" * (int(line[1]) * 2**20))  # touched, so resident
     writer.write(_me())
     await writer.drain()
+
+
+async def inherit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer whether this connection's fd would leak into a child process."""
+    await reader.readline()
+    sock = writer.get_extra_info("socket")
+    writer.write(f"{worker.current().id} {os.getpid()} {os.get_inheritable(sock.fileno())}\n".encode())
+    await writer.drain()
