@@ -119,6 +119,7 @@ class Acceptor:
         accept: _Accept = listener.sock._accept  # type: ignore[attr-defined]
         scheduler = self._scheduler
         submit = scheduler.submit
+        now = time.monotonic()  # one clock read per batch, not per connection
         count = 0
         while limit is None or count < limit:
             if scheduler.full:
@@ -136,7 +137,7 @@ class Acceptor:
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
                 continue
             count += 1
-            submit(fd)
+            submit(fd, now)
         self.accepted += count
         if count and self._overloaded:
             self._overloaded = False

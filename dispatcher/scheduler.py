@@ -32,7 +32,6 @@ import collections
 import functools
 import logging
 import os
-import time
 from collections.abc import Callable
 
 from dispatcher.policies import Policy
@@ -100,15 +99,15 @@ class Scheduler:
     def attached(self) -> int:
         return self._policy.workers
 
-    def submit(self, fd: int) -> None:
-        """Take ownership of accepted connection ``fd`` and hand it off or queue it."""
+    def submit(self, fd: int, accepted_at: float) -> None:
+        """Take ownership of connection ``fd`` (accepted at ``accepted_at``) and hand it off or queue it."""
         if not self._pending:
             key = self._policy.choose()
             if key is not None:
-                if not self._send(key, fd):
+                if not self._send(key, fd, accepted_at):
                     self.pump()  # it went back in line: another worker may take it
                 return
-        self._pending.append((fd, time.monotonic()))
+        self._pending.append((fd, accepted_at))
 
     def pump(self) -> None:
         """Hand queued connections to free workers, oldest first."""
@@ -118,12 +117,12 @@ class Scheduler:
             key = choose()
             if key is None:
                 break
-            fd, _ = pending.popleft()
-            self._send(key, fd)
+            fd, accepted_at = pending.popleft()
+            self._send(key, fd, accepted_at)
         if self.on_room is not None and len(pending) <= self._resume_mark:
             self.on_room()
 
-    def _send(self, key: int, fd: int) -> bool:
+    def _send(self, key: int, fd: int, accepted_at: float) -> bool:
         """Hand ``fd`` to worker ``key``; False if it went back to the queue instead."""
         worker = self._workers[key]
         try:
@@ -134,20 +133,20 @@ class Scheduler:
             # stays taken until the channel drains, so this worker is not
             # chosen again and again meanwhile. Health pings catch a worker
             # that never reads again.
-            self._pending.appendleft((fd, time.monotonic()))
+            self._pending.appendleft((fd, accepted_at))
             worker.blocked_slots += 1
             if worker.blocked_slots == 1:
                 worker.channel.when_writable(functools.partial(self._unblocked, worker))
             return False
         except OSError as exc:
             # Not sent: the connection is still only ours, first in line again.
-            self._pending.appendleft((fd, time.monotonic()))
+            self._pending.appendleft((fd, accepted_at))
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 self._on_fault(worker, f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
             return False
-        worker.inflight[fd] = None
+        worker.inflight[fd] = accepted_at
         worker.handed_off += 1
         self.inflight += 1
         self.handed_off += 1
@@ -183,8 +182,8 @@ class Scheduler:
         self.stop_sending(worker)
         count = len(worker.inflight)
         if count:
-            now = time.monotonic()
-            self._pending.extendleft((fd, now) for fd in reversed(worker.inflight))
+            # First in line again, with their accept times: they are the oldest.
+            self._pending.extendleft(reversed(worker.inflight.items()))
             worker.inflight.clear()
             self.inflight -= count
             self.redispatched += count
@@ -195,7 +194,7 @@ class Scheduler:
     def on_ack(self, worker: WorkerProcess, conn_id: int, accepted: bool) -> None:
         """Handle ``worker``'s answer to hand-off ``conn_id``."""
         try:
-            del worker.inflight[conn_id]
+            accepted_at = worker.inflight.pop(conn_id)
         except KeyError:
             self.stop_sending(worker)
             self._on_fault(worker, f"ack for connection {conn_id} it was not given")
@@ -216,8 +215,8 @@ class Scheduler:
             self._on_refused(worker)
             key = self._policy.choose(exclude=worker.key)
             if key is None:
-                self._pending.appendleft((conn_id, time.monotonic()))
-            elif self._send(key, conn_id):
+                self._pending.appendleft((conn_id, accepted_at))
+            elif self._send(key, conn_id, accepted_at):
                 self.redispatched += 1
         if self._pending:
             self.pump()
@@ -227,15 +226,25 @@ class Scheduler:
     # Ending
 
     def expire(self, now: float) -> int:
-        """Close queued connections older than the pending timeout; return how many."""
-        pending = self._pending
+        """Close queued connections accepted longer than the pending timeout ago; return how many.
+
+        The whole queue is scanned (at most ``max_pending``, once a second):
+        re-queued connections keep their accept time, so it is not sorted.
+        """
         limit = now - self.pending_timeout_s
+        if not any(accepted_at <= limit for _, accepted_at in self._pending):
+            return 0
+        keep: collections.deque[tuple[int, float]] = collections.deque()
         count = 0
-        while pending and pending[0][1] <= limit:
-            os.close(pending.popleft()[0])
-            count += 1
+        for fd, accepted_at in self._pending:
+            if accepted_at <= limit:
+                os.close(fd)
+                count += 1
+            else:
+                keep.append((fd, accepted_at))
+        self._pending = keep
         self.expired += count
-        if count and self.on_room is not None:
+        if self.on_room is not None:
             self.on_room()
         return count
 

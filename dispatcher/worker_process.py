@@ -52,7 +52,8 @@ class WorkerProcess:
     Attributes:
         slot: the worker's number as users see it (``worker 3``).
         key: unique per process, how policies tell processes apart.
-        inflight: conn ids (the master's fds) handed off and not yet acked.
+        inflight: conn ids (the master's fds) handed off and not yet acked, with
+            the time each was accepted.
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class WorkerProcess:
             functools.partial(events.on_ack, self),
         )
         self.started = time.monotonic()
-        self.inflight: dict[int, None] = {}
+        self.inflight: dict[int, float] = {}
         self.ready = False
         self.error: str | None = None
         self.returncode: int | None = None
