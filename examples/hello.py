@@ -23,6 +23,7 @@ _READ_BYTES = 65536
 async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     conn = h11.Connection(h11.SERVER)
     me = worker.current()
+    served = 0
     while True:
         try:
             event = conn.next_event()
@@ -35,8 +36,10 @@ async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 await writer.drain()
             return
         if event is h11.NEED_DATA:
-            if conn.their_state is h11.IDLE:
-                # Between requests: a draining worker closes idle connections.
+            if conn.their_state is h11.IDLE and served:
+                # Between requests on a kept-alive connection: a draining
+                # worker closes it (the client opens another). A new
+                # connection's first request is always answered.
                 data = await me.read_unless_draining(reader, _READ_BYTES)
                 if data is None:
                     return
@@ -55,6 +58,7 @@ async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             writer.write(conn.send(h11.Data(data=_BODY)))
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
+            served += 1
         elif isinstance(event, h11.ConnectionClosed):
             return
         if conn.our_state is h11.MUST_CLOSE:

@@ -224,3 +224,26 @@ def test_json_log_lines_name_master_or_worker(server_factory: type[Server]) -> N
     drained = [e for e in entries if e["role"] == "worker" and "draining" in e["message"]]
     assert sorted(e["worker"] for e in drained) == [0, 1]
     assert len({e["pid"] for e in drained}) == 2
+
+
+def test_example_answers_a_new_connections_first_request_while_draining(
+    server_factory: type[Server],
+) -> None:
+    server = server_factory("--app", "examples.hello:handler", workers=1).start(ready=1)
+    (pid,) = server.worker_pids()
+    fresh = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    kept.request("GET", "/")
+    assert kept.getresponse().read()
+    wait_for(lambda: sum(c.status == "ESTABLISHED" for c in psutil.Process(pid).net_connections("tcp"))
+             == 2, 5, "both connections handed to the worker")
+    os.kill(pid, signal.SIGTERM)
+    server.wait_line(r"\[worker 0\] INFO draining")
+    fresh.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_all(fresh)
+    assert answer.startswith("HTTP/1.1 200") and "connection: close" in answer.lower()
+    # The idle kept-alive connection was closed by the draining worker, without an answer.
+    kept.sock.settimeout(10)
+    assert kept.sock.recv(100) == b""
+    fresh.close()
+    kept.close()

@@ -41,12 +41,22 @@ def test_refused_connection_goes_to_a_different_worker() -> None:
     assert rr.choose() == 1
 
 
-def test_exclusion_keeps_fifo_order_of_the_skipped() -> None:
+def test_exclusion_keeps_the_excluded_worker_first_in_line() -> None:
     rr = RoundRobin(window=2)
     rr.attach(1)
-    rr.attach(2)  # free: 1 1 2 2
+    rr.attach(2)
     assert rr.choose(exclude=1) == 2
-    assert [rr.choose(), rr.choose(), rr.choose()] == [1, 1, 2]
+    assert [rr.choose(), rr.choose(), rr.choose(), rr.choose()] == [1, 2, 1, None]
+
+
+def test_a_burst_is_dealt_in_turn_whatever_the_window() -> None:
+    rr = RoundRobin(window=3)
+    for key in (1, 2, 3):
+        rr.attach(key)
+    assert [rr.choose() for _ in range(10)] == [1, 2, 3] * 3 + [None]
+    rr.ack(2, True)
+    rr.ack(1, True)
+    assert [rr.choose(), rr.choose(), rr.choose()] == [2, 1, None]
 
 
 def test_detach_says_when_the_last_worker_is_gone() -> None:

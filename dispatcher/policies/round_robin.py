@@ -3,13 +3,20 @@
 Each worker has ``window`` slots (Node: 1). A hand-off takes a slot and the
 worker's ack gives it back, so a worker never holds more than ``window``
 un-acked hand-offs and a worker whose event loop is stuck stops receiving
-connections. Free slots wait in one FIFO, so workers are served in the order
-they became free.
+connections.
+
+Workers with a free slot wait in one FIFO, each at most once: the one
+chosen goes to the back of the line if it still has a free slot, and a
+worker whose ack frees its first slot joins at the back. With a window of
+1 that is exactly Node's queue of free workers; with a larger window a
+burst is dealt out one connection per worker in turn, not ``window`` to
+the first worker.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import ClassVar
 
 from dispatcher.policies.base import Policy
@@ -30,30 +37,30 @@ class RoundRobin(Policy):
         if key in self._credit:
             raise ValueError(f"worker {key} is already attached")
         self._credit[key] = self.window
-        self._free.extend([key] * self.window)
+        self._free.append(key)
 
     def detach(self, key: int) -> bool:
         if self._credit.pop(key, None) is not None:
-            self._free = collections.deque(k for k in self._free if k != key)
+            with contextlib.suppress(ValueError):  # not in line: it had no free slot
+                self._free.remove(key)
         return not self._credit
 
     def choose(self, exclude: int | None = None) -> int | None:
         free = self._free
         if not free:
             return None
-        key = free.popleft()
+        key = free[0]
         if key == exclude:
-            skipped = 1
-            while free and free[0] == exclude:
-                free.popleft()
-                skipped += 1
-            if not free:
-                free.extend([key] * skipped)
+            if len(free) == 1:
                 return None
-            other = free.popleft()
-            free.extendleft([key] * skipped)
-            key = other
-        self._credit[key] -= 1
+            key = free[1]
+            del free[1]
+        else:
+            free.popleft()
+        credit = self._credit[key] - 1
+        self._credit[key] = credit
+        if credit:
+            free.append(key)
         return key
 
     def ack(self, key: int, accepted: bool) -> None:
@@ -63,7 +70,8 @@ class RoundRobin(Policy):
         if credit >= self.window:
             raise ValueError(f"worker {key} acked more hand-offs than it was given")
         self._credit[key] = credit + 1
-        self._free.append(key)
+        if credit == 0:
+            self._free.append(key)
 
     @property
     def workers(self) -> int:
