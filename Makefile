@@ -43,9 +43,13 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+# The benchmark lab (bench/lab.py: policies x workloads, rolling reload; report and plots in
+# bench/results/), then the micro-benchmarks, saved under .benchmarks/ to compare across commits
+# (add --benchmark-compare). make bench LAB_ARGS=--quick for a short run.
+LAB_ARGS ?=
 bench: setup system-packages
-	$(PY) bench/wrk_bench.py
-	$(PY) -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only
+	$(PY) -m bench.lab $(LAB_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only --benchmark-autosave
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .benchmarks

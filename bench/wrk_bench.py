@@ -170,10 +170,10 @@ def parse_wrk(output: str) -> WrkResult:
 # The server
 
 
-def server_command(workers: int, policy: str, extra: Sequence[str] = ()) -> list[str]:
+def server_command(workers: int, policy: str, extra: Sequence[str] = (), app: str = APP) -> list[str]:
     """The server's command line (``python`` is this interpreter when run)."""
     return [
-        "python", "-m", "dispatcher", "--app", APP, "--workers", str(workers),
+        "python", "-m", "dispatcher", "--app", app, "--workers", str(workers),
         "--bind", f"{HOST}:0", "--policy", policy, *extra,
     ]
 
@@ -181,10 +181,10 @@ def server_command(workers: int, policy: str, extra: Sequence[str] = ()) -> list
 class Server:
     """A ``python -m dispatcher`` whose stderr is read by a thread, line by line."""
 
-    def __init__(self, policy: str, workers: int, extra: Sequence[str] = ()) -> None:
+    def __init__(self, policy: str, workers: int, extra: Sequence[str] = (), app: str = APP) -> None:
         self.policy = policy
         self.workers = workers
-        self.command = [sys.executable, *server_command(workers, policy, extra)[1:]]
+        self.command = [sys.executable, *server_command(workers, policy, extra, app)[1:]]
         self.lines: list[str] = []
         self.port = 0
         #: The metrics port from the ``metrics at`` line, once started; 0 if none was logged.

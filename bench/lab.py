@@ -1,0 +1,448 @@
+"""The benchmark lab: every policy under every workload, each on a fresh dispatcher.
+
+    .venv/bin/python -m bench.lab                  # the full run of `make bench` (about 6 minutes)
+    .venv/bin/python -m bench.lab --quick          # 2 s runs, 1 repeat: about a minute
+    .venv/bin/python -m bench.lab --workloads W1,W4 --policies round-robin,shared --repeats 5
+    .venv/bin/python -m bench.lab --control-plane  # the control plane's cost (bench/wrk_bench.py)
+
+The matrix is the policies (round-robin, shared, reuseport) times the
+workloads:
+
+- W1: a new connection per request (``wrk -H 'Connection: close'``), the
+  trivial handler (``examples.hello:handler``), 2 workers;
+- W2: keep-alive (wrk without the header), the trivial handler, 2 workers;
+- W3: 2 ms of CPU per request (``bench.apps:cpu``), a new connection per
+  request, 16 clients, 2 workers;
+- W4: a burst: 400 connections opened at once (``bench.burst``) to a handler
+  that waits 1 s (``bench.apps:slow``), one request each, 8 workers.
+
+Every cell runs on a fresh ``python -m dispatcher`` bound to 127.0.0.1
+port 0, in alternating order (for each repeat, for each workload: each
+policy in turn), ``--repeats`` times (default 3); tables give the median and
+min-max. Figures per cell: requests/s and p50/p99 latency (wrk
+``--latency``; for W4 the burst client's), each worker's share of the
+connections from the dispatcher's own ``handled`` counters (control socket
+``status`` before and after), Jain's fairness index over those counts
+((sum x)^2 / (n sum x^2): 1 is even, 1/n is one worker taking all), the
+busiest worker's share, the master's CPU time per connection (its
+user + system time during the load, all threads, from /proc, divided by the
+connections handled), the RSS of the master and workers (from ``status``)
+and errors (wrk socket errors and non-2xx; W4: failed connections).
+
+Then the rolling reload: for each policy, 4 workers of the trivial handler
+(``examples.hello:handler``, and ``bench.apps:hello`` for comparison) under 4
+client threads, each a new connection per request; ``reload`` through the
+control socket; the report gives how long it took, the requests served
+during it and the ones that failed (the goal is none).
+
+Output: the table is printed; the report (table, headline figures, W4 per
+worker, reload, machine, exact commands, every run) is written to
+``bench/results/lab-<UTC timestamp>.md`` with PNG plots beside it
+(``-throughput``, ``-latency``, ``-w4-balance``), the figures as ``.json``,
+and wrk's output and the server logs as ``.raw`` (not committed). Unless
+``--quick`` or ``--no-latest``, copies go to fixed names for the README:
+``bench/results/latest.md``, ``throughput.png``, ``latency.png``,
+``w4-balance.png``.
+
+Only 127.0.0.1 is ever targeted. Every wait has a time limit, and every
+process started is stopped by PID when its cell ends, on errors and on
+Ctrl-C (or TERM) too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import plots, report, wrk_bench
+from bench.harness import CtlError
+from bench.matrix import Cell, Settings, Workload, load_description, run_cell, workloads
+from bench.rolling import LOAD_AFTER_S, LOAD_BEFORE_S, RELOAD_TIMEOUT_S, ReloadRun, run_reload
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("round-robin", "shared", "reuseport")
+WORKLOADS = ("W1", "W2", "W3", "W4")
+#: The apps of the rolling-reload run: the trivial handler the matrix uses, and the lab's own.
+RELOAD_APPS = ("examples.hello:handler", "bench.apps:hello")
+#: What a cell costs beyond its load, for the time estimate: start, settle the counters, stop.
+CELL_OVERHEAD_S = 2.5
+BURST_CELL_S = 4.5
+RELOAD_RUN_S = 4.0
+MICRO_COMMAND = (
+    ".venv/bin/python -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' "
+    "--benchmark-only --benchmark-autosave"
+)
+#: A 1-minute load average above this per core before the start earns a warning.
+BUSY_LOAD_PER_CORE = 0.5
+#: What a cell may raise and still let the lab go on to the next one.
+CELL_ERRORS = (OSError, RuntimeError, ValueError, CtlError, subprocess.SubprocessError)
+
+
+def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if not items or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{what}: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(allowed)}"
+        )
+    return items
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="2 s runs, 1 repeat, fixed-name copies left alone (unless given otherwise)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick 2)")
+    parser.add_argument("--repeats", type=int, help="runs per cell and per reload (default 3; --quick 1)")
+    parser.add_argument("--policies", type=lambda t: _csv(t, POLICIES, "--policies"), default=list(POLICIES),
+                        help=f"comma-separated, in this order (default {','.join(POLICIES)})")
+    parser.add_argument("--workloads", type=lambda t: _csv(t, WORKLOADS, "--workloads"),
+                        default=list(WORKLOADS), help=f"comma-separated (default {','.join(WORKLOADS)})")
+    parser.add_argument("--connections", type=int, default=16, help="wrk -c for W1-W3 (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk -t (default %(default)s)")
+    parser.add_argument("--burst-connections", type=int, default=400,
+                        help="W4: connections opened at once (default %(default)s)")
+    parser.add_argument("--burst-wait-ms", type=int, default=1000,
+                        help="W4: how long the handler waits (default %(default)s)")
+    parser.add_argument("--burst-workers", type=int, default=8, help="W4: workers (default %(default)s)")
+    parser.add_argument("--no-reload", dest="reload", action="store_false", help="skip the rolling reload")
+    parser.add_argument("--reload-policies", type=lambda t: _csv(t, POLICIES, "--reload-policies"),
+                        help="policies of the rolling reload (default: --policies)")
+    parser.add_argument("--reload-workers", type=int, default=4, help="default %(default)s")
+    parser.add_argument("--reload-clients", type=int, default=4, help="default %(default)s")
+    parser.add_argument("--latest", action=argparse.BooleanOptionalAction, default=None,
+                        help="copy the report and plots to the fixed names (default: yes, unless --quick)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="folder for the results (default bench/results)")
+    parser.add_argument("--control-plane", action="store_true",
+                        help="run bench/wrk_bench.py --control-plane (with --duration and --repeats) instead")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (2 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.latest = (not args.quick) if args.latest is None else args.latest
+    args.reload_policies = args.reload_policies or args.policies
+    for name in ("duration", "repeats", "connections", "threads", "burst_connections", "burst_workers",
+                 "reload_workers", "reload_clients"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads > args.connections:
+        parser.error("--threads must not exceed --connections (wrk needs a connection per thread)")
+    if args.burst_wait_ms < 0:
+        parser.error("--burst-wait-ms must not be negative")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _timestamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _python() -> str:
+    python = Path(sys.executable)
+    return str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else str(python)
+
+
+def _cell_line(cell: Cell, elapsed_s: float) -> str:
+    errors = f"{cell.errors} ({cell.error_detail})" if cell.error_detail else str(cell.errors)
+    return (
+        f"{cell.requests_per_s:.0f} req/s, p50 {cell.p50_ms:.2f} ms, p99 {cell.p99_ms:.2f} ms, "
+        f"Jain {cell.jain:.3f}, master {cell.master_us_per_conn:.1f} µs/conn, errors {errors}"
+        f"{'' if cell.settled else ', counters NOT settled'} ({elapsed_s:.1f} s)"
+    )
+
+
+@dataclasses.dataclass
+class Results:
+    cells: list[Cell] = dataclasses.field(default_factory=list)
+    reloads: list[ReloadRun] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    load_at_start: tuple[float, float, float] = dataclasses.field(default_factory=os.getloadavg)
+
+
+def _loadavg(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def run_all(args: argparse.Namespace, settings: Settings, chosen: list[Workload], control_dir: Path,
+            results: Results) -> None:
+    """Run the matrix, then the reloads, appending to ``results`` as they finish."""
+    steps = [(r, w, p) for r in range(args.repeats) for w in chosen for p in args.policies]
+    reloads = (
+        [(r, a, p) for r in range(args.repeats) for a in RELOAD_APPS for p in args.reload_policies]
+        if args.reload else []
+    )
+    estimate = sum(BURST_CELL_S if w.burst else args.duration + CELL_OVERHEAD_S for _, w, _ in steps)
+    estimate += RELOAD_RUN_S * len(reloads)
+    print(f"{len(steps)} cells and {len(reloads)} reload runs; about {estimate / 60:.1f} min", flush=True)
+    total = len(steps) + len(reloads)
+    for n, (repeat, workload, policy) in enumerate(steps, 1):
+        print(f"[{n}/{total}] {workload.key} {policy} (repeat {repeat + 1}) ...", end=" ", flush=True)
+        started = time.monotonic()
+        try:
+            cell = run_cell(settings, workload, policy, repeat, control_dir)
+        except CELL_ERRORS as exc:
+            print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
+            what = f"{workload.key} {policy} repeat {repeat + 1}"
+            results.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            continue
+        results.cells.append(cell)
+        print(_cell_line(cell, time.monotonic() - started), flush=True)
+    for n, (repeat, app, policy) in enumerate(reloads, len(steps) + 1):
+        print(f"[{n}/{total}] reload {app} {policy} (repeat {repeat + 1}) ...", end=" ", flush=True)
+        try:
+            run = run_reload(policy, args.reload_workers, args.reload_clients, control_dir, app=app)
+        except CELL_ERRORS as exc:
+            print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
+            what = f"reload {app} {policy} repeat {repeat + 1}"
+            results.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+            continue
+        results.reloads.append(run)
+        failures = ", ".join(f"{k} x{v}" for k, v in run.failures.items())
+        print(f"{run.reload_s:.2f} s, {run.served_during} served during it, {run.failed_during} failed "
+              f"({run.failed_total} in the whole run{': ' + failures if failures else ''}), "
+              f"{run.replaced}/{run.workers} replaced; {run.answer}", flush=True)
+
+
+def _about(args: argparse.Namespace, settings: Settings) -> str:
+    return (
+        f"{args.repeats} repeat(s); in each, for each workload, each policy in turn "
+        f"({', '.join(args.policies)}), a fresh dispatcher per run; wrk runs {args.duration} s "
+        f"(-t{settings.threads} -c{settings.connections}). Cells: median (min{report.DASH}max) over the "
+        "repeats. Per-worker share and Jain's index ((sum x)^2 / (n sum x^2)) are over the connections "
+        "each worker handled, from the dispatcher's `handled` counters (control socket `status` before "
+        "and after; on W2 that is the 16 keep-alive connections, not requests). master µs/conn = the "
+        "master's CPU time (user + system, /proc/PID/task/*/schedstat) during the load / connections "
+        "handled; with shared and reuseport the master accepts nothing, so its figure is pings and "
+        "stats, and on W2 those are spread over a few long connections (the master's total is in the "
+        "runs table). RSS from `status` after the load. errors = wrk socket errors + non-2xx (W4: failed "
+        "connections), summed over the runs."
+    )
+
+
+def _commands(args: argparse.Namespace, settings: Settings, chosen: Sequence[Workload]) -> list[str]:
+    python = _python()
+    lines = ["```", "# the lab itself", shlex.join([python, "-m", "bench.lab", *sys.argv[1:]]), ""]
+    control = ("--control", "DIR/N.sock")
+    for w in chosen:
+        server = wrk_bench.server_command(w.workers, "POLICY", control, app=w.app)
+        lines += [f"# {w.key}: {w.title}", shlex.join([python, *server[1:]])]
+        lines += [load_description(settings, w), ""]
+    if args.reload:
+        for app in RELOAD_APPS:
+            server = wrk_bench.server_command(args.reload_workers, "POLICY", control, app=app)
+            lines.append(f"# rolling reload ({app})")
+            lines.append(shlex.join([python, *server[1:]]))
+        lines += [
+            f"#   load: bench.rolling.Load(PORT, clients={args.reload_clients}): threads, each a new "
+            "connection per request (GET / with Connection: close, read to EOF, 200 expected)",
+            f"#   after {LOAD_BEFORE_S:g} s of load: dispatcher.ctl.request('DIR/N.sock', 'reload', "
+            f"timeout_s={RELOAD_TIMEOUT_S:g}), i.e. `{python} -m dispatcher ctl --control DIR/N.sock "
+            f"reload`; then {LOAD_AFTER_S:g} s more",
+            "",
+        ]
+    lines += ["# micro-benchmarks (make bench runs them after the lab)", MICRO_COMMAND, "```"]
+    return lines
+
+
+def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Workload], results: Results,
+                 stamp: str, elapsed_s: float) -> tuple[str, Path]:
+    """Write the report, plots, JSON and raw logs; return (the summary table, the report path)."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"lab-{stamp}"
+    cells = results.cells
+    ran = [w for w in chosen if any(c.workload == w.key for c in cells)]
+    subtitle = f"{report.cpu_model()}, {report._probe(['nproc'])} cores; {args.repeats} repeat(s)"
+    pngs: dict[str, Path] = {}
+    if ran:
+        pngs["throughput"] = Path(f"{base}-throughput.png")
+        plots.throughput(cells, ran, args.policies, pngs["throughput"], subtitle)
+        pngs["latency"] = Path(f"{base}-latency.png")
+        plots.latency(cells, ran, args.policies, pngs["latency"], subtitle)
+    w4 = next((w for w in ran if w.burst), None)
+    if w4 is not None:
+        pngs["w4-balance"] = Path(f"{base}-w4-balance.png")
+        plots.w4_balance(cells, w4, args.policies, pngs["w4-balance"], subtitle)
+
+    table = report.summary_table(cells, ran, args.policies)
+
+    def body(links: dict[str, str]) -> str:
+        lines = [
+            f"# Benchmark lab, {stamp}",
+            "",
+            _about(args, settings),
+            "",
+            table,
+            "",
+            *report.headline(cells, results.reloads),
+            "",
+        ]
+        lines += [f"![{name}]({link})" for name, link in links.items() if name != "w4-balance"]
+        if w4 is not None:
+            lines += [
+                "",
+                f"## {w4.key}: connections per worker",
+                "",
+                f"{w4.title}; {settings.burst_workers} workers; one request per connection; counts by worker "
+                "id (slot). The client counts from the answers (each names its worker); both should agree.",
+                "",
+                report.w4_table(cells, args.policies),
+                "",
+            ]
+            if "w4-balance" in links:
+                lines.append(f"![w4-balance]({links['w4-balance']})")
+        if results.reloads:
+            lines += [
+                "",
+                "## Rolling reload",
+                "",
+                f"{args.reload_workers} workers, {args.reload_clients} client threads (a new connection per "
+                f"request); `reload` is sent after {LOAD_BEFORE_S:g} s of load and the load goes on "
+                f"{LOAD_AFTER_S:g} s after the answer. \"during\" is between sending `reload` and its answer "
+                "(the master answers once every worker was replaced). Medians (min" + report.DASH
+                + "max) over the repeats; failures summed.",
+                "",
+                report.reload_table(results.reloads),
+            ]
+        if results.failures:
+            lines += ["", "## Runs that failed", "", *(f"- {f}" for f in results.failures)]
+        lines += [
+            "",
+            "## Machine",
+            "",
+            *report.machine(settings.wrk),
+            f"- lab wall time: {elapsed_s / 60:.1f} min; load average (1, 5, 15 min) at the start "
+            f"{_loadavg(results.load_at_start)}, at the end {_loadavg(os.getloadavg())} (other work "
+            "on the machine shows here)",
+            "",
+            "## Commands",
+            "",
+            "From the repository root. PORT is the one the server logs (`listening on 127.0.0.1:PORT`), "
+            "DIR a private temporary directory, POLICY each policy in turn.",
+            "",
+            *_commands(args, settings, chosen),
+            "",
+            "Micro-benchmarks compared with the previous saved run: `.venv/bin/python -m pytest -q -p "
+            "no:cacheprovider bench -m 'bench or not bench' --benchmark-only --benchmark-compare` "
+            "(saved runs are in `.benchmarks/`; `--benchmark-compare=0001` picks one, "
+            "`--benchmark-compare-fail=mean:10%` fails on a regression).",
+            "",
+            "## Runs",
+            "",
+            report.runs_table(cells),
+        ]
+        return "\n".join(lines) + "\n"
+
+    report_path = Path(f"{base}.md")
+    report_path.write_text(body({name: path.name for name, path in pngs.items()}))
+    Path(f"{base}.json").write_text(json.dumps(_json(args, results), indent=1) + "\n")
+    with Path(f"{base}.raw").open("w") as raw:
+        for n, c in enumerate(cells, 1):
+            raw.write(f"===== run {n}: {c.workload} {c.policy} repeat {c.repeat + 1}, port {c.port} =====\n")
+            raw.write(c.load_output)
+            raw.write("----- server log -----\n")
+            raw.write(c.server_log)
+        for r in results.reloads:
+            raw.write(f"===== reload {r.app} {r.policy}: {r.answer} =====\n")
+            raw.write(r.server_log)
+    if args.latest:
+        for name, path in pngs.items():
+            shutil.copyfile(path, out / f"{name}.png")
+        (out / "latest.md").write_text(body({name: f"{name}.png" for name in pngs}))
+    return table, report_path
+
+
+def _json(args: argparse.Namespace, results: Results) -> dict[str, Any]:
+    def strip(obj: Any) -> dict[str, Any]:
+        data = dataclasses.asdict(obj)
+        for key in ("server_log", "load_output"):
+            data.pop(key, None)
+        return data
+
+    return {
+        "argv": sys.argv,
+        "policies": args.policies,
+        "cells": [strip(c) for c in results.cells],
+        "reloads": [strip(r) for r in results.reloads],
+        "failures": results.failures,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.control_plane:
+        return wrk_bench.main(["--control-plane", "--duration", str(args.duration), "--repeats",
+                               str(args.repeats), "--out", str(args.out)])
+    if not sys.platform.startswith("linux"):
+        print("needs Linux (/proc, SCM_RIGHTS hand-off)", file=sys.stderr)
+        return 2
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk not found on PATH (apt-get install wrk)", file=sys.stderr)
+        return 2
+    settings = Settings(
+        wrk=wrk, duration_s=args.duration, connections=args.connections, threads=args.threads,
+        burst_connections=args.burst_connections, burst_wait_ms=args.burst_wait_ms,
+        burst_workers=args.burst_workers,
+    )
+    chosen = [w for key, w in workloads(settings).items() if key in args.workloads]
+    cores = os.cpu_count() or 1
+    if os.getloadavg()[0] > BUSY_LOAD_PER_CORE * cores:
+        print(f"warning: the machine is busy (load average {_loadavg(os.getloadavg())} on {cores} "
+              "cores): the figures will be noisy", file=sys.stderr)
+    stamp = _timestamp()
+    results = Results()
+    started = time.monotonic()
+    # TERM and HUP unwind like Ctrl-C, so the current cell's server is stopped too. INT is set
+    # explicitly as well: a shell starts background jobs with INT ignored.
+    previous = {
+        sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    control_dir = Path(tempfile.mkdtemp(prefix="dispatcher-lab-"))  # 0700
+    try:
+        run_all(args, settings, chosen, control_dir, results)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(control_dir, ignore_errors=True)
+    if not results.cells and not results.reloads:
+        print("every run failed; nothing written", file=sys.stderr)
+        return 1
+    table, path = write_report(args, settings, chosen, results, stamp, time.monotonic() - started)
+    print()
+    print(table)
+    print()
+    print("\n".join(report.headline(results.cells, results.reloads)))
+    print(f"\nwrote {_rel(path)} (and .json, .raw, plots)"
+          + (f"; latest copies in {_rel(args.out)}/" if args.latest else ""))
+    return 1 if results.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The lab's PNG plots (matplotlib, Agg backend: no display needed).
+
+- ``throughput``: requests/s, one panel per workload, a bar per policy
+  (median of the repeats, error bar from min to max).
+- ``latency``: p50 and p99 per policy, one panel per workload, likewise.
+- ``w4_balance``: W4's connections per worker, one group per policy, workers
+  ranked busiest first in each run (the busiest is a different worker id
+  from run to run), median and min-max over the runs per rank, with the
+  even share as a line.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: no display needed
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from bench.matrix import Cell, Workload
+
+COLORS = {"round-robin": "#1f77b4", "shared": "#ff7f0e", "reuseport": "#2ca02c"}
+DPI = 110
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, median - min, max - median) of the finite values; NaNs if none."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, 0.0, 0.0
+    mid = statistics.median(finite)
+    return mid, mid - min(finite), max(finite) - mid
+
+
+def _bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[Sequence[float]]]],
+          fmt: str) -> None:
+    """Grouped bars on ``ax``: for each (name, color, values per label), median bars with min-max."""
+    width = 0.8 / len(series)
+    for i, (name, color, per_label) in enumerate(series):
+        stats = [_stats(v) for v in per_label]
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
+        mids = [s[0] for s in stats]
+        ax.bar(xs, mids, width, color=color, label=name,
+               yerr=[[s[1] for s in stats], [s[2] for s in stats]], capsize=3, ecolor="#333333")
+        for x, (mid, _, up) in zip(xs, stats, strict=True):
+            if not math.isnan(mid):  # above the error bar, not across it
+                ax.annotate(format(mid, fmt), (x, mid + up), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _panels(workloads: Sequence[Workload]) -> tuple[Figure, list[Axes]]:
+    fig, axes = plt.subplots(1, len(workloads), figsize=(3.6 * len(workloads), 4.0), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _values(cells: Sequence[Cell], workload: str, policy: str, value: Callable[[Cell], float]) -> list[float]:
+    return [value(c) for c in cells if c.workload == workload and c.policy == policy]
+
+
+def throughput(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequence[str],
+               path: Path, subtitle: str) -> None:
+    fig, axes = _panels(workloads)
+    for ax, workload in zip(axes, workloads, strict=True):
+        per_policy = [_values(cells, workload.key, p, lambda c: c.requests_per_s) for p in policies]
+        _bars(ax, policies, [("req/s", "#888888", per_policy)], ".0f")
+        for patch, policy in zip(ax.patches, policies, strict=True):
+            patch.set_facecolor(COLORS.get(policy, "#888888"))
+        ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
+        ax.set_ylabel("requests/s" if ax is axes[0] else "")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Throughput per policy (median, min{chr(8211)}max)\n{subtitle}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def latency(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequence[str],
+            path: Path, subtitle: str) -> None:
+    fig, axes = _panels(workloads)
+    for ax, workload in zip(axes, workloads, strict=True):
+        series = [
+            ("p50", "#9ecae1", [_values(cells, workload.key, p, lambda c: c.p50_ms) for p in policies]),
+            ("p99", "#08519c", [_values(cells, workload.key, p, lambda c: c.p99_ms) for p in policies]),
+        ]
+        _bars(ax, policies, series, ".0f" if workload.burst else ".2f")
+        ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
+        ax.set_ylabel("latency, ms" if ax is axes[0] else "")
+        ax.tick_params(axis="x", labelsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper right")
+    fig.suptitle(f"Latency percentiles per policy (median, min{chr(8211)}max)\n{subtitle}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def w4_balance(cells: Sequence[Cell], workload: Workload, policies: Sequence[str], path: Path,
+               subtitle: str) -> None:
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    even: float | None = None
+    ticks: list[float] = []
+    for g, policy in enumerate(policies):
+        runs = [c for c in cells if c.workload == workload.key and c.policy == policy and c.handled]
+        if not runs:
+            continue
+        ranked = [sorted(c.handled.values(), reverse=True) for c in runs]
+        n = min(len(r) for r in ranked)
+        even = statistics.median(sum(r) for r in ranked) / n
+        stats = [_stats([float(r[i]) for r in ranked]) for i in range(n)]
+        left = g * (n + 2)
+        xs = [left + i for i in range(n)]
+        ax.bar(xs, [s[0] for s in stats], 0.8, color=COLORS.get(policy, "#888888"), label=policy,
+               yerr=[[s[1] for s in stats], [s[2] for s in stats]], capsize=2, ecolor="#333333")
+        ticks.append(left + (n - 1) / 2)
+    if even is not None:
+        ax.axhline(even, color="#444444", linestyle="--", linewidth=1, label=f"even share ({even:.0f})")
+    ax.set_xticks(ticks, [p for p in policies if any(c.workload == workload.key and c.policy == p
+                                                       for c in cells)])
+    ax.set_ylabel("connections served")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"{workload.key}: connections per worker, busiest first (median, min{chr(8211)}max over runs)\n"
+        f"{workload.title}; {subtitle}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
