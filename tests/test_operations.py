@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,18 +211,36 @@ def test_bind_fd_adopts_a_listening_socket(server_factory: type[Server]) -> None
     assert server.wait() == 0
 
 
+@pytest.fixture
+def public_app_dir() -> Iterator[Path]:
+    """A world-readable folder with an app in it: the checkout may sit in a 0700 folder."""
+    folder = Path(tempfile.mkdtemp(prefix="dispatcher-public-"))
+    folder.chmod(0o755)
+    (folder / "whoami.py").write_text(
+        "import os\n\n\n"
+        "async def handler(reader, writer):\n"
+        "    await reader.readline()\n"
+        "    writer.write(f'{os.getuid()} {os.getpid()}\\n'.encode())\n"
+        "    await writer.drain()\n"
+    )
+    (folder / "whoami.py").chmod(0o644)
+    yield folder
+    shutil.rmtree(folder)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-def test_workers_run_as_nobody(server_factory: type[Server], tmp_path: Path) -> None:
+def test_workers_run_as_nobody(server_factory: type[Server], public_app_dir: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    server = server_factory("--app", APP, "--user", "nobody", workers=2).start(ready=2)
+    server = server_factory("--app", "whoami:handler", "--user", "nobody", workers=2,
+                            env={"PYTHONPATH": str(public_app_dir)}).start(ready=2)
     for pid in server.worker_pids():
         process = psutil.Process(pid)
         assert process.uids().real == process.uids().effective == nobody.pw_uid
-        assert process.gids().real == nobody.pw_gid
-        assert process.gids().effective == nobody.pw_gid
+        assert process.gids().real == process.gids().effective == nobody.pw_gid
     assert psutil.Process(server.pid).uids().real == 0
-    answers = {ask(server.port).split()[1] for _ in range(4)}
-    assert answers == {str(p) for p in server.worker_pids()}
+    answers = [ask(server.port).split() for _ in range(4)]
+    assert {a[0] for a in answers} == {str(nobody.pw_uid)}
+    assert {a[1] for a in answers} == {str(p) for p in server.worker_pids()}
 
 
 def test_unknown_user_is_a_usage_error(server_factory: type[Server]) -> None:
