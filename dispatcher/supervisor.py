@@ -102,6 +102,7 @@ class Supervisor:
         self.message_handlers: list[Callable[[int, Any], None]] = []
         self._next_key = 0
         self._reload: asyncio.Task[str | None] | None = None
+        self._fatal = False
         # Acks go straight to the scheduler: the hot path skips a call.
         self.on_ack = scheduler.on_ack
 
@@ -371,7 +372,10 @@ class Supervisor:
         slot.last_exit = worker.exit_reason
         if self.stopping:
             return
+        if self._fatal:
+            return  # already stopping the master; one line said why
         if (returncode in _FATAL_EXITS or worker.boot_timed_out) and not self.serving():
+            self._fatal = True
             code = ExitCode(returncode) if returncode in _FATAL_EXITS else ExitCode.WORKER_BOOT_FAILED
             if worker.error and code is ExitCode.APP_LOAD_FAILED:
                 log.error("cannot load app: %s", worker.error)
