@@ -30,7 +30,7 @@ connections handled), the RSS of the master and workers (from ``status``)
 and errors (wrk socket errors and non-2xx; W4: failed connections).
 
 Then the rolling reload: for each policy, 4 workers of the trivial handler
-(``examples.hello:handler``, and ``bench.apps:hello`` for comparison) under 4
+(``examples.hello:handler``) under 4
 client threads, each a new connection per request; ``reload`` through the
 control socket; the report gives how long it took, the requests served
 during it and the ones that failed (the goal is none).
@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("round-robin", "shared", "reuseport")
 WORKLOADS = ("W1", "W2", "W3", "W4")
 #: The apps of the rolling-reload run: the trivial handler the matrix uses, and the lab's own.
-RELOAD_APPS = ("examples.hello:handler", "bench.apps:hello")
+RELOAD_APPS = ("examples.hello:handler",)
 #: What a cell costs beyond its load, for the time estimate: start, settle the counters, stop.
 CELL_OVERHEAD_S = 2.5
 BURST_CELL_S = 4.5

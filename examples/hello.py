@@ -4,13 +4,15 @@
 
 Keeps the connection open between requests unless the client asks to close
 (``Connection: close``, or HTTP/1.0) or the worker starts draining. HTTP is
-parsed by h11, not by hand.
+parsed by h11, not by hand. ``serve_http`` is the loop, for handlers that
+answer differently (the benchmark lab's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 
 import h11
 
@@ -19,8 +21,20 @@ import worker
 _BODY = f"hello from pid {os.getpid()}\n".encode()
 _READ_BYTES = 65536
 
+#: Given a request, return the body of the 200 answer.
+Answer = Callable[[h11.Request], Awaitable[bytes]]
+
+
+async def _hello(request: h11.Request) -> bytes:
+    return _BODY
+
 
 async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await serve_http(reader, writer, _hello)
+
+
+async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: Answer) -> None:
+    """Answer each request on the connection with ``answer``'s body, until either side closes."""
     conn = h11.Connection(h11.SERVER)
     me = worker.current()
     served = 0
@@ -47,15 +61,16 @@ async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 data = await reader.read(_READ_BYTES)
             conn.receive_data(data)
         elif isinstance(event, h11.Request):
+            body = await answer(event)
             headers = [
                 ("content-type", "text/plain"),
-                ("content-length", str(len(_BODY))),
+                ("content-length", str(len(body))),
                 ("x-worker-id", str(me.id)),
             ]
             if me.draining:
                 headers.append(("connection", "close"))
             writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-            writer.write(conn.send(h11.Data(data=_BODY)))
+            writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
             await writer.drain()
             served += 1
