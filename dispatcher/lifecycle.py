@@ -46,11 +46,6 @@ _ALLOWED: Final[dict[WorkerState, frozenset[WorkerState]]] = {
     WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.EXITED}),
 }
 
-#: States in which the slot has a live process.
-ALIVE: Final = frozenset(
-    {WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING, WorkerState.STOPPING}
-)
-
 
 class TransitionError(Exception):
     """A state change that the lifecycle does not allow (a bug in the master)."""

@@ -43,6 +43,7 @@ from dispatcher.supervisor import Supervisor
 from shared import eventloop
 from shared.exitcodes import ExitCode
 from shared.protocol import UserMessage
+from worker.process import prctl_available
 
 log = logging.getLogger("master")
 
@@ -52,14 +53,6 @@ _REAP_TIMEOUT_S = 5.0
 _FAST_STOP_GRACE_S = 1.0
 #: Messages queued for one worker beyond which more are dropped (it is not reading).
 _MAX_BACKLOG = 1000
-
-
-def prctl_available() -> bool:
-    try:
-        import prctl  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Master:

@@ -13,7 +13,6 @@ counts on top.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -86,9 +85,3 @@ class Rate:
         self._last_count = count
         self._last_at = now
 
-
-def master_sample(sampler: ProcessSampler) -> dict[str, Any]:
-    """The master's own process readings (same keys as a worker's)."""
-    with contextlib.suppress(psutil.Error):
-        return sampler.sample()
-    return {}

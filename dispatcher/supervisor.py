@@ -95,7 +95,6 @@ class Supervisor:
         self.slots: dict[int, Slot] = {n: self._new_slot(n) for n in range(config.workers)}
         self.retired: dict[int, WorkerProcess] = {}
         self.stopping = False
-        self.ever_ready = False
         #: Set whenever a process exits or the hand-off queue settles.
         self.changed: asyncio.Event = asyncio.Event()
         #: Called with (worker id, payload) for each message a worker sends.
@@ -294,7 +293,6 @@ class Supervisor:
         worker.ready = True
         worker.last_heard = time.monotonic()  # the ping timeout counts from here
         worker.to(WorkerState.READY)
-        self.ever_ready = True
         if not self._attach(worker):
             return
         slot = self.slots.get(worker.slot)
