@@ -8,9 +8,12 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dispatcher.ctl import request
 from tests.conftest import Server, ask, read_all, wait_for
 
 APP = "tests.apps.handlers:pid"
@@ -24,8 +27,16 @@ def test_forty_connections_to_four_workers_ten_each(server_factory: type[Server]
     assert set(served.values()) == {10}
 
 
-def test_unacked_handoff_of_killed_worker_is_redispatched(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=2).start(ready=2)
+def master_status(path: Path) -> dict[str, Any]:
+    status: dict[str, Any] = request(str(path), "status")
+    return status["master"]  # type: ignore[no-any-return]
+
+
+def test_unacked_handoff_of_killed_worker_is_redispatched(
+    server_factory: type[Server], tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sock"
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
     victim = int(ask(server.port).split()[1])  # the oldest free worker after this is the other one
     survivor = next(pid for pid in server.worker_pids() if pid != victim)
     # Round-robin: the next connection goes to the other worker, the one after to victim.
@@ -37,6 +48,9 @@ def test_unacked_handoff_of_killed_worker_is_redispatched(server_factory: type[S
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"hi\n")
             clients.append(sock)
+        # Kill it only once the master has handed it a connection it cannot ack.
+        wait_for(lambda: master_status(path)["in_flight"] == 1 and master_status(path)["accepted"] == 5,
+                 10, "a hand-off stuck at the stopped worker")
         os.kill(victim, signal.SIGKILL)
         answers = [read_all(sock).split()[1] for sock in clients]
     finally:
@@ -72,8 +86,9 @@ def _active(pid: int) -> bool:
         return False
 
 
-def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=1).start(ready=1)
+def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server], tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    server = server_factory("--app", APP, "--control", str(path), workers=1).start(ready=1)
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     clients = []
@@ -82,6 +97,8 @@ def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server])
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"hi\n")
             clients.append(sock)
+        wait_for(lambda: master_status(path)["in_flight"] == 1 and master_status(path)["pending"] == 1,
+                 10, "one hand-off un-acked, one connection queued")
         os.kill(only, signal.SIGKILL)
         server.wait_line(r"no worker is ready: 2 connection\(s\) wait")
         answers = [read_all(sock).split()[1] for sock in clients]
