@@ -230,7 +230,7 @@ def _about(args: argparse.Namespace, settings: Settings) -> str:
     return (
         f"{args.repeats} repeat(s); in each, for each workload, each policy in turn "
         f"({', '.join(args.policies)}), a fresh dispatcher per run; wrk runs {args.duration} s "
-        f"(-t{settings.threads} -c{settings.connections}). Cells: median (min{report.DASH}max) over the "
+        f"(-t{settings.threads} -c{settings.connections}). Cells: median (min{wrk_bench.DASH}max) over the "
         "repeats. Per-worker share and Jain's index ((sum x)^2 / (n sum x^2)) are over the connections "
         "each worker handled, from the dispatcher's `handled` counters (control socket `status` before "
         "and after; on W2 that is the 16 keep-alive connections, not requests). master µs/conn = the "
@@ -322,7 +322,7 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
                 f"{args.reload_workers} workers, {args.reload_clients} client threads (a new connection per "
                 f"request); `reload` is sent after {LOAD_BEFORE_S:g} s of load and the load goes on "
                 f"{LOAD_AFTER_S:g} s after the answer. \"during\" is between sending `reload` and its answer "
-                "(the master answers once every worker was replaced). Medians (min" + report.DASH
+                "(the master answers once every worker was replaced). Medians (min" + wrk_bench.DASH
                 + "max) over the repeats; failures summed.",
                 "",
                 report.reload_table(results.reloads),
@@ -396,12 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.control_plane:
         return wrk_bench.main(["--control-plane", "--duration", str(args.duration), "--repeats",
                                str(args.repeats), "--out", str(args.out)])
-    if not sys.platform.startswith("linux"):
-        print("needs Linux (/proc, SCM_RIGHTS hand-off)", file=sys.stderr)
-        return 2
-    wrk = shutil.which("wrk")
+    wrk = wrk_bench.find_wrk()
     if wrk is None:
-        print("wrk not found on PATH (apt-get install wrk)", file=sys.stderr)
         return 2
     settings = Settings(
         wrk=wrk, duration_s=args.duration, connections=args.connections, threads=args.threads,

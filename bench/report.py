@@ -13,39 +13,16 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.matrix import Cell, Workload
 from bench.rolling import ReloadRun
+from bench.wrk_bench import median, spread
 
 #: Bound on the small commands that describe the machine.
 PROBE_TIMEOUT_S = 10.0
 MIB = 1024 * 1024
-DASH = "\N{EN DASH}"
-
-
-def _finite(values: Iterable[float]) -> list[float]:
-    return [v for v in values if not math.isnan(v)]
-
-
-def median(values: Iterable[float]) -> float:
-    """Median of the finite values; NaN if there is none."""
-    finite = _finite(values)
-    return statistics.median(finite) if finite else float("nan")
-
-
-def spread(values: Iterable[float], fmt: str) -> str:
-    """``median (min-max)`` of the finite values, ``n/a`` if none; just the value if one."""
-    finite = _finite(values)
-    if not finite:
-        return "n/a"
-    mid = format(statistics.median(finite), fmt)
-    if len(finite) == 1 or min(finite) == max(finite):
-        return mid
-    return f"{mid} ({format(min(finite), fmt)}{DASH}{format(max(finite), fmt)})"
-
-
 def rank_shares(cells: Sequence[Cell]) -> list[float]:
     """Median share of the busiest, second busiest, ... worker over ``cells``, in percent."""
     ranked = [c.shares for c in cells if c.shares]

@@ -36,6 +36,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import math
 import os
 import platform
 import queue
@@ -50,7 +51,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -477,11 +478,28 @@ def run_once(policy: str, repeat: int, opts: Options, variant: str | None = None
 # Reporting
 
 
-def _spread(values: Sequence[float], fmt: str) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return format(med, fmt)
-    return f"{format(med, fmt)} ({format(min(values), fmt)}\N{EN DASH}{format(max(values), fmt)})"
+DASH = "\N{EN DASH}"
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of the finite values; NaN if there is none."""
+    finite = _finite(values)
+    return statistics.median(finite) if finite else float("nan")
+
+
+def spread(values: Iterable[float], fmt: str) -> str:
+    """``median (min-max)`` of the finite values, ``n/a`` if none; just the value if one."""
+    finite = _finite(values)
+    if not finite:
+        return "n/a"
+    mid = format(statistics.median(finite), fmt)
+    if len(finite) == 1 or min(finite) == max(finite):
+        return mid
+    return f"{mid} ({format(min(finite), fmt)}{DASH}{format(max(finite), fmt)})"
 
 
 def summary_table(runs: Sequence[Run], labels: Sequence[str], variants: bool = False) -> str:
@@ -505,15 +523,15 @@ def summary_table(runs: Sequence[Run], labels: Sequence[str], variants: bool = F
                 f"{sum(r.scrapes_ok or 0 for r in scraped)}/{sum(r.scrapes_failed for r in scraped)}"
                 if scraped else "-"
             )
-            extra = f"| {_spread([r.workers_us_per_conn for r in mine], '.1f')} | {scrapes} "
+            extra = f"| {spread([r.workers_us_per_conn for r in mine], '.1f')} | {scrapes} "
         rows.append(
             f"| {label} "
-            f"| {_spread([r.wrk.requests_per_s for r in mine], '.0f')} "
-            f"| {_spread([r.wrk.p50_ms for r in mine], '.2f')} "
-            f"| {_spread([r.wrk.p99_ms for r in mine], '.2f')} "
-            f"| {_spread([r.master_us_per_conn for r in mine], '.1f')} "
+            f"| {spread([r.wrk.requests_per_s for r in mine], '.0f')} "
+            f"| {spread([r.wrk.p50_ms for r in mine], '.2f')} "
+            f"| {spread([r.wrk.p99_ms for r in mine], '.2f')} "
+            f"| {spread([r.master_us_per_conn for r in mine], '.1f')} "
             f"{extra}"
-            f"| {_spread([float(r.wrk.errors) for r in mine], '.0f')} |"
+            f"| {spread([float(r.wrk.errors) for r in mine], '.0f')} |"
         )
     return "\n".join(rows)
 
@@ -717,17 +735,24 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+def find_wrk() -> str | None:
+    """wrk's path, or None after saying on stderr why the benchmark cannot run here."""
+    if not sys.platform.startswith("linux"):
+        print("needs Linux (/proc, SCM_RIGHTS hand-off)", file=sys.stderr)
+        return None
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk not found on PATH (apt-get install wrk)", file=sys.stderr)
+    return wrk
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # A TERM (or HUP) unwinds like Ctrl-C, so the server of the current run is stopped too.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    if not sys.platform.startswith("linux"):
-        print("needs Linux (/proc, SCM_RIGHTS hand-off)", file=sys.stderr)
-        return 2
-    wrk = shutil.which("wrk")
+    wrk = find_wrk()
     if wrk is None:
-        print("wrk not found on PATH (apt-get install wrk)", file=sys.stderr)
         return 2
     opts = Options(duration=args.duration, workers=args.workers, connections=args.connections,
                    threads=args.threads, wrk=wrk, py_spy_rate=args.profile_rate,

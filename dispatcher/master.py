@@ -79,7 +79,6 @@ class Master:
         )
         self.listeners: list[Listener] = []
         self.acceptor: Acceptor | None = None
-        self.stopping = False
         self.started = time.monotonic()
         self.sampler = ProcessSampler(os.getpid())
         self.accept_rate = Rate()
@@ -89,6 +88,11 @@ class Master:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._services: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once the stop has begun (the supervisor restarts nothing from then on)."""
+        return self.supervisor.stopping
 
     @property
     def slots(self) -> dict[int, Slot]:
@@ -260,7 +264,6 @@ class Master:
         return True
 
     async def _shutdown(self, graceful: bool) -> None:
-        self.stopping = True
         supervisor = self.supervisor
         supervisor.stop_restarts()
         if self.acceptor is not None:
@@ -315,8 +318,6 @@ class Master:
 
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""
-        if self.stopping:
-            raise ValueError("the master is stopping")
         return self.supervisor.scale(workers)
 
     def send(self, worker_id: int | None, payload: Any) -> int:

@@ -132,6 +132,14 @@ def server_factory() -> Iterator[type[Server]]:
         server.kill_all()
 
 
+def app_env(folder: Path) -> dict[str, str]:
+    """Environment for a server whose app module is written into ``folder`` (and may be rewritten).
+
+    Bytecode is not cached, so a rewrite of the same size in the same second is still seen.
+    """
+    return {"PYTHONPATH": f"{folder}:{os.environ.get('PYTHONPATH', '')}", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def ask(port: int, line: bytes = b"hi\n", timeout: float = 10.0, host: str = "127.0.0.1") -> str:
     """Connect, send ``line``, return everything the server says until it closes."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from dispatcher.ctl import CtlError, request
-from tests.conftest import Server, ask, wait_for
+from tests.conftest import Server, app_env, ask, wait_for
 from tests.load import Load
 
 APP = "tests.apps.handlers:pid"
@@ -65,9 +65,8 @@ def test_reload_of_a_broken_app_keeps_old_workers(server_factory: type[Server], 
     app = tmp_path / "reloadme.py"
     app.write_text("from tests.apps.handlers import pid as handler\n")
     path = tmp_path / "c.sock"
-    env = {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}", "PYTHONDONTWRITEBYTECODE": "1"}
     server = server_factory("--app", "reloadme:handler", "--control", str(path), workers=2,
-                            env=env).start(ready=2)
+                            env=app_env(tmp_path)).start(ready=2)
     before = pids(path)
     app.write_text("raise RuntimeError('the new release is broken')\n")
     with Load(server.port, clients=2, max_seconds=30) as load:

@@ -14,7 +14,7 @@ from dispatcher.ctl import CtlError, request
 from shared import protocol
 from shared.channel import Channel, socketpair
 from shared.protocol import Ping, Pong
-from tests.conftest import Server, ask
+from tests.conftest import Server, app_env, ask
 
 
 def test_reload_to_a_custom_server_that_fails_before_serving(server_factory: type[Server],
@@ -22,9 +22,8 @@ def test_reload_to_a_custom_server_that_fails_before_serving(server_factory: typ
     app = tmp_path / "customapp.py"
     app.write_text("from tests.apps.handlers import serve\n")
     path = tmp_path / "c.sock"
-    env = {"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}", "PYTHONDONTWRITEBYTECODE": "1"}
     server = server_factory("--app", "customapp:serve", "--control", str(path), workers=2,
-                            env=env).start(ready=2)
+                            env=app_env(tmp_path)).start(ready=2)
     before = {w["pid"] for w in request(str(path), "status")["workers"]}
     app.write_text("async def serve(me):\n    raise RuntimeError('cannot reach the database')\n")
     with pytest.raises(CtlError, match=r"reload failed: .*raised RuntimeError: cannot reach the database"):
