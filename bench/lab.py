@@ -121,6 +121,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst-wait-ms", type=int, default=1000,
                         help="W4: how long the handler waits (default %(default)s)")
     parser.add_argument("--burst-workers", type=int, default=8, help="W4: workers (default %(default)s)")
+    parser.add_argument("--round-robin-args", type=shlex.split, default=[], metavar="ARGS",
+                        help="more dispatcher arguments for the round-robin cells, one quoted string "
+                        "(e.g. '--window 1 --master-sched normal' for Node's behaviour)")
     parser.add_argument("--no-reload", dest="reload", action="store_false", help="skip the rolling reload")
     parser.add_argument("--reload-policies", type=lambda t: _csv(t, POLICIES, "--reload-policies"),
                         help="policies of the rolling reload (default: --policies)")
@@ -402,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         wrk=wrk, duration_s=args.duration, connections=args.connections, threads=args.threads,
         burst_connections=args.burst_connections, burst_wait_ms=args.burst_wait_ms,
-        burst_workers=args.burst_workers,
+        burst_workers=args.burst_workers, round_robin_args=tuple(args.round_robin_args),
     )
     chosen = [w for key, w in workloads(settings).items() if key in args.workloads]
     cores = os.cpu_count() or 1

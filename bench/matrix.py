@@ -64,6 +64,8 @@ class Settings:
     burst_wait_ms: int = 1000
     burst_workers: int = 8
     burst_timeout_s: float = 15.0
+    #: More dispatcher arguments for round-robin cells (``--window 1``, ``--master-sched normal``).
+    round_robin_args: tuple[str, ...] = ()
 
 
 def workloads(settings: Settings) -> dict[str, Workload]:
@@ -236,7 +238,8 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, c
         RuntimeError, TimeoutError: the server did not start, or wrk failed.
         CtlError: the control socket did not answer.
     """
-    lab = LabServer(workload.app, policy, workload.workers, control_dir)
+    extra = settings.round_robin_args if policy == "round-robin" else ()
+    lab = LabServer(workload.app, policy, workload.workers, control_dir, extra)
     client: dict[int, int] = {}
     with lab:
         before = lab.status()

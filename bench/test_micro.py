@@ -4,7 +4,8 @@
 
 What one round-robin connection costs the master, piece by piece: encoding
 the hand-off, decoding the ack (the fast path and the general decoder), the
-SCM_RIGHTS round trip over a real SOCK_SEQPACKET socketpair, and the policy's
+SCM_RIGHTS round trip over a real SOCK_SEQPACKET socketpair (one connection
+per hand-off, and four: the batch a busy master sends), and the policy's
 choose + ack bookkeeping. The kernel's share (sendmsg, recvmsg, close) is in
 the round trip only.
 """
@@ -26,7 +27,7 @@ from shared.protocol import Ack, Handoff
 
 pytestmark = pytest.mark.bench
 
-#: A connection id (the master uses the fd number; any u64 encodes the same way).
+#: A connection id (the master uses the fd number; any u32 encodes the same way).
 CONN_ID = 1234
 _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
@@ -47,26 +48,35 @@ def no_fd_leak() -> Iterator[None]:
 
 # Protocol
 
+#: Connections per hand-off: one (light load) and a batch dealt in one turn of the master's loop.
+BATCHES = [1, 4]
 
-def test_encode_handoff(benchmark: BenchmarkFixture) -> None:
-    data = benchmark(protocol.encode_handoff, CONN_ID)
-    assert protocol.decode(data) == Handoff(CONN_ID)
+
+def _ids(batch: int) -> list[int]:
+    return [CONN_ID + i for i in range(batch)]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_encode_handoff(benchmark: BenchmarkFixture, batch: int) -> None:
+    data = benchmark(protocol.encode_handoff, _ids(batch))
+    assert protocol.decode(data) == Handoff(tuple(_ids(batch)))
 
 
 def test_encode_handoff_general(benchmark: BenchmarkFixture) -> None:
     """The general encoder, for comparison with ``encode_handoff``."""
-    data = benchmark(protocol.encode, Handoff(CONN_ID))
-    assert data == protocol.encode_handoff(CONN_ID)
+    data = benchmark(protocol.encode, Handoff((CONN_ID,)))
+    assert data == protocol.encode_handoff([CONN_ID])
 
 
-def test_decode_ack(benchmark: BenchmarkFixture) -> None:
-    data = protocol.encode_ack(CONN_ID, True)
-    assert benchmark(protocol.decode_ack, data) == (CONN_ID, True)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_decode_ack(benchmark: BenchmarkFixture, batch: int) -> None:
+    data = protocol.encode_ack(_ids(batch), True)
+    assert benchmark(protocol.decode_ack, data) == (tuple(_ids(batch)), True)
 
 
 def test_decode_ack_general(benchmark: BenchmarkFixture) -> None:
-    data = protocol.encode_ack(CONN_ID, True)
-    assert benchmark(protocol.decode, data) == Ack(CONN_ID, True)
+    data = protocol.encode_ack((CONN_ID,), True)
+    assert benchmark(protocol.decode, data) == Ack((CONN_ID,), True)
 
 
 # One hand-off over a real socketpair
@@ -80,54 +90,60 @@ def channel_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield master, worker
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 def test_handoff_round_trip(
     benchmark: BenchmarkFixture,
     no_fd_leak: None,
     channel_pair: tuple[socket.socket, socket.socket],
+    batch: int,
 ) -> None:
-    """Master sends a hand-off with an fd, worker takes it, closes its copy and acks, master reads the ack.
+    """One hand-off of ``batch`` fds: the worker takes them, closes them and acks; the master reads the ack.
 
-    Both ends are blocking but never wait: a SEQPACKET send lands in the
-    peer's queue before it returns. The worker side does what
-    ``shared.channel`` does; the master side reads into a buffer as its
-    channel does and decodes with ``decode_ack``.
+    Divide by ``batch`` for the cost per connection. Both ends are blocking
+    but never wait: a SEQPACKET send lands in the peer's queue before it
+    returns. The worker side does what ``shared.channel`` does; the master
+    side reads into a buffer as its channel does and decodes with
+    ``decode_ack``.
     """
     master, worker = channel_pair
-    # The "accepted connection": one end of a stream pair, a dup so the test
-    # owns a socket fd that nothing else uses.
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn = left.dup()
-    left.close()
-    handoff_anc = (
-        (socket.SOL_SOCKET, socket.SCM_RIGHTS, conn.fileno().to_bytes(_FD_SIZE, "little", signed=True)),
-    )
+    # The "accepted connections": ends of stream pairs, dups so the test owns
+    # socket fds that nothing else uses.
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(batch)]
+    conns = [left.dup() for left, _ in pairs]
+    for left, _ in pairs:
+        left.close()
+    fds = [conn.fileno() for conn in conns]
     buf = bytearray(protocol.MAX_MESSAGE_BYTES + 1)
     view = memoryview(buf)
     received: list[int] = []
 
-    def round_trip() -> tuple[int, bool] | None:
+    def round_trip() -> tuple[tuple[int, ...], bool] | None:
         # Master: hand off.
-        master.sendmsg((protocol.encode_handoff(CONN_ID),), handoff_anc)
-        # Worker: take it (its own copy of the fd), close that copy, ack.
+        master.sendmsg(
+            (protocol.encode_handoff(fds),), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)),)
+        )
+        # Worker: take them (its own copies of the fds), close those copies, ack.
         data, ancdata, flags, _ = worker.recvmsg(protocol.MAX_MESSAGE_BYTES + 1, _ANC_SIZE)
-        fds, unexpected = fds_from_ancillary(ancdata)
-        close_fds(fds)
-        received.append(len(fds))
-        message = protocol.decode(data)
-        if unexpected or flags or not isinstance(message, Handoff):
-            raise AssertionError(f"bad hand-off: {message!r}, flags {flags}, {len(fds)} fd(s)")
-        worker.send(protocol.encode_ack(message.conn_id, True))
+        got, unexpected = fds_from_ancillary(ancdata)
+        close_fds(got)
+        received.append(len(got))
+        conn_ids = protocol.decode_handoff(data)
+        if unexpected or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or conn_ids is None:
+            raise AssertionError(f"bad hand-off: {data!r}, flags {flags}, {len(got)} fd(s)")
+        worker.send(protocol.encode_ack(conn_ids, True))
         # Master: read the ack.
         n, _, _, _ = master.recvmsg_into((view,), _ANC_SIZE)
-        return protocol.decode_ack(bytes(buf[:n]))
+        return protocol.decode_ack(buf, n)
 
     try:
-        assert benchmark(round_trip) == (CONN_ID, True)
+        assert benchmark(round_trip) == (tuple(fds), True)
     finally:
         view.release()
-        conn.close()
-        right.close()
-    assert received and all(n == 1 for n in received)
+        for conn in conns:
+            conn.close()
+        for _, right in pairs:
+            right.close()
+    assert received and all(n == batch for n in received)
 
 
 # The policy

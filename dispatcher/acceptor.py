@@ -5,7 +5,8 @@ Theory of operation
 Each listening socket is non-blocking and watched by the event loop. When
 one is readable, connections are accepted in a batch until EAGAIN (bounded
 per wake-up, so one busy listener cannot starve the channels) and each fd
-goes straight to the scheduler, which owns it from then on. ``_accept``
+goes straight to the scheduler, which owns it from then on and sends the
+batch's hand-offs when the batch ends (``flush``). ``_accept``
 returns the bare fd (close-on-exec, from accept4): no socket object is built
 for a connection the master only passes on.
 
@@ -118,13 +119,11 @@ class Acceptor:
     def _accept_batch(self, listener: Listener, limit: int | None) -> None:
         accept: _Accept = listener.sock._accept  # type: ignore[attr-defined]
         scheduler = self._scheduler
-        submit = scheduler.submit
-        now = time.monotonic()  # one clock read per batch, not per connection
-        count = 0
-        while limit is None or count < limit:
-            if scheduler.full:
-                self._pause_full()
-                break
+        room = scheduler.room
+        if limit is None or limit > room:
+            limit = room
+        fds: list[int] = []
+        while len(fds) < limit:
             try:
                 fd, _ = accept()
             except (BlockingIOError, InterruptedError):
@@ -136,12 +135,16 @@ class Acceptor:
                     break
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
                 continue
-            count += 1
-            submit(fd, now)
-        self.accepted += count
-        if count and self._overloaded:
-            self._overloaded = False
-            log.info("accepting again after %d pause(s)", self.overload_pauses)
+            fds.append(fd)
+        if fds:
+            # One clock read per batch, and one hand-off datagram per worker.
+            scheduler.submit(fds, time.monotonic())
+            self.accepted += len(fds)
+            if self._overloaded:
+                self._overloaded = False
+                log.info("accepting again after %d pause(s)", self.overload_pauses)
+        if scheduler.full:
+            self._pause_full()
 
     def _pause_full(self) -> None:
         now = time.monotonic()

@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from dispatcher import __version__, policies, privileges
-from dispatcher.config import DEFAULT_BIND, Config, default_workers
+from dispatcher.config import DEFAULT_BIND, DEFAULT_WINDOW, Config, default_workers
 from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
-from shared import eventloop, logs
+from shared import cpu_sched, eventloop, logs
 from shared.exitcodes import ExitCode
+from shared.protocol import MAX_FDS
 from worker.app import AppLoadError, split_spec
 
 EPILOG = """\
@@ -116,8 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
         "per worker (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=_positive_int, default=1, metavar="W",
-        help="round-robin: un-acked hand-offs a worker may hold (default %(default)s, as Node)",
+        "--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="W",
+        help=f"round-robin: hand-offs a worker may hold un-acked, at most {MAX_FDS} (default %(default)s; "
+        "1 is Node's behaviour). Workers ack on receipt, so the window only fills while a "
+        "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "
+        "master send several connections at once, a smaller one queues fewer connections "
+        "behind a worker stuck in CPU-bound code",
+    )
+    parser.add_argument(
+        "--master-sched", choices=cpu_sched.MODES, default="batch",
+        help="round-robin: the master's CPU scheduling policy. batch (SCHED_BATCH): its "
+        "wake-ups do not preempt a busy worker, so under load it hands off several "
+        "connections per wake-up; with an idle CPU it runs at once. normal: the default "
+        "policy (default %(default)s)",
     )
     parser.add_argument(
         "--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
@@ -230,8 +242,8 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         uid, gid = privileges.resolve(args.user, args.group)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.window > 64:
-        parser.error("--window: at most 64")
+    if args.window > MAX_FDS:
+        parser.error(f"--window: at most {MAX_FDS}")
     try:
         workers = args.workers or default_workers()
     except ValueError as exc:
@@ -249,6 +261,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         workers=workers,
         policy=args.policy,
         window=args.window,
+        master_sched=args.master_sched,
         backlog=args.backlog,
         max_pending=args.max_pending,
         pending_timeout_s=args.pending_timeout,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from dispatcher.listeners import DEFAULT_BACKLOG, BindSpec, parse_bind
 
 DEFAULT_BIND = "127.0.0.1:8000"
+#: Round-robin hand-offs a worker may hold un-acked (see ``--window``).
+DEFAULT_WINDOW = 12
 
 
 def default_workers() -> int:
@@ -26,7 +28,9 @@ class Config:
     binds: list[BindSpec] = field(default_factory=lambda: [parse_bind(DEFAULT_BIND)])
     workers: int = 1
     policy: str = "round-robin"
-    window: int = 1
+    window: int = DEFAULT_WINDOW
+    #: The master's CPU scheduling policy (``dispatcher.cpu_sched``), round-robin only.
+    master_sched: str = "batch"
     backlog: int = DEFAULT_BACKLOG
     max_pending: int = 1024
     pending_timeout_s: float = 30.0

@@ -40,7 +40,7 @@ from dispatcher.listeners import BindError, Listener
 from dispatcher.scheduler import Scheduler
 from dispatcher.stats import ProcessSampler, Rate
 from dispatcher.supervisor import Supervisor
-from shared import eventloop
+from shared import cpu_sched, eventloop
 from shared.exitcodes import ExitCode
 from shared.protocol import UserMessage
 from worker.process import prctl_available
@@ -146,7 +146,17 @@ class Master:
                 "(they still exit on channel EOF) nor set process titles; "
                 "install rr-dispatcher[prctl]"
             )
-        window = f" (window {self.config.window})" if self.policy.master_accepts else ""
+        window = ""
+        if self.policy.master_accepts:
+            original = cpu_sched.current()
+            failed = cpu_sched.apply(self.config.master_sched)
+            if failed:
+                log.warning("cannot set the master's scheduling policy to %s: %s",
+                            self.config.master_sched, failed)
+            elif original != self.config.master_sched and original in cpu_sched.MODES:
+                # Workers inherit it; they switch back to what we were started with.
+                self.supervisor.worker_sched = original
+            window = f" (window {self.config.window}, master sched {cpu_sched.current()})"
         log.info(
             "app %s, %d worker(s), policy %s%s, %s event loop",
             self.config.app, self.config.workers, self.policy.name, window,
@@ -391,6 +401,7 @@ class Master:
             "pending": scheduler.pending,
             "in_flight": scheduler.inflight,
             "handed_off": scheduler.handed_off,
+            "handoff_messages": scheduler.handoff_messages,
             "redispatched": scheduler.redispatched,
             "expired": scheduler.expired,
             "rss_bytes": None,

@@ -204,6 +204,8 @@ def _master_families(master: dict[str, Any]) -> Iterator[Metric]:
     counters = [
         ("dispatcher_accepted", "accepted", "Connections the master accepted"),
         ("dispatcher_accept_errors", "accept_errors", "Errors from accept() in the master"),
+        ("dispatcher_handoff_messages", "handoff_messages",
+         "Hand-off datagrams the master sent (each carries one or more connections)"),
         ("dispatcher_redispatched", "redispatched",
          "Un-acked connections handed to another worker after theirs died"),
         ("dispatcher_expired", "expired", "Connections closed after waiting too long for a worker"),

@@ -11,11 +11,17 @@ Where each master fd is, at every moment, is one of:
 - ``_pending``: accepted, waiting for a free worker (FIFO, bounded by
   ``max_pending``; the acceptor stops accepting when it is full, so the rest
   wait in the kernel's backlog);
+- ``worker.staged``: dealt to a worker (its window slot is taken) and not
+  yet sent. Every entry point (``submit``, ``on_ack``, ``attach``,
+  ``forget``) sends what it staged before returning, one
+  ``Handoff`` datagram per worker carrying all of that worker's fds, so a
+  burst costs one ``sendmsg`` per worker rather than one per connection;
 - ``worker.inflight``: sent in a ``Handoff``; the worker's copy is in the
   channel or in the worker.
 
 and it leaves the master in exactly one of three ways:
-- ``Ack(accepted=True)``: the worker holds its own copy; ours is closed;
+- an ``Ack(accepted=True)`` naming it (one ack answers one hand-off, all
+  its connections): the worker holds its own copy; ours is closed;
 - the pending timeout or shutdown: closed, the client sees the connection
   end without an answer;
 - never otherwise. A refused hand-off goes to another worker; a worker that
@@ -36,6 +42,7 @@ from collections.abc import Callable
 
 from dispatcher.policies import Policy
 from dispatcher.worker_process import WorkerProcess
+from shared.protocol import MAX_FDS
 
 log = logging.getLogger("master")
 
@@ -63,6 +70,8 @@ class Scheduler:
     ) -> None:
         self._policy = policy
         self._workers: dict[int, WorkerProcess] = {}
+        # Workers with staged connections, in the order they were first dealt one.
+        self._dirty: list[WorkerProcess] = []
         self._pending: collections.deque[tuple[int, float]] = collections.deque()
         self.max_pending = max_pending
         self.pending_timeout_s = pending_timeout_s
@@ -76,6 +85,8 @@ class Scheduler:
         self.on_settled: Callable[[], None] | None = None
         self.inflight = 0
         self.handed_off = 0
+        #: Hand-off datagrams sent: ``handed_off / handoff_messages`` connections each.
+        self.handoff_messages = 0
         self.acked = 0
         self.refused = 0
         self.redispatched = 0
@@ -99,66 +110,110 @@ class Scheduler:
     def attached(self) -> int:
         return self._policy.workers
 
-    def submit(self, fd: int, accepted_at: float) -> None:
-        """Take ownership of connection ``fd`` (accepted at ``accepted_at``) and hand it off or queue it."""
-        if not self._pending:
-            key = self._policy.choose()
-            if key is not None:
-                if not self._send(key, fd, accepted_at):
-                    self.pump()  # it went back in line: another worker may take it
-                return
-        self._pending.append((fd, accepted_at))
+    @property
+    def room(self) -> int:
+        """How many more connections the queue takes before it is full."""
+        return max(0, self.max_pending - len(self._pending))
 
-    def pump(self) -> None:
-        """Hand queued connections to free workers, oldest first."""
+    def submit(self, fds: list[int], accepted_at: float) -> None:
+        """Take ownership of connections ``fds`` (accepted at ``accepted_at``), deal them and send.
+
+        Each goes to a free worker unless older ones are waiting or none is
+        free; then it waits in the queue. The caller keeps the queue within
+        ``room``.
+        """
         pending = self._pending
         choose = self._policy.choose
+        workers = self._workers
+        dirty = self._dirty
+        for fd in fds:
+            if not pending:
+                key = choose()
+                if key is not None:
+                    staged = workers[key].staged
+                    if not staged:
+                        dirty.append(workers[key])
+                    staged.append((fd, accepted_at))
+                    continue
+            pending.append((fd, accepted_at))
+        self.flush()
+
+    def pump(self) -> None:
+        """Deal queued connections to free workers, oldest first (sent by ``flush``)."""
+        pending = self._pending
+        choose = self._policy.choose
+        workers = self._workers
         while pending:
             key = choose()
             if key is None:
                 break
             fd, accepted_at = pending.popleft()
-            self._send(key, fd, accepted_at)
+            self._stage(workers[key], fd, accepted_at)
         if self.on_room is not None and len(pending) <= self._resume_mark:
             self.on_room()
 
-    def _send(self, key: int, fd: int, accepted_at: float) -> bool:
-        """Hand ``fd`` to worker ``key``; False if it went back to the queue instead."""
-        worker = self._workers[key]
+    def _stage(self, worker: WorkerProcess, fd: int, accepted_at: float) -> None:
+        if not worker.staged:
+            self._dirty.append(worker)
+        worker.staged.append((fd, accepted_at))
+
+    def flush(self) -> None:
+        """Send every staged connection: one hand-off per worker (per ``MAX_FDS``)."""
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            returned = False
+            for worker in dirty:
+                batch, worker.staged = worker.staged, []
+                for start in range(0, len(batch), MAX_FDS):
+                    if not self._send(worker, batch[start : start + MAX_FDS]):
+                        returned = True
+            if returned and self._pending:
+                self.pump()  # they went back in line: other workers may take them
+
+    def _send(self, worker: WorkerProcess, batch: list[tuple[int, float]]) -> bool:
+        """Hand ``batch`` to ``worker`` in one datagram; False if it went back to the queue instead."""
+        if worker.key not in self._workers:
+            # Stopped meanwhile (a failed send to it earlier in this flush).
+            self._pending.extendleft(reversed(batch))
+            return False
         try:
-            worker.channel.send_handoff(fd, fd)
+            worker.channel.send_handoff([fd for fd, _ in batch])
         except BlockingIOError:
             # The channel is full (of messages the worker has yet to read):
-            # the connection goes back first in line, and the slot it took
-            # stays taken until the channel drains, so this worker is not
+            # the connections go back first in line, and the slots they took
+            # stay taken until the channel drains, so this worker is not
             # chosen again and again meanwhile. Health pings catch a worker
             # that never reads again.
-            self._pending.appendleft((fd, accepted_at))
-            worker.blocked_slots += 1
-            if worker.blocked_slots == 1:
+            self._pending.extendleft(reversed(batch))
+            if not worker.blocked_slots:
                 worker.channel.when_writable(functools.partial(self._unblocked, worker))
+            worker.blocked_slots += len(batch)
             return False
         except OSError as exc:
-            # Not sent: the connection is still only ours, first in line again.
-            self._pending.appendleft((fd, accepted_at))
+            # Not sent: the connections are still only ours, first in line again.
+            self._pending.extendleft(reversed(batch))
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 self._on_fault(worker, f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
             return False
-        worker.inflight[fd] = accepted_at
-        worker.handed_off += 1
-        self.inflight += 1
-        self.handed_off += 1
+        inflight = worker.inflight
+        for fd, accepted_at in batch:
+            inflight[fd] = accepted_at
+        count = len(batch)
+        worker.handed_off += count
+        self.inflight += count
+        self.handed_off += count
+        self.handoff_messages += 1
         return True
 
     def _unblocked(self, worker: WorkerProcess) -> None:
         slots, worker.blocked_slots = worker.blocked_slots, 0
         if worker.key in self._workers:
-            for _ in range(slots):
-                self._policy.ack(worker.key, True)
+            self._policy.ack(worker.key, True, slots)
         if self._pending:
             self.pump()
+            self.flush()
 
     # Workers
 
@@ -167,11 +222,16 @@ class Scheduler:
         self._workers[worker.key] = worker
         self._policy.attach(worker.key)
         self.pump()
+        self.flush()
 
     def stop_sending(self, worker: WorkerProcess) -> None:
         """Send ``worker`` nothing more; what it holds un-acked may still be acked."""
         if self._workers.pop(worker.key, None) is not None:
             self._policy.detach(worker.key)
+        if worker.staged:
+            # Dealt to it but not sent: first in line again.
+            self._pending.extendleft(reversed(worker.staged))
+            worker.staged = []
 
     def forget(self, worker: WorkerProcess) -> int:
         """``worker`` is gone: re-queue its un-acked hand-offs first in line.
@@ -189,38 +249,48 @@ class Scheduler:
             self.redispatched += count
         if self._pending:
             self.pump()
+            self.flush()
         return count
 
-    def on_ack(self, worker: WorkerProcess, conn_id: int, accepted: bool) -> None:
-        """Handle ``worker``'s answer to hand-off ``conn_id``."""
-        try:
-            accepted_at = worker.inflight.pop(conn_id)
-        except KeyError:
-            self.stop_sending(worker)
-            self._on_fault(worker, f"ack for connection {conn_id} it was not given")
-            return
-        self.inflight -= 1
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None:
+        """Handle ``worker``'s answer to the hand-off of ``conn_ids``."""
+        inflight = worker.inflight
+        answered: list[tuple[int, float]] = []
+        for conn_id in conn_ids:
+            accepted_at = inflight.pop(conn_id, None)
+            if accepted_at is None:
+                # Not ours to close (never given, or named twice): nothing of
+                # this ack is believed.
+                for done in answered:
+                    inflight[done[0]] = done[1]
+                self.stop_sending(worker)
+                self._on_fault(worker, f"ack for connection {conn_id} it was not given")
+                return
+            answered.append((conn_id, accepted_at))
+        count = len(answered)
+        self.inflight -= count
         if accepted:
-            os.close(conn_id)
-            worker.acked += 1
-            if worker.acked == worker.max_requests:
+            for conn_id, _ in answered:
+                os.close(conn_id)
+            before = worker.acked
+            worker.acked += count
+            self.acked += count
+            if before < worker.max_requests <= worker.acked:
                 self._on_limit(worker)
-            self.acked += 1
-            self._policy.ack(worker.key, True)
+            self._policy.ack(worker.key, True, count)
         else:
-            worker.refused += 1
-            self.refused += 1
-            self._policy.ack(worker.key, False)
+            worker.refused += count
+            self.refused += count
+            self._policy.ack(worker.key, False, count)
             self.stop_sending(worker)
             self._on_refused(worker)
-            key = self._policy.choose(exclude=worker.key)
-            if key is None:
-                self._pending.appendleft((conn_id, accepted_at))
-            elif self._send(key, conn_id, accepted_at):
-                self.redispatched += 1
+            # First in line again, for another worker.
+            self._pending.extendleft(reversed(answered))
+            self.redispatched += count
         if self._pending:
             self.pump()
-        elif self.on_settled is not None and not self.inflight:
+            self.flush()
+        if self.on_settled is not None and not self._pending and not self.inflight:
             self.on_settled()
 
     # Ending

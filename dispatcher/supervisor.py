@@ -95,6 +95,9 @@ class Supervisor:
         self.slots: dict[int, Slot] = {n: self._new_slot(n) for n in range(config.workers)}
         self.retired: dict[int, WorkerProcess] = {}
         self.stopping = False
+        #: The CPU scheduling policy workers switch to at start (``--sched``), when
+        #: the master changed its own after it was started (see ``shared.cpu_sched``).
+        self.worker_sched: str | None = None
         #: Set whenever a process exits or the hand-off queue settles.
         self.changed: asyncio.Event = asyncio.Event()
         #: Called with (worker id, payload) for each message a worker sends.
@@ -158,6 +161,8 @@ class Supervisor:
             args += ["--uid", str(config.uid)]
         if config.gid is not None:
             args += ["--gid", str(config.gid)]
+        if self.worker_sched is not None:
+            args += ["--sched", self.worker_sched]
         return args
 
     def _spawn(self, slot: Slot, successor: bool = False) -> WorkerProcess | None:

@@ -11,9 +11,10 @@ The process's exit is watched through a pidfd on the event loop: readable
 once the process has exited, so there is no SIGCHLD handler and no polling.
 ``reap`` collects the status and closes the pidfd.
 
-``inflight`` holds the hand-offs sent to this worker and not yet acked: the
-master's own copies of those connections. The scheduler owns them; this
-class only keeps the list.
+``inflight`` holds the hand-offs sent to this worker and not yet acked, and
+``staged`` the ones dealt to it and about to be sent: the master's own
+copies of those connections. The scheduler owns them; this class only keeps
+the lists.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class WorkerEvents(Protocol):
     """What the master hears about a worker, each with the worker it concerns."""
 
     def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None: ...
-    def on_ack(self, worker: WorkerProcess, conn_id: int, accepted: bool) -> None: ...
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None: ...
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None: ...
     def on_exit(self, worker: WorkerProcess) -> None: ...
 
@@ -54,6 +55,7 @@ class WorkerProcess:
         key: unique per process, how policies tell processes apart.
         inflight: conn ids (the master's fds) handed off and not yet acked, with
             the time each was accepted.
+        staged: connections dealt to it and not yet sent (see scheduler).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class WorkerProcess:
         )
         self.started = time.monotonic()
         self.inflight: dict[int, float] = {}
+        self.staged: list[tuple[int, float]] = []
         self.ready = False
         self.error: str | None = None
         self.returncode: int | None = None

@@ -18,7 +18,11 @@ fd ownership:
   datagram has gone (the receiver then holds its own copy) or when the
   channel closes with it still queued.
 - ``send_handoff`` is the hot path and takes no ownership: the master keeps
-  its copy of the connection until the worker acks, whatever happens here.
+  its copies of the connections until the worker acks, whatever happens here.
+- A hand-off whose fds the kernel could not all install (MSG_CTRUNC: the
+  receiver is at its fd limit) still reaches ``on_handoff``, with -1 for each
+  fd that did not arrive, so the worker can refuse it and the master, which
+  still holds every connection, gives them to another worker.
 
 A protocol error, EOF or socket error closes the channel once and reports the
 reason to ``on_closed``; the socket itself is closed by ``close()``.
@@ -33,7 +37,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterable
 
 from shared import protocol
@@ -54,9 +57,9 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 PEER_CLOSED = "peer closed the channel"
 
 OnMessage = Callable[[Message, list[int]], None]
-OnAck = Callable[[int, bool], None]
+OnAck = Callable[[tuple[int, ...], bool], None]
 OnClosed = Callable[[str], None]
-OnHandoff = Callable[[int, int], None]
+OnHandoff = Callable[[tuple[int, ...], list[int]], None]
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -93,7 +96,7 @@ class Channel:
         on_closed: called once, with a reason, when the channel ends.
         on_ack: if given, acks skip the general decoder and come here
             (the master's hot path).
-        on_handoff: likewise for hand-offs, with their fd (the worker's).
+        on_handoff: likewise for hand-offs, with their fds (the worker's), one per id.
     """
 
     def __init__(
@@ -142,36 +145,38 @@ class Channel:
             self._fail(f"read error: {exc}")
             return False
         buf = self._buf
+        if not ancdata and not flags & _TRUNCATED and self._on_ack is not None:
+            # The master's hot path: an ack, no fds, nothing truncated.
+            ack = protocol.decode_ack(buf, n)
+            if ack is not None:
+                self._on_ack(*ack)
+                return not self.closed
+        fds: list[int] = []
         if ancdata:
             fds, unexpected = fds_from_ancillary(ancdata)
-            if flags & _TRUNCATED or unexpected:
+            if unexpected or flags & socket.MSG_TRUNC:
                 close_fds(fds)
                 self._fail("truncated message or unexpected ancillary data")
                 return False
-            if self._on_handoff is not None and len(fds) == 1:
-                conn_id = protocol.decode_handoff(buf, n)
-                if conn_id is not None:
-                    self._on_handoff(conn_id, fds[0])
+        elif n == 0 and not flags & _TRUNCATED:
+            self._fail(PEER_CLOSED)
+            return False
+        if self._on_handoff is not None:
+            conn_ids = protocol.decode_handoff(buf, n)
+            if conn_ids is not None:
+                missing = len(conn_ids) - len(fds)
+                if missing == 0 and not flags & _TRUNCATED:
+                    self._on_handoff(conn_ids, fds)
                     return not self.closed
-        else:
-            if flags & _TRUNCATED:
-                conn_id = protocol.decode_handoff(buf, n) if not flags & socket.MSG_TRUNC else None
-                if conn_id is not None and self._on_handoff is not None:
-                    # The kernel could not install the fd (we are at our fd
-                    # limit): a well-formed hand-off without its connection.
-                    self._on_handoff(conn_id, -1)
+                if missing > 0 and flags & socket.MSG_CTRUNC:
+                    # The kernel installed the first fds and dropped the rest:
+                    # we are at our fd limit. Still a hand-off, to be refused.
+                    self._on_handoff(conn_ids, fds + [-1] * missing)
                     return not self.closed
-                self._fail("truncated message")
-                return False
-            if n == 0:
-                self._fail(PEER_CLOSED)
-                return False
-            fds = []
-            if self._on_ack is not None:
-                ack = protocol.decode_ack(buf, n)
-                if ack is not None:
-                    self._on_ack(*ack)
-                    return not self.closed
+        if flags & _TRUNCATED:
+            close_fds(fds)
+            self._fail("truncated message")
+            return False
         try:
             message = protocol.decode(bytes(buf[:n]))
             if len(fds) != protocol.fds_expected(message):
@@ -188,16 +193,17 @@ class Channel:
 
     # Writing
 
-    def send_handoff(self, conn_id: int, fd: int) -> None:
-        """Send a hand-off of ``fd`` now; the caller keeps its copy.
+    def send_handoff(self, fds: list[int]) -> None:
+        """Send one hand-off of ``fds`` now, each fd its own connection id; the caller keeps its copies.
 
         Raises:
             BlockingIOError: the socket buffer is full; nothing was sent.
             OSError: the peer is gone; nothing was sent.
+            ValueError: no fds, or more than ``protocol.MAX_FDS``.
         """
         self._sock.sendmsg(
-            (protocol.encode_handoff(conn_id),),
-            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder, signed=True)),),
+            (protocol.encode_handoff(fds),),
+            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)),),
         )
 
     def send(self, message: Message, fd: int | None = None) -> None:

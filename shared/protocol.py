@@ -27,8 +27,9 @@ from typing import Any, ClassVar, Final
 #: refused at encode time; a larger datagram on the wire is a peer error.
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 
-#: The most descriptors one message may carry.
-MAX_FDS: Final = 1
+#: The most descriptors one message may carry: the connections of one
+#: hand-off (the round-robin window is capped to match).
+MAX_FDS: Final = 64
 
 
 class ProtocolError(Exception):
@@ -66,18 +67,25 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Handoff:
-    """Master to worker, with one fd: an accepted connection to take."""
+    """Master to worker: accepted connections to take, one fd per id, in order.
+
+    One datagram carries every connection the master deals to this worker in
+    one turn of its loop (at most ``MAX_FDS``).
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.HANDOFF
-    conn_id: int
+    conn_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Worker to master: hand-off ``conn_id`` taken (or refused while draining)."""
+    """Worker to master: the connections of one hand-off taken (or refused while draining).
+
+    An ack answers exactly one ``Handoff``, all of its ids with one verdict.
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.ACK
-    conn_id: int
+    conn_ids: tuple[int, ...]
     accepted: bool
 
 
@@ -132,13 +140,15 @@ class Listen:
 Message = Hello | Ready | Handoff | Ack | Ping | Pong | Drain | Error | UserMessage | Listen
 
 _HELLO = struct.Struct("!BII")
-_HANDOFF = struct.Struct("!BQ")
-_ACK = struct.Struct("!BQ?")
+# Hand-off: type, then one uint32 id per fd. Ack: type, accepted flag, ids.
+_ID_SIZE: Final = 4  # each id is a uint32, network order
+_IDS: Final = tuple(struct.Struct(f"!{n}I") for n in range(MAX_FDS + 1))
+_HANDOFF_HEAD = 1
+_ACK_HEAD = 2
 _SEQ = struct.Struct("!BQ")
 _ERROR = struct.Struct("!BH")
 _TYPE_ONLY = struct.Struct("!B")
 
-_FDS_EXPECTED: Final = {MessageType.HANDOFF: 1, MessageType.LISTEN: 1}
 
 # Pre-encoded: these carry no fields, so every instance is the same bytes.
 _READY_BYTES: Final = _TYPE_ONLY.pack(MessageType.READY)
@@ -149,8 +159,10 @@ _HANDOFF_TYPE: Final = int(MessageType.HANDOFF)
 
 
 def fds_expected(message: Message) -> int:
-    """Return how many fds must arrive with ``message`` (0 or 1)."""
-    return _FDS_EXPECTED.get(message.TYPE, 0)
+    """Return how many fds must arrive with ``message``."""
+    if isinstance(message, Handoff):
+        return len(message.conn_ids)
+    return 1 if isinstance(message, Listen) else 0
 
 
 def _dump_json(value: Any) -> bytes:
@@ -172,10 +184,10 @@ def encode(message: Message) -> bytes:
     """
     try:
         match message:
-            case Handoff(conn_id):
-                return _HANDOFF.pack(MessageType.HANDOFF, conn_id)
-            case Ack(conn_id, accepted):
-                return _ACK.pack(MessageType.ACK, conn_id, accepted)
+            case Handoff(conn_ids):
+                return encode_handoff(conn_ids)
+            case Ack(conn_ids, accepted):
+                return encode_ack(conn_ids, accepted)
             case Ping(seq):
                 return _SEQ.pack(MessageType.PING, seq)
             case Pong(seq, stats):
@@ -198,40 +210,71 @@ def encode(message: Message) -> bytes:
     raise TypeError(f"not a protocol message: {message!r}")
 
 
-def encode_handoff(conn_id: int) -> bytes:
-    """``encode(Handoff(conn_id))`` without building the message object (hot path)."""
-    return _HANDOFF.pack(MessageType.HANDOFF, conn_id)
+def _pack_ids(head: bytes, conn_ids: tuple[int, ...] | list[int]) -> bytes:
+    if not 1 <= len(conn_ids) <= MAX_FDS:
+        raise ValueError(f"{len(conn_ids)} connection ids: 1 to {MAX_FDS} per message")
+    return head + _IDS[len(conn_ids)].pack(*conn_ids)
 
 
-def encode_ack(conn_id: int, accepted: bool) -> bytes:
-    """``encode(Ack(conn_id, accepted))`` without building the message object."""
-    return _ACK.pack(MessageType.ACK, conn_id, accepted)
+_HANDOFF_PREFIX: Final = bytes((MessageType.HANDOFF,))
+_ACK_PREFIXES: Final = (bytes((MessageType.ACK, 0)), bytes((MessageType.ACK, 1)))
 
 
-def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[int, bool] | None:
-    """Return ``(conn_id, accepted)`` if ``data[:size]`` is a well-formed ack, else None.
+def encode_handoff(conn_ids: tuple[int, ...] | list[int]) -> bytes:
+    """``encode(Handoff(conn_ids))`` without building the message object (hot path).
+
+    Raises:
+        ValueError: no ids, more than ``MAX_FDS``, or an id outside 0..2**32-1.
+    """
+    try:
+        return _pack_ids(_HANDOFF_PREFIX, conn_ids)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode hand-off {conn_ids!r}: {exc}") from exc
+
+
+def encode_ack(conn_ids: tuple[int, ...] | list[int], accepted: bool) -> bytes:
+    """``encode(Ack(conn_ids, accepted))`` without building the message object.
+
+    Raises:
+        ValueError: as ``encode_handoff``.
+    """
+    try:
+        return _pack_ids(_ACK_PREFIXES[accepted], conn_ids)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode ack {conn_ids!r}: {exc}") from exc
+
+
+def _ids_in(data: bytes | bytearray, head: int, size: int) -> tuple[int, ...] | None:
+    count, rest = divmod(size - head, _ID_SIZE)
+    if rest or not 0 < count <= MAX_FDS:
+        return None
+    ids: tuple[int, ...] = _IDS[count].unpack_from(data, head)
+    return ids
+
+
+def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[tuple[int, ...], bool] | None:
+    """Return ``(conn_ids, accepted)`` if ``data[:size]`` is a well-formed ack, else None.
 
     The master's hot path tries this before the general ``decode``; ``size``
     lets it pass its receive buffer without copying the datagram out.
     """
     if size is None:
         size = len(data)
-    if size == _ACK.size and data[0] == _ACK_TYPE and data[9] <= 1:
-        _, conn_id, accepted = _ACK.unpack_from(data)
-        return conn_id, accepted
+    count, rest = divmod(size - _ACK_HEAD, _ID_SIZE)
+    if not rest and 0 < count <= MAX_FDS and data[0] == _ACK_TYPE and data[1] <= 1:
+        return _IDS[count].unpack_from(data, _ACK_HEAD), data[1] == 1
     return None
 
 
-def decode_handoff(data: bytes | bytearray, size: int | None = None) -> int | None:
-    """Return the conn id if ``data[:size]`` is a well-formed hand-off, else None.
+def decode_handoff(data: bytes | bytearray, size: int | None = None) -> tuple[int, ...] | None:
+    """Return the conn ids if ``data[:size]`` is a well-formed hand-off, else None.
 
     The worker's hot path, as ``decode_ack`` is the master's.
     """
     if size is None:
         size = len(data)
-    if size == _HANDOFF.size and data[0] == _HANDOFF_TYPE:
-        conn_id: int = _HANDOFF.unpack_from(data)[1]
-        return conn_id
+    if size > _HANDOFF_HEAD and data[0] == _HANDOFF_TYPE:
+        return _ids_in(data, _HANDOFF_HEAD, size)
     return None
 
 
@@ -261,12 +304,17 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     kind = data[0]
     if kind == MessageType.ACK:
-        _, conn_id, _accepted = _fixed(_ACK, data, "ack")
-        if data[9] > 1:
+        if len(data) > 1 and data[1] > 1:
             raise ProtocolError("ack: accepted flag must be 0 or 1")
-        return Ack(conn_id, data[9] == 1)
+        ack = decode_ack(data)
+        if ack is None:
+            raise ProtocolError(f"ack: needs a flag and 1 to {MAX_FDS} ids of {_ID_SIZE} bytes")
+        return Ack(*ack)
     if kind == MessageType.HANDOFF:
-        return Handoff(_fixed(_HANDOFF, data, "handoff")[1])
+        ids = decode_handoff(data)
+        if ids is None:
+            raise ProtocolError(f"handoff: needs 1 to {MAX_FDS} ids of {_ID_SIZE} bytes")
+        return Handoff(ids)
     if kind == MessageType.PING:
         return Ping(_fixed(_SEQ, data, "ping")[1])
     if kind == MessageType.PONG:

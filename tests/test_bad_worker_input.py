@@ -12,10 +12,10 @@ from tests.conftest import Server, ask
 
 BAD_FRAMES = [
     ("raw", "ff00"),                                          # unknown type
-    ("raw", protocol.encode_ack(123456, True).hex()),         # ack for a connection never given
+    ("raw", protocol.encode_ack((123456,), True).hex()),      # ack for a connection never given
     ("raw", protocol.encode(Ping(1))[:4].hex()),              # bad length
     ("fd", protocol.encode(Ping(1)).hex()),                   # an fd where none belongs
-    ("raw", protocol.encode(Handoff(1)).hex()),               # a message only the master sends
+    ("raw", protocol.encode(Handoff((1,))).hex()),            # a message only the master sends
     ("raw", protocol.encode(Hello(9, 1)).hex()),              # claims to be someone else
     ("raw", protocol.encode(Ready()).hex()),                  # ready twice
     ("big", "70000"),                                         # oversized
@@ -41,7 +41,7 @@ frames = st.one_of(
     st.sampled_from([
         protocol.encode(Ping(1)), protocol.encode(Pong(1, {"handled": 1})),
         protocol.encode(Ready()), protocol.encode(Hello(0, 1)),
-        protocol.encode(UserMessage({"a": [1, 2]})), protocol.encode_ack(7, False),
+        protocol.encode(UserMessage({"a": [1, 2]})), protocol.encode_ack((7, 8), False),
     ]).flatmap(lambda raw: st.integers(0, len(raw)).map(lambda cut: raw[:cut] or raw)),
 )
 

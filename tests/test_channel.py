@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import gc
 import os
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -26,14 +28,18 @@ def open_fds() -> int:
 class Recorder:
     def __init__(self) -> None:
         self.messages: list[tuple[Message, list[int]]] = []
-        self.acks: list[tuple[int, bool]] = []
+        self.acks: list[tuple[tuple[int, ...], bool]] = []
+        self.handoffs: list[tuple[tuple[int, ...], list[int]]] = []
         self.closed: list[str] = []
 
     def on_message(self, message: Message, fds: list[int]) -> None:
         self.messages.append((message, fds))
 
-    def on_ack(self, conn_id: int, accepted: bool) -> None:
-        self.acks.append((conn_id, accepted))
+    def on_ack(self, conn_ids: tuple[int, ...], accepted: bool) -> None:
+        self.acks.append((conn_ids, accepted))
+
+    def on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
+        self.handoffs.append((conn_ids, fds))
 
     def on_closed(self, reason: str) -> None:
         self.closed.append(reason)
@@ -68,16 +74,54 @@ def test_handoff_carries_a_working_socket(loop: asyncio.AbstractEventLoop) -> No
     master = Channel(a, loop, rec.on_message, rec.on_closed)
     worker_rec = Recorder()
     worker = Channel(b, loop, worker_rec.on_message, worker_rec.on_closed)
-    left, right = socket.socketpair()
-    master.send_handoff(7, left.fileno())
+    pairs = [socket.socketpair() for _ in range(3)]
+    master.send_handoff([left.fileno() for left, _ in pairs])
     run_until(loop, lambda: worker_rec.messages)
     (message, fds), = worker_rec.messages
-    assert message == Handoff(7) and len(fds) == 1
-    received = socket.socket(fileno=fds[0])
-    received.sendall(b"ping")
-    assert right.recv(4) == b"ping"
-    for s in (received, left, right):
-        s.close()
+    assert message == Handoff(tuple(left.fileno() for left, _ in pairs)) and len(fds) == 3
+    # Each fd is its own connection, in the order of the ids.
+    for fd, (left, right) in zip(fds, pairs, strict=True):
+        with socket.socket(fileno=fd) as received:
+            received.sendall(str(left.fileno()).encode())
+            assert right.recv(10) == str(left.fileno()).encode()
+        left.close()
+        right.close()
+    master.close()
+    worker.close()
+    assert open_fds() == before
+
+
+def test_a_handoff_beyond_the_fd_limit_still_arrives_with_the_missing_fds_marked(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """At its fd limit, a worker still learns of every connection it was sent (to refuse them)."""
+    before = open_fds()
+    a, b = socketpair()
+    master = Channel(a, loop, Recorder().on_message, Recorder().on_closed)
+    rec = Recorder()
+    worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
+    sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+        with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        os.close(fillers.pop())  # room for exactly one of the three
+        master.send_handoff(sent)
+        run_until(loop, lambda: rec.handoffs or rec.closed)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    (ids, fds), = rec.handoffs
+    assert ids == tuple(sent) and fds[0] >= 0 and fds[1:] == [-1, -1]
+    assert not rec.closed and not rec.messages
+    os.close(fds[0])
+    for fd in sent:
+        os.close(fd)
     master.close()
     worker.close()
     assert open_fds() == before
@@ -87,11 +131,11 @@ def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     a, b = socketpair()
     rec = Recorder()
     master = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
-    b.send(protocol.encode_ack(5, True))
-    b.send(protocol.encode_ack(6, False))
+    b.send(protocol.encode_ack((5,), True))
+    b.send(protocol.encode_ack((6, 7, 8), False))
     b.send(protocol.encode(Ping(1)))
     run_until(loop, lambda: rec.messages)
-    assert rec.acks == [(5, True), (6, False)]
+    assert rec.acks == [((5,), True), ((6, 7, 8), False)]
     assert rec.messages == [(Ping(1), [])]
     master.close()
     b.close()
@@ -101,10 +145,11 @@ def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     ("data", "nfds", "reason"),
     [
         (protocol.encode(Ping(1)), 1, "arrived with 1 fds, expected 0"),
-        (protocol.encode(Handoff(1)), 0, "arrived with 0 fds, expected 1"),
-        (protocol.encode_ack(1, True), 1, "arrived with 1 fds"),
-        (protocol.encode(Handoff(1)), 2, "arrived with 2 fds, expected 1"),
-        (protocol.encode(Handoff(1)), 5, "truncated"),
+        (protocol.encode(Handoff((1,))), 0, "arrived with 0 fds, expected 1"),
+        (protocol.encode_ack((1,), True), 1, "arrived with 1 fds"),
+        (protocol.encode(Handoff((1,))), 2, "arrived with 2 fds, expected 1"),
+        (protocol.encode(Handoff((1, 2))), 1, "arrived with 1 fds, expected 2"),
+        (protocol.encode(Handoff((1,))), protocol.MAX_FDS + 1, "truncated"),
         (b"\xfe garbage", 1, "unknown message type"),
     ],
 )
@@ -166,22 +211,26 @@ def test_send_owns_and_closes_its_fd_and_queues_when_full(loop: asyncio.Abstract
 frames = st.tuples(
     st.one_of(
         st.binary(min_size=1, max_size=64),
-        st.sampled_from([protocol.encode(Handoff(3)), protocol.encode(Listen()), protocol.encode(Ping(2)),
-                         protocol.encode_ack(9, True)]),
+        st.sampled_from([protocol.encode(Handoff((3,))), protocol.encode(Handoff((3, 4))),
+                         protocol.encode(Listen()), protocol.encode(Ping(2)),
+                         protocol.encode_ack((9,), True), protocol.encode_ack((9, 10), False)]),
     ),
-    st.integers(0, 2),
+    st.integers(0, 3),
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(frames, min_size=1, max_size=8))
+@given(st.lists(frames, min_size=1, max_size=8), st.booleans())
 def test_any_frames_leave_no_fd_behind(
-    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]]
+    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], worker_side: bool
 ) -> None:
     before = open_fds()
     a, b = socketpair()
     rec = Recorder()
-    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    if worker_side:
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
+    else:
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
     for data, nfds in batch:
         extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
         send_raw(b, data, extra)
@@ -189,8 +238,9 @@ def test_any_frames_leave_no_fd_behind(
             os.close(fd)
     b.close()
     run_until(loop, lambda: rec.closed)
-    for _, fds in rec.messages:
+    for _, fds in [*rec.messages, *rec.handoffs]:
         for fd in fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
     channel.close()
     assert open_fds() == before

@@ -36,7 +36,8 @@ PER_WORKER_GAUGES = [
     "dispatcher_worker_cpu_percent", "dispatcher_worker_open_fds",
 ]
 MASTER_SERIES = [
-    "dispatcher_accepted", "dispatcher_accept_errors", "dispatcher_redispatched", "dispatcher_expired",
+    "dispatcher_accepted", "dispatcher_accept_errors", "dispatcher_handoff_messages",
+    "dispatcher_redispatched", "dispatcher_expired",
     "dispatcher_pending_connections", "dispatcher_inflight_handoffs", "dispatcher_accept_rate_per_second",
     "dispatcher_workers_wanted", "dispatcher_master_uptime_seconds",
     "dispatcher_master_resident_memory_bytes", "dispatcher_master_open_fds",
@@ -174,7 +175,8 @@ class StubMaster:
 
 def canned_snapshot() -> dict[str, Any]:
     master = {"version": "9.9", "policy": "round-robin", "loop": "asyncio", "app": "a:b",
-              "accepted": 5, "accept_errors": 0, "redispatched": 1, "expired": 0, "pending": 2,
+              "accepted": 5, "accept_errors": 0, "handoff_messages": 4, "redispatched": 1,
+              "expired": 0, "pending": 2,
               "in_flight": 1, "accept_rate": 0.5, "workers_wanted": 1, "uptime_s": 3.0,
               "rss_bytes": None, "cpu_percent": None, "open_fds": None}
     worker = {"id": 0, "state": "starting", "handed_off": 4, "acked": 3, "refused": 0, "handled": 3,
@@ -218,6 +220,7 @@ def test_exporter_serves_snapshot_and_skips_missing_values(loop: asyncio.Abstrac
         families = scrape(metrics.address)
         assert value(families, "dispatcher_scrape_error") == 0
         assert value(families, "dispatcher_redispatched") == 1
+        assert value(families, "dispatcher_handoff_messages") == 4
         assert value(families, "dispatcher_pending_connections") == 2
         assert "dispatcher_master_resident_memory_bytes" not in families
         assert per_worker(families, "dispatcher_worker_restarts") == {"0": 2}

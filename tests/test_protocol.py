@@ -26,6 +26,7 @@ from shared.protocol import (
 
 u64 = st.integers(0, 2**64 - 1)
 u32 = st.integers(0, 2**32 - 1)
+conn_ids = st.lists(u32, min_size=1, max_size=protocol.MAX_FDS).map(tuple)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
     | st.floats(allow_nan=False, allow_infinity=False),
@@ -37,8 +38,8 @@ json_values = st.recursive(
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, u32, u32),
     st.just(Ready()),
-    st.builds(Handoff, u64),
-    st.builds(Ack, u64, st.booleans()),
+    st.builds(Handoff, conn_ids),
+    st.builds(Ack, conn_ids, st.booleans()),
     st.builds(Ping, u64),
     st.builds(Pong, u64, st.dictionaries(st.text(max_size=8), json_values, max_size=4)),
     st.just(Drain()),
@@ -74,24 +75,30 @@ def test_truncated_or_extended_messages_raise_only_protocol_error(
             protocol.decode(mangled)
 
 
-@given(u64, st.booleans())
-def test_fast_ack_path_agrees_with_decode(conn_id: int, accepted: bool) -> None:
-    raw = protocol.encode_ack(conn_id, accepted)
-    assert protocol.decode_ack(raw) == (conn_id, accepted)
-    assert protocol.decode(raw) == Ack(conn_id, accepted)
-    assert protocol.encode_handoff(conn_id) == protocol.encode(Handoff(conn_id))
+@given(conn_ids, st.booleans())
+def test_fast_paths_agree_with_decode(ids: tuple[int, ...], accepted: bool) -> None:
+    raw = protocol.encode_ack(ids, accepted)
+    assert protocol.decode_ack(raw) == (ids, accepted)
+    assert protocol.decode(raw) == Ack(ids, accepted)
+    raw = protocol.encode_handoff(list(ids))
+    assert raw == protocol.encode(Handoff(ids))
+    assert protocol.decode_handoff(raw) == ids
+    assert protocol.decode(raw) == Handoff(ids)
 
 
-@given(st.binary(max_size=20))
-def test_fast_ack_path_never_accepts_what_decode_rejects(data: bytes) -> None:
+@given(st.binary(max_size=40))
+def test_fast_paths_never_accept_what_decode_rejects(data: bytes) -> None:
     if protocol.decode_ack(data) is not None:
         assert isinstance(protocol.decode(data), Ack)
+    if protocol.decode_handoff(data) is not None:
+        assert isinstance(protocol.decode(data), Handoff)
 
 
 def test_fds_expected() -> None:
-    assert protocol.fds_expected(Handoff(1)) == 1
+    assert protocol.fds_expected(Handoff((1,))) == 1
+    assert protocol.fds_expected(Handoff((1, 2, 3))) == 3
     assert protocol.fds_expected(Listen()) == 1
-    assert protocol.fds_expected(Ack(1, True)) == 0
+    assert protocol.fds_expected(Ack((1, 2), True)) == 0
     assert protocol.fds_expected(Ping(1)) == 0
 
 
@@ -100,8 +107,12 @@ def test_fds_expected() -> None:
     [
         (b"", "empty"),
         (b"\xff", "unknown message type"),
-        (bytes([protocol.MessageType.ACK]) + b"\0" * 8 + b"\x02", "0 or 1"),
-        (bytes([protocol.MessageType.HANDOFF]) + b"\0" * 3, "expected 9 bytes"),
+        (bytes([protocol.MessageType.ACK]) + b"\x02" + b"\0" * 4, "0 or 1"),
+        (bytes([protocol.MessageType.ACK, 1]), "1 to 64 ids"),
+        (bytes([protocol.MessageType.ACK, 1]) + b"\0" * 5, "1 to 64 ids"),
+        (bytes([protocol.MessageType.HANDOFF]), "1 to 64 ids"),
+        (bytes([protocol.MessageType.HANDOFF]) + b"\0" * 3, "1 to 64 ids"),
+        (bytes([protocol.MessageType.HANDOFF]) + b"\0" * 4 * 65, "1 to 64 ids"),
         (bytes([protocol.MessageType.PONG]) + b"\0" * 8 + b"[1]", "JSON object"),
         (bytes([protocol.MessageType.USER]) + b"{", "not valid JSON"),
         (bytes([protocol.MessageType.USER]) + b"\xff\xfe", "not valid JSON"),
@@ -115,7 +126,15 @@ def test_malformed_messages_say_why(data: bytes, reason: str) -> None:
 
 def test_encode_refuses_what_does_not_fit() -> None:
     with pytest.raises(ValueError):
-        protocol.encode(Handoff(-1))
+        protocol.encode(Handoff((-1,)))
+    with pytest.raises(ValueError):
+        protocol.encode(Handoff((2**32,)))
+    with pytest.raises(ValueError):
+        protocol.encode(Handoff(()))
+    with pytest.raises(ValueError):
+        protocol.encode_handoff(list(range(protocol.MAX_FDS + 1)))
+    with pytest.raises(ValueError):
+        protocol.encode_ack((), True)
     with pytest.raises(ValueError):
         protocol.encode(UserMessage(object()))
     with pytest.raises(ValueError):

@@ -32,11 +32,14 @@ def master_status(path: Path) -> dict[str, Any]:
     return status["master"]  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize(("window", "stuck"), [(1, 1), (8, 2)])
 def test_unacked_handoff_of_killed_worker_is_redispatched(
-    server_factory: type[Server], tmp_path: Path
+    server_factory: type[Server], tmp_path: Path, window: int, stuck: int
 ) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
+    server = server_factory(
+        "--app", APP, "--control", str(path), "--window", str(window), workers=2
+    ).start(ready=2)
     victim = int(ask(server.port).split()[1])  # the oldest free worker after this is the other one
     survivor = next(pid for pid in server.worker_pids() if pid != victim)
     # Round-robin: the next connection goes to the other worker, the one after to victim.
@@ -44,20 +47,52 @@ def test_unacked_handoff_of_killed_worker_is_redispatched(
     os.kill(victim, signal.SIGSTOP)
     clients = []
     try:
-        for _ in range(3):  # victim takes one and cannot ack; the rest go to the survivor
+        # Window 1 (Node): victim takes one and cannot ack, the rest go to the
+        # survivor. Window 8: turns alternate while both have room, so victim
+        # takes the first and the third.
+        for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"hi\n")
             clients.append(sock)
-        # Kill it only once the master has handed it a connection it cannot ack.
-        wait_for(lambda: master_status(path)["in_flight"] == 1 and master_status(path)["accepted"] == 5,
-                 10, "a hand-off stuck at the stopped worker")
+        # Kill it only once the master has handed it connections it cannot ack.
+        wait_for(lambda: master_status(path)["in_flight"] == stuck and master_status(path)["accepted"] == 5,
+                 10, "hand-offs stuck at the stopped worker")
         os.kill(victim, signal.SIGKILL)
         answers = [read_all(sock).split()[1] for sock in clients]
     finally:
         for sock in clients:
             sock.close()
     assert set(answers) == {str(survivor)}
-    server.wait_line(rf"pid {victim}\) killed by SIGKILL .*1 un-acked connection\(s\) re-dispatched")
+    server.wait_line(rf"pid {victim}\) killed by SIGKILL .*{stuck} un-acked connection\(s\) re-dispatched")
+
+
+def test_connections_accepted_together_travel_in_one_handoff_per_worker(
+    server_factory: type[Server], tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sock"
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
+    before = master_status(path)
+    clients = []
+    # With the master stopped, six clients complete their handshakes in the
+    # kernel's backlog; once it continues it accepts all six in one batch and
+    # deals them out, three to each worker (default window 12), one datagram per worker.
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"hi\n")
+            clients.append(sock)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    try:
+        answers = collections.Counter(read_all(sock).split()[1] for sock in clients)
+    finally:
+        for sock in clients:
+            sock.close()
+    assert sorted(answers.values()) == [3, 3]
+    after = master_status(path)
+    assert after["handed_off"] - before["handed_off"] == 6
+    assert after["handoff_messages"] - before["handoff_messages"] == 2
 
 
 def test_refused_handoff_goes_to_another_worker(server_factory: type[Server]) -> None:
@@ -88,7 +123,8 @@ def _active(pid: int) -> bool:
 
 def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=1).start(ready=1)
+    # Window 1 (Node): the stopped worker holds one hand-off, the next connection waits.
+    server = server_factory("--app", APP, "--control", str(path), "--window", "1", workers=1).start(ready=1)
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     clients = []
@@ -109,7 +145,7 @@ def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server],
 
 
 def test_pending_queue_full_pauses_accepting_and_loses_nothing(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, "--max-pending", "2", workers=1).start(ready=1)
+    server = server_factory("--app", APP, "--max-pending", "2", "--window", "1", workers=1).start(ready=1)
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     clients = []
@@ -185,7 +221,9 @@ def test_window_setting_serves_concurrent_clients(server_factory: type[Server], 
 
 
 def test_connection_waiting_too_long_is_closed(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, "--pending-timeout", "0.5", workers=1).start(ready=1)
+    server = server_factory(
+        "--app", APP, "--pending-timeout", "0.5", "--window", "1", workers=1
+    ).start(ready=1)
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     try:

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from shared import eventloop, logs
+from shared import cpu_sched, eventloop, logs
 from shared.exitcodes import ExitCode
 from worker import process
 from worker.app import AppLoadError, load
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
+    parser.add_argument("--sched", choices=cpu_sched.MODES, default=None,
+                        help="CPU scheduling policy to switch to (the master's may differ)")
     return parser.parse_args(argv)
 
 
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format, worker_id=args.id)
     # Ctrl-C reaches the whole process group; the master decides how we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.sched is not None:
+        # Before dropping privileges: switching back may need them.
+        failed = cpu_sched.apply(args.sched)
+        if failed:
+            log.warning("cannot switch to the %s CPU scheduling policy: %s", args.sched, failed)
     try:
         process.drop_privileges(args.uid, args.gid)
     except OSError as exc:

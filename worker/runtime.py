@@ -187,8 +187,8 @@ class Runtime:
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
         match message:
-            case Handoff(conn_id):
-                self._on_handoff(conn_id, fds[0])
+            case Handoff(conn_ids):
+                self._on_handoff(conn_ids, fds)
             case Listen():
                 self._on_listen(fds[0])
             case Ping(seq):
@@ -205,24 +205,25 @@ class Runtime:
                 if not self._done.done():
                     self._done.set_result(ExitCode.ERROR)
 
-    def _on_handoff(self, conn_id: int, fd: int) -> None:
-        self.handed += 1
-        if fd < 0:
-            # The kernel dropped the fd: we are out of descriptors. Refuse (the
-            # master gives the connection to another worker) and make way for
-            # a fresh process.
+    def _on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
+        count = len(conn_ids)
+        self.handed += count
+        if -1 in fds:
+            # The kernel dropped fds: we are out of descriptors. Refuse (the
+            # master gives the connections to another worker) and make way
+            # for a fresh process.
             log.error("out of file descriptors: refusing hand-offs and draining")
             self.drain()
         if self.draining or self._app is None:
-            self.refused += 1
-            if fd >= 0:
-                os.close(fd)
-            self.channel.send_bytes(protocol.encode_ack(conn_id, False))
+            self.refused += count
+            close_fds(fd for fd in fds if fd >= 0)
+            self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
-        self.acked += 1
-        self.channel.send_bytes(protocol.encode_ack(conn_id, True))
-        self._serve(socket.socket(fileno=fd))
-
+        # One ack for the whole hand-off, before any of them is read from.
+        self.acked += count
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True))
+        for fd in fds:
+            self._serve(socket.socket(fileno=fd))
     def _on_listen(self, fd: int) -> None:
         listener = socket.socket(fileno=fd)
         if self.draining:
@@ -284,6 +285,12 @@ class Runtime:
         try:
             await app.handler(reader, writer)
         finally:
+            # Send the FIN ourselves (once what is buffered is written): a
+            # close alone ends the connection only when the master's copy is
+            # closed too, which waits for it to read our ack.
+            if not writer.transport.is_closing() and writer.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.write_eof()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -335,3 +342,8 @@ def _peer(sock: socket.socket) -> Any:
 def _run_blocking(app: App, sock: socket.socket) -> None:
     with sock:
         app.handler(sock, _peer(sock))
+        if sock.fileno() >= 0:
+            # As in _run_streams: end the connection now, not when the master
+            # closes its copy.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)

@@ -40,8 +40,8 @@ class Policy(ABC):
         """
         return None
 
-    def ack(self, key: int, accepted: bool) -> None:  # noqa: B027 - optional hook
-        """Worker ``key`` answered one hand-off, freeing its capacity."""
+    def ack(self, key: int, accepted: bool, count: int = 1) -> None:  # noqa: B027 - optional hook
+        """Worker ``key`` answered ``count`` hand-offs, freeing their capacity."""
 
     @property
     @abstractmethod

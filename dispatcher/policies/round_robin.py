@@ -63,13 +63,13 @@ class RoundRobin(Policy):
             free.append(key)
         return key
 
-    def ack(self, key: int, accepted: bool) -> None:
+    def ack(self, key: int, accepted: bool, count: int = 1) -> None:
         credit = self._credit.get(key)
         if credit is None:
             return  # detached meanwhile: its slots went with it
-        if credit >= self.window:
+        if credit + count > self.window:
             raise ValueError(f"worker {key} acked more hand-offs than it was given")
-        self._credit[key] = credit + 1
+        self._credit[key] = credit + count
         if credit == 0:
             self._free.append(key)
 

@@ -1,0 +1,61 @@
+"""The master's CPU scheduling policy (``--master-sched``), read back from the kernel."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shared import cpu_sched
+from tests.conftest import Server, ask
+
+APP = "tests.apps.handlers:pid"
+
+
+def policy_of(pid: int) -> int:
+    return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((), os.SCHED_BATCH),
+    (("--master-sched", "batch"), os.SCHED_BATCH),
+    (("--master-sched", "normal"), os.SCHED_OTHER),
+])
+def test_master_runs_under_the_chosen_policy_and_workers_under_the_default(
+    server_factory: type[Server], args: tuple[str, ...], expected: int
+) -> None:
+    server = server_factory("--app", APP, *args, workers=2).start(ready=2)
+    assert policy_of(server.pid) == expected
+    # Workers are started after the master switched, and do not inherit it.
+    assert [policy_of(pid) for pid in server.worker_pids()] == [os.SCHED_OTHER] * 2
+    name = "batch" if expected == os.SCHED_BATCH else "normal"
+    assert f"policy round-robin (window 12, master sched {name})" in server.log
+    assert ask(server.port).split()[1]
+
+
+def test_workers_restarted_later_do_not_inherit_it(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, workers=1).start(ready=1)
+    (first,) = server.worker_pids()
+    os.kill(first, 9)
+    server.wait_line(r"worker 0 \(pid \d+\) ready")
+    (second,) = server.worker_pids()
+    assert second != first and policy_of(second) == os.SCHED_OTHER
+    assert policy_of(server.pid) == os.SCHED_BATCH
+
+
+def test_shared_accept_leaves_the_master_alone(server_factory: type[Server]) -> None:
+    server = server_factory("--app", APP, "--policy", "shared", workers=1).start(ready=1)
+    assert policy_of(server.pid) == os.SCHED_OTHER
+
+
+def test_apply_and_current_in_process() -> None:
+    before = os.sched_getscheduler(0)
+    try:
+        assert cpu_sched.apply("batch") is None
+        assert cpu_sched.current() == "batch"
+        assert cpu_sched.apply("normal") is None
+        assert cpu_sched.current() == "normal"
+        with pytest.raises(ValueError, match="unknown scheduling mode"):
+            cpu_sched.apply("fifo")
+    finally:
+        os.sched_setscheduler(0, before, os.sched_param(0))
