@@ -252,6 +252,8 @@ def _commands(args: argparse.Namespace, settings: Settings, chosen: Sequence[Wor
     for w in chosen:
         server = wrk_bench.server_command(w.workers, "POLICY", control, app=w.app)
         lines += [f"# {w.key}: {w.title}", shlex.join([python, *server[1:]])]
+        if settings.round_robin_args:
+            lines.append(f"#   round-robin adds: {shlex.join(settings.round_robin_args)}")
         lines += [load_description(settings, w), ""]
     if args.reload:
         for app in RELOAD_APPS:

@@ -207,7 +207,7 @@ def _master_families(master: dict[str, Any]) -> Iterator[Metric]:
         ("dispatcher_handoff_messages", "handoff_messages",
          "Hand-off datagrams the master sent (each carries one or more connections)"),
         ("dispatcher_redispatched", "redispatched",
-         "Un-acked connections handed to another worker after theirs died"),
+         "Connections put back in line for another worker (theirs died un-acked or refused them)"),
         ("dispatcher_expired", "expired", "Connections closed after waiting too long for a worker"),
     ]
     for name, key, documentation in counters:

@@ -42,7 +42,6 @@ from collections.abc import Callable
 
 from dispatcher.policies import Policy
 from dispatcher.worker_process import WorkerProcess
-from shared.protocol import MAX_FDS
 
 log = logging.getLogger("master")
 
@@ -158,40 +157,38 @@ class Scheduler:
         worker.staged.append((fd, accepted_at))
 
     def flush(self) -> None:
-        """Send every staged connection: one hand-off per worker (per ``MAX_FDS``)."""
+        """Send every staged connection: one hand-off datagram per worker."""
         while self._dirty:
             dirty, self._dirty = self._dirty, []
-            returned = False
+            returned: list[tuple[int, float]] = []
             for worker in dirty:
+                # At most a window of connections: the policy caps it at MAX_FDS.
                 batch, worker.staged = worker.staged, []
-                for start in range(0, len(batch), MAX_FDS):
-                    if not self._send(worker, batch[start : start + MAX_FDS]):
-                        returned = True
-            if returned and self._pending:
-                self.pump()  # they went back in line: other workers may take them
+                if batch and not self._send(worker, batch):
+                    returned += batch
+            if returned:
+                # First in line again, oldest first (a stable sort keeps the
+                # dealing order among those accepted together).
+                returned.sort(key=lambda conn: conn[1])
+                self._pending.extendleft(reversed(returned))
+                self.pump()  # other workers may take them
 
     def _send(self, worker: WorkerProcess, batch: list[tuple[int, float]]) -> bool:
-        """Hand ``batch`` to ``worker`` in one datagram; False if it went back to the queue instead."""
-        if worker.key not in self._workers:
-            # Stopped meanwhile (a failed send to it earlier in this flush).
-            self._pending.extendleft(reversed(batch))
-            return False
+        """Hand ``batch`` to ``worker`` in one datagram; False if not sent (the caller re-queues it)."""
         try:
             worker.channel.send_handoff([fd for fd, _ in batch])
         except BlockingIOError:
-            # The channel is full (of messages the worker has yet to read):
-            # the connections go back first in line, and the slots they took
-            # stay taken until the channel drains, so this worker is not
-            # chosen again and again meanwhile. Health pings catch a worker
-            # that never reads again.
-            self._pending.extendleft(reversed(batch))
+            # The channel is full (of messages the worker has yet to read).
+            # The slots the batch took, with every other free slot of this
+            # worker, stay taken until the channel drains, so it is not
+            # chosen again meanwhile. Health pings catch a worker that never
+            # reads again.
             if not worker.blocked_slots:
                 worker.channel.when_writable(functools.partial(self._unblocked, worker))
-            worker.blocked_slots += len(batch)
+            worker.blocked_slots += len(batch) + self._policy.hold(worker.key)
             return False
         except OSError as exc:
-            # Not sent: the connections are still only ours, first in line again.
-            self._pending.extendleft(reversed(batch))
+            # Not sent: the connections are still only ours.
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
                 self._on_fault(worker, f"hand-off could not be sent: {exc}")
@@ -255,18 +252,17 @@ class Scheduler:
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None:
         """Handle ``worker``'s answer to the hand-off of ``conn_ids``."""
         inflight = worker.inflight
-        answered: list[tuple[int, float]] = []
         for conn_id in conn_ids:
-            accepted_at = inflight.pop(conn_id, None)
-            if accepted_at is None:
-                # Not ours to close (never given, or named twice): nothing of
-                # this ack is believed.
-                for done in answered:
-                    inflight[done[0]] = done[1]
+            if conn_id not in inflight:
                 self.stop_sending(worker)
                 self._on_fault(worker, f"ack for connection {conn_id} it was not given")
                 return
-            answered.append((conn_id, accepted_at))
+        if len(conn_ids) > 1 and len(set(conn_ids)) < len(conn_ids):
+            self.stop_sending(worker)
+            self._on_fault(worker, f"ack naming a connection twice: {conn_ids}")
+            return
+        # Checked first, so a bad ack changes nothing (not even the order).
+        answered = [(conn_id, inflight.pop(conn_id)) for conn_id in conn_ids]
         count = len(answered)
         self.inflight -= count
         if accepted:

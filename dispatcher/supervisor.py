@@ -41,6 +41,7 @@ from dispatcher.policies import Policy
 from dispatcher.scheduler import Scheduler
 from dispatcher.stats import Totals
 from dispatcher.worker_process import WorkerProcess, spawn
+from shared import protocol
 from shared.channel import PEER_CLOSED, close_fds
 from shared.exitcodes import ExitCode
 from shared.protocol import Drain, Error, Hello, Listen, Message, Pong, Ready, UserMessage
@@ -154,7 +155,8 @@ class Supervisor:
     def _worker_args(self) -> list[str]:
         config = self.config
         args = ["--app", config.app, "--log-level", config.log_level,
-                "--log-format", config.log_format, "--loop", config.loop]
+                "--log-format", config.log_format, "--loop", config.loop,
+                "--protocol", str(protocol.VERSION)]
         if config.threads is not None:
             args += ["--threads", str(config.threads)]
         if config.uid is not None:

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, Final
 
+#: Changes with any change to the wire format. The master passes it to each
+#: worker it starts, and a worker refuses to run under a master of another
+#: version (after an upgrade on disk, a reload starts new-code workers under
+#: the old master). 2: hand-offs and acks carry several connections.
+VERSION: Final = 2
+
 #: Largest datagram either side sends or accepts. JSON bodies beyond this are
 #: refused at encode time; a larger datagram on the wire is a peer error.
 MAX_MESSAGE_BYTES: Final = 64 * 1024
@@ -79,9 +85,11 @@ class Handoff:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Worker to master: the connections of one hand-off taken (or refused while draining).
+    """Worker to master: connections taken (or refused while draining), by id.
 
-    An ack answers exactly one ``Handoff``, all of its ids with one verdict.
+    The worker answers each ``Handoff`` with one ack naming all of its ids,
+    with one verdict. The master checks that every id is one it handed to
+    that worker and has not yet seen answered.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.ACK

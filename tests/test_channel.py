@@ -244,3 +244,42 @@ def test_any_frames_leave_no_fd_behind(
                 os.close(fd)
     channel.close()
     assert open_fds() == before
+
+
+def test_a_handoff_with_no_free_fd_slot_arrives_with_every_fd_marked_missing(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """No fd installed at all: no ancillary data, only MSG_CTRUNC; still a hand-off, and the channel lives."""
+    before = open_fds()
+    a, b = socketpair()
+    master = Channel(a, loop, Recorder().on_message, Recorder().on_closed)
+    rec = Recorder()
+    worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
+    sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+        with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        master.send_handoff(sent)
+        run_until(loop, lambda: rec.handoffs or rec.closed)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert rec.handoffs == [(tuple(sent), [-1, -1])]
+    assert not rec.closed and not rec.messages and not worker.closed
+    # Still open: the next hand-off arrives whole.
+    master.send_handoff(sent[:1])
+    run_until(loop, lambda: len(rec.handoffs) == 2 or rec.closed)
+    (ids, fds) = rec.handoffs[1]
+    assert ids == (sent[0],) and len(fds) == 1 and fds[0] >= 0 and not rec.closed
+    os.close(fds[0])
+    for fd in sent:
+        os.close(fd)
+    master.close()
+    worker.close()
+    assert open_fds() == before

@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from dispatcher import policies
 from dispatcher.policies import ReusePort, RoundRobin, SharedAccept
+from shared import protocol
 
 
 def test_oldest_free_worker_gets_the_next_connection() -> None:
@@ -147,3 +148,55 @@ class RoundRobinMachine(RuleBasedStateMachine):
 
 
 TestRoundRobinMachine = RoundRobinMachine.TestCase
+
+
+def test_an_ack_of_several_rejoins_the_line_once() -> None:
+    rr = RoundRobin(window=3)
+    rr.attach(1)
+    rr.attach(2)
+    assert [rr.choose() for _ in range(6)] == [1, 2] * 3
+    rr.ack(1, True, 3)  # one ack answering a hand-off of three
+    rr.ack(2, True, 1)
+    assert (rr.in_flight(1), rr.in_flight(2)) == (0, 2)
+    # In line once each, 1 first: had 1 joined three times it would not give way to 2.
+    assert [rr.choose() for _ in range(5)] == [1, 2, 1, 1, None]
+    rr.ack(2, True, 1)
+    rr.ack(2, True, 2)  # credit already free: 2 is in line and stays there once
+    assert [rr.choose() for _ in range(4)] == [2, 2, 2, None]
+
+
+def test_an_ack_of_more_than_were_handed_off_is_an_error() -> None:
+    rr = RoundRobin(window=3)
+    rr.attach(1)
+    rr.choose()
+    rr.choose()
+    with pytest.raises(ValueError):
+        rr.ack(1, True, 3)  # 1 free + 3 > 3
+    assert rr.in_flight(1) == 2  # nothing given back
+    rr.ack(1, False, 2)
+    assert rr.in_flight(1) == 0
+
+
+def test_hold_takes_every_free_slot_until_ack_gives_them_back() -> None:
+    rr = RoundRobin(window=3)
+    rr.attach(1)
+    rr.attach(2)
+    assert rr.choose() == 1
+    assert rr.hold(1) == 2  # its two free slots
+    assert rr.in_flight(1) == 3
+    assert [rr.choose() for _ in range(4)] == [2, 2, 2, None]  # 1 is never chosen
+    assert rr.hold(1) == 0  # nothing left to take; not in line, no error
+    assert rr.hold(2) == 0
+    assert rr.hold(9) == 0  # not attached
+    rr.ack(1, True, 3)  # the held slots and the hand-off's
+    assert rr.in_flight(1) == 0
+    assert [rr.choose() for _ in range(4)] == [1, 1, 1, None]
+    assert rr.detach(1) is False  # held or not, detach leaves the line consistent
+    rr.ack(2, True, 1)
+    assert rr.choose() == 2
+
+
+def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:
+    assert RoundRobin(window=protocol.MAX_FDS).window == 64
+    with pytest.raises(ValueError, match="window must be 1 to 64"):
+        RoundRobin(window=65)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
+import resource
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,9 +26,11 @@ async def streams_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.write(b"bye\n")
 
 
-def blocking_answer(sock: socket.socket, peer: Any) -> None:
-    sock.recv(100)
-    sock.sendall(b"bye\n")
+async def streams_answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readline()
+    writer.write(b"bye\n")
+    writer.close()
+    await writer.wait_closed()
 
 
 def next_ack(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
@@ -47,7 +53,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-@pytest.mark.parametrize("handler", [streams_answer, blocking_answer], ids=["streams", "blocking"])
+@pytest.mark.parametrize("handler", [streams_answer, streams_answer_and_close], ids=["returns", "closes"])
 def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_copy(
     loop: asyncio.AbstractEventLoop, handler: Callable[..., Any]
 ) -> None:
@@ -110,6 +116,67 @@ def test_a_draining_worker_refuses_the_whole_handoff(loop: asyncio.AbstractEvent
         # One refusal naming all three.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
         # The worker closed its copies: the connections are the master's alone.
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        runtime.shutdown()
+        master_end.close()
+        for left, right in conns:
+            left.close()
+            right.close()
+
+
+@pytest.mark.parametrize("given", [[], ["--protocol", str(protocol.VERSION - 1)]], ids=["none", "older"])
+def test_a_worker_refuses_a_master_of_another_protocol_version(given: list[str]) -> None:
+    """New code on disk, old master: the reloaded workers say so and exit instead of misreading it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--id", "0", "--channel-fd", "0", "--master-pid", str(os.getpid()),
+         "--app", "examples.hello:handler", *given],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 3
+    assert f"this worker speaks protocol {protocol.VERSION}" in proc.stderr
+    assert "restart the master" in proc.stderr
+
+
+def test_a_handoff_beyond_the_fd_limit_is_refused_whole_and_the_worker_drains(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Out of descriptors, a worker refuses every connection of the hand-off and makes way for a fresh one."""
+    master_end, worker_end = socketpair()
+    runtime = Runtime(0, worker_end, loop, threads=None)
+    runtime.start(classify("test:handler", streams_answer))
+    conns = [socket.socketpair() for _ in range(3)]
+    masters = [left.fileno() for left, _ in conns]
+    before = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        try:
+            highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+            with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
+                while True:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+            os.close(fillers.pop())  # room for exactly one of the three
+            master_end.sendmsg(
+                [protocol.encode_handoff(masters)],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
+            )
+
+            async def handled() -> None:
+                while not runtime.handed:
+                    await asyncio.sleep(0)  # let the channel's reader run
+
+            loop.run_until_complete(asyncio.wait_for(handled(), 10))
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # One refusal naming all three, though one fd did arrive.
+        assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
+        assert runtime.draining
+        assert (runtime.handed, runtime.acked, runtime.refused) == (3, 0, 3)
+        # The fd that did arrive was closed: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         runtime.shutdown()

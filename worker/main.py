@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from shared import cpu_sched, eventloop, logs
+from shared import cpu_sched, eventloop, logs, protocol
 from shared.exitcodes import ExitCode
 from worker import process
 from worker.app import AppLoadError, load
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=logs.LEVELS, default="info")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text")
     parser.add_argument("--loop", choices=eventloop.CHOICES, default="auto")
+    parser.add_argument("--protocol", type=int, default=None,
+                        help="the wire protocol version the master speaks (shared.protocol.VERSION)")
     parser.add_argument("--sched", choices=cpu_sched.MODES, default=None,
                         help="CPU scheduling policy to switch to (the master's may differ)")
     return parser.parse_args(argv)
@@ -71,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format, worker_id=args.id)
     # Ctrl-C reaches the whole process group; the master decides how we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.protocol != protocol.VERSION:
+        # New code on disk under an old master: a reload starts workers from
+        # the new code, but the master's own code is only replaced by a restart.
+        log.error(
+            "this worker speaks protocol %d and its master %s; restart the master "
+            "(a reload replaces only the workers) to run this version",
+            protocol.VERSION, f"protocol {args.protocol}" if args.protocol else "an older one",
+        )
+        return ExitCode.WORKER_BOOT_FAILED
     if args.sched is not None:
         # Before dropping privileges: switching back may need them.
         failed = cpu_sched.apply(args.sched)

@@ -223,7 +223,13 @@ class Runtime:
         self.acked += count
         self.channel.send_bytes(protocol.encode_ack(conn_ids, True))
         for fd in fds:
-            self._serve(socket.socket(fileno=fd))
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:  # not a socket after all: nothing to serve
+                log.error("hand-off fd %d is unusable: %s", fd, exc)
+                os.close(fd)
+                continue
+            self._serve(sock)
     def _on_listen(self, fd: int) -> None:
         listener = socket.socket(fileno=fd)
         if self.draining:
@@ -281,16 +287,14 @@ class Runtime:
         self._maybe_finish()
 
     async def _run_streams(self, app: App, sock: socket.socket) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+        loop = self._loop
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.connect_accepted_socket(lambda: stream_protocol, sock=sock)
+        writer = _EndingWriter(transport, stream_protocol, reader, loop)
         try:
             await app.handler(reader, writer)
         finally:
-            # Send the FIN ourselves (once what is buffered is written): a
-            # close alone ends the connection only when the master's copy is
-            # closed too, which waits for it to read our ack.
-            if not writer.transport.is_closing() and writer.can_write_eof():
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.write_eof()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -332,6 +336,22 @@ class Runtime:
         }
 
 
+class _EndingWriter(asyncio.StreamWriter):
+    """A StreamWriter whose ``close`` sends the FIN itself, once what is buffered is written.
+
+    A close alone ends a TCP connection only when every copy of the socket is
+    closed, and the master holds one until it reads this worker's ack; under
+    load that can be a scheduling slice after a short handler has finished.
+    Covers the handler's own ``writer.close()`` and ours after it returns.
+    """
+
+    def close(self) -> None:
+        if not self.transport.is_closing() and self.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.write_eof()
+        super().close()
+
+
 def _peer(sock: socket.socket) -> Any:
     try:
         return sock.getpeername()
@@ -340,10 +360,8 @@ def _peer(sock: socket.socket) -> Any:
 
 
 def _run_blocking(app: App, sock: socket.socket) -> None:
+    # A plain close, no shutdown: a blocking handler may have given the socket
+    # to a child process that still writes to it. So the FIN goes out once the
+    # master has closed its copy too (when it reads the ack).
     with sock:
         app.handler(sock, _peer(sock))
-        if sock.fileno() >= 0:
-            # As in _run_streams: end the connection now, not when the master
-            # closes its copy.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)

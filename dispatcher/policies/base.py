@@ -43,6 +43,13 @@ class Policy(ABC):
     def ack(self, key: int, accepted: bool, count: int = 1) -> None:  # noqa: B027 - optional hook
         """Worker ``key`` answered ``count`` hand-offs, freeing their capacity."""
 
+    def hold(self, key: int) -> int:
+        """Take all of worker ``key``'s free capacity (its channel is full); return how much.
+
+        ``ack`` gives it back. Until then the worker is not chosen.
+        """
+        return 0
+
     @property
     @abstractmethod
     def workers(self) -> int:

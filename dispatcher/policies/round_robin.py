@@ -20,6 +20,7 @@ import contextlib
 from typing import ClassVar
 
 from dispatcher.policies.base import Policy
+from shared.protocol import MAX_FDS
 
 
 class RoundRobin(Policy):
@@ -27,8 +28,9 @@ class RoundRobin(Policy):
     master_accepts: ClassVar[bool] = True
 
     def __init__(self, window: int = 1) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        if not 1 <= window <= MAX_FDS:
+            # A worker's whole window fits in one hand-off datagram.
+            raise ValueError(f"window must be 1 to {MAX_FDS}")
         self.window = window
         self._free: collections.deque[int] = collections.deque()
         self._credit: dict[int, int] = {}
@@ -72,6 +74,13 @@ class RoundRobin(Policy):
         self._credit[key] = credit + count
         if credit == 0:
             self._free.append(key)
+
+    def hold(self, key: int) -> int:
+        credit = self._credit.get(key, 0)
+        if credit:
+            self._credit[key] = 0
+            self._free.remove(key)  # it had a free slot, so it is in line
+        return credit
 
     @property
     def workers(self) -> int:

@@ -1,0 +1,549 @@
+"""The scheduler with real worker processes, channels and connections: where every fd goes.
+
+Each worker is a real (idle) child process with its pidfd and a real
+SOCK_SEQPACKET channel; the test holds the worker's end, reads the hand-offs
+off it and answers them. Connections are real socketpairs: the master's end
+goes to the scheduler, the test keeps the client's end to see when the last
+copy of the connection is closed.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import gc
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dispatcher.policies import RoundRobin
+from dispatcher.scheduler import Scheduler
+from dispatcher.worker_process import WorkerProcess
+from shared import protocol
+from shared.channel import close_fds, fds_from_ancillary, socketpair
+from shared.protocol import Message
+
+#: Stuffed into a channel to fill it: not a hand-off.
+FILLER = b"\xf0"
+_ANC = socket.CMSG_SPACE(protocol.MAX_FDS * array.array("i").itemsize)
+
+
+def open_fds() -> int:
+    gc.collect()  # sockets only the collector closes
+    return len(os.listdir("/proc/self/fd"))
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def same_file(a: int, b: int) -> bool:
+    first, second = os.fstat(a), os.fstat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+class Events:
+    """The ``WorkerEvents`` of the master, recorded; acks go on to the scheduler, as in the supervisor."""
+
+    def __init__(self) -> None:
+        self.scheduler: Scheduler | None = None
+        self.acks: list[tuple[WorkerProcess, tuple[int, ...], bool]] = []
+        self.messages: list[tuple[WorkerProcess, Message]] = []
+        self.closed: list[tuple[WorkerProcess, str]] = []
+        self.exits: list[WorkerProcess] = []
+
+    def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None:
+        self.messages.append((worker, message))
+        close_fds(fds)
+
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None:
+        self.acks.append((worker, conn_ids, accepted))
+        assert self.scheduler is not None
+        self.scheduler.on_ack(worker, conn_ids, accepted)
+
+    def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None:
+        self.closed.append((worker, reason))
+
+    def on_exit(self, worker: WorkerProcess) -> None:
+        self.exits.append(worker)
+
+
+class Rig:
+    """A scheduler over real workers; ``close`` ends every process and closes every fd."""
+
+    def __init__(self, window: int, max_pending: int, pending_timeout_s: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.events = Events()
+        self.faults: list[tuple[WorkerProcess, str]] = []
+        self.refusals: list[WorkerProcess] = []
+        self.limits: list[WorkerProcess] = []
+        self.policy = RoundRobin(window)
+        self.scheduler = Scheduler(
+            self.policy, max_pending, pending_timeout_s,
+            on_fault=lambda worker, why: self.faults.append((worker, why)),
+            on_refused=self.refusals.append,
+            on_limit=self.limits.append,
+        )
+        self.events.scheduler = self.scheduler
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: list[WorkerProcess] = []
+        self.masters: dict[int, socket.socket] = {}  # key -> the master's end of the channel
+        self.ends: dict[int, socket.socket] = {}  # key -> the worker's end, read by the test
+        self.clients: list[socket.socket] = []
+        self.client_of: dict[int, socket.socket] = {}  # the master's fd -> the client's end
+        self.fillers_read = 0
+
+    def add_workers(self, count: int, attach: bool = True, max_requests: int = 0) -> list[WorkerProcess]:
+        added = []
+        for _ in range(count):
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            self.procs.append(proc)
+            pidfd = os.pidfd_open(proc.pid)
+            master_end, worker_end = socketpair()
+            worker_end.setblocking(False)
+            slot = len(self.workers)
+            worker = WorkerProcess(slot, 100 + slot, proc, pidfd, master_end, self.loop, self.events)
+            worker.max_requests = max_requests
+            self.workers.append(worker)
+            self.masters[worker.key] = master_end
+            self.ends[worker.key] = worker_end
+            added.append(worker)
+        if attach:
+            for worker in added:
+                self.scheduler.attach(worker)
+        return added
+
+    def connections(self, count: int) -> list[int]:
+        """``count`` accepted connections: the master's fds, for the scheduler to own."""
+        fds = []
+        for _ in range(count):
+            server, client = socket.socketpair()
+            client.setblocking(False)
+            fd = server.detach()
+            self.clients.append(client)
+            self.client_of[fd] = client
+            fds.append(fd)
+        return fds
+
+    def client_sees_eof(self, fd: int) -> bool:
+        """True once no copy of connection ``fd`` is open anywhere (master or worker)."""
+        try:
+            return self.client_of[fd].recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    def handoffs(self, worker: WorkerProcess) -> list[tuple[int, ...]]:
+        """The hand-offs waiting at ``worker``'s end, oldest first, by their ids.
+
+        Each fd that came is checked to be the very connection its id names (the
+        master's fd of that number), then closed: the test plays a worker that
+        took it. Fillers are counted and skipped.
+        """
+        end = self.ends[worker.key]
+        found: list[tuple[int, ...]] = []
+        while True:
+            try:
+                data, ancdata, flags, _ = end.recvmsg(protocol.MAX_MESSAGE_BYTES, _ANC)
+            except BlockingIOError:
+                return found
+            fds, unexpected = fds_from_ancillary(ancdata)
+            try:
+                assert not unexpected and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+                if data == FILLER:
+                    assert not fds
+                    self.fillers_read += 1
+                    continue
+                ids = protocol.decode_handoff(data)
+                assert ids is not None, data
+                assert len(fds) == len(ids)
+                for conn_id, fd in zip(ids, fds, strict=True):
+                    assert same_file(conn_id, fd)
+                found.append(ids)
+            finally:
+                close_fds(fds)
+
+    def fill(self, worker: WorkerProcess) -> int:
+        """Send fillers to ``worker`` until its channel takes no more; return how many."""
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.masters[worker.key].send(FILLER)
+                count += 1
+        return count
+
+    def run_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        async def waiter() -> None:
+            while not predicate():
+                await asyncio.sleep(0)  # let the loop's reader and writer callbacks run
+
+        self.loop.run_until_complete(asyncio.wait_for(waiter(), timeout))
+
+    def close(self) -> None:
+        try:
+            # The connections the scheduler still owns: in flight, dealt, queued.
+            for worker in self.workers:
+                close_fds([*worker.inflight, *(fd for fd, _ in worker.staged)])
+                worker.inflight.clear()
+                worker.staged = []
+            self.scheduler.close_pending()
+            for worker in self.workers:
+                worker.channel.close()
+                self.ends[worker.key].close()
+                os.close(worker.pidfd)
+            for client in self.clients:
+                client.close()
+        finally:
+            for proc in self.procs:
+                proc.kill()  # by its pid
+                proc.wait(timeout=10)
+            self.loop.close()
+
+
+@pytest.fixture
+def make_rig() -> Iterator[Callable[..., Rig]]:
+    before = open_fds()
+    rigs: list[Rig] = []
+
+    def make(window: int, max_pending: int = 64, pending_timeout_s: float = 10.0) -> Rig:
+        rig = Rig(window, max_pending, pending_timeout_s)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+    assert open_fds() == before
+
+
+def test_a_burst_goes_out_as_one_handoff_per_worker_dealt_in_turn(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    fds = rig.connections(6)
+    scheduler.submit(fds, 100.0)
+    # One datagram each, the connections dealt one per worker in turn.
+    assert rig.handoffs(a) == [tuple(fds[0::2])]
+    assert rig.handoffs(b) == [tuple(fds[1::2])]
+    assert (scheduler.handoff_messages, scheduler.handed_off, scheduler.inflight) == (2, 6, 6)
+    assert scheduler.pending == 0
+    assert a.inflight == dict.fromkeys(fds[0::2], 100.0) and b.inflight == dict.fromkeys(fds[1::2], 100.0)
+    assert (a.handed_off, b.handed_off) == (3, 3)
+    assert rig.policy.in_flight(a.key) == rig.policy.in_flight(b.key) == 3
+    # Un-acked, every connection is still the master's too.
+    assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
+
+
+def test_beyond_the_window_connections_wait_and_go_out_oldest_first_on_ack(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=2)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    first = rig.connections(4)
+    scheduler.submit(first, 1.0)
+    waiting = rig.connections(3)
+    scheduler.submit(waiting, 2.0)
+    assert scheduler.pending == 3
+    assert rig.handoffs(a) == [(first[0], first[2])]
+    assert rig.handoffs(b) == [(first[1], first[3])]
+    scheduler.on_ack(b, (first[1], first[3]), True)
+    # b's two freed slots take the two oldest waiting, in one hand-off.
+    assert rig.handoffs(b) == [(waiting[0], waiting[1])]
+    assert rig.handoffs(a) == []
+    assert scheduler.pending == 1
+    assert b.inflight == dict.fromkeys(waiting[:2], 2.0)
+    assert scheduler.handoff_messages == 3 and scheduler.handed_off == 6
+
+
+def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=2)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    fds = rig.connections(4)
+    scheduler.submit(fds, 1.0)
+    (ids,) = rig.handoffs(a)
+    assert rig.handoffs(b) == [tuple(fds[1::2])]
+    assert rig.policy.in_flight(a.key) == 2
+    # The worker answers over its channel; the master's loop reads the ack.
+    rig.ends[a.key].send(protocol.encode_ack(ids, True))
+    rig.run_until(lambda: scheduler.acked == 2)
+    assert rig.events.acks == [(a, ids, True)]
+    for fd in ids:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        assert rig.client_sees_eof(fd)  # no copy left anywhere
+    for fd in fds[1::2]:
+        assert is_open(fd) and not rig.client_sees_eof(fd)
+    assert a.inflight == {} and a.acked == 2 and scheduler.inflight == 2
+    assert rig.policy.in_flight(a.key) == 0
+    # The freed credit: a (b is full) takes the next two.
+    more = rig.connections(2)
+    scheduler.submit(more, 2.0)
+    assert rig.handoffs(a) == [tuple(more)]
+    assert rig.handoffs(b) == []
+    assert rig.faults == [] and rig.limits == [] and rig.refusals == []
+
+
+# name -> (the ack's ids from a's hand-off and b's) -> (the ack, the fault it causes)
+BAD_ACKS: dict[str, Callable[[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], str]]] = {
+    "unknown id": lambda mine, others: (
+        (mine[0], 999_999), "ack for connection 999999 it was not given"),
+    "same id twice": lambda mine, others: (
+        (mine[0], mine[0]), f"ack naming a connection twice: {(mine[0], mine[0])}"),
+    "same id twice, apart": lambda mine, others: (
+        (mine[0], mine[1], mine[0]), f"ack naming a connection twice: {(mine[0], mine[1], mine[0])}"),
+    "another worker's id": lambda mine, others: (
+        (mine[0], others[0]), f"ack for connection {others[0]} it was not given"),
+}
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "refused"])
+@pytest.mark.parametrize("bad", list(BAD_ACKS))
+def test_an_ack_naming_a_connection_not_given_is_not_believed_at_all(
+    make_rig: Callable[..., Rig], bad: str, accepted: bool
+) -> None:
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    fds = rig.connections(4)
+    scheduler.submit(fds, 1.0)
+    (mine,) = rig.handoffs(a)
+    (others,) = rig.handoffs(b)
+    ids, fault = BAD_ACKS[bad](mine, others)
+    scheduler.on_ack(a, ids, accepted)
+    assert rig.faults == [(a, fault)]
+    # Nothing of it believed: no fd closed, nothing re-queued, nothing counted.
+    assert a.inflight == dict.fromkeys(mine, 1.0) and b.inflight == dict.fromkeys(others, 1.0)
+    assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
+    assert (scheduler.inflight, scheduler.acked, scheduler.refused, scheduler.redispatched) == (4, 0, 0, 0)
+    assert (a.acked, a.refused, scheduler.pending) == (0, 0, 0)
+    assert rig.refusals == [] and rig.limits == []
+    # The worker is sent nothing more.
+    assert rig.policy.workers == 1
+    more = rig.connections(2)
+    scheduler.submit(more, 2.0)
+    assert rig.handoffs(a) == []
+    assert rig.handoffs(b) == [tuple(more)]
+
+
+def test_a_refused_handoff_goes_first_in_line_in_its_order_to_another_worker(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=2)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    first = rig.connections(4)
+    scheduler.submit(first, 1.0)
+    waiting = rig.connections(2)
+    scheduler.submit(waiting, 2.0)
+    (refused,) = rig.handoffs(a)
+    (b_ids,) = rig.handoffs(b)
+    assert scheduler.pending == 2
+    scheduler.on_ack(a, refused, False)
+    assert rig.refusals == [a] and rig.faults == []
+    assert (a.refused, scheduler.refused, scheduler.redispatched) == (2, 2, 2)
+    assert a.inflight == {} and scheduler.inflight == 2 and scheduler.pending == 4
+    assert rig.policy.workers == 1  # a (draining) is sent nothing more
+    # Still the master's: the worker closed only its own copies.
+    assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in refused)
+    scheduler.on_ack(b, b_ids, True)
+    # Ahead of the ones that waited, in their order, with their accept time.
+    assert rig.handoffs(b) == [refused]
+    assert b.inflight == dict.fromkeys(refused, 1.0)
+    scheduler.on_ack(b, refused, True)
+    assert rig.handoffs(b) == [tuple(waiting)]
+    assert rig.handoffs(a) == []
+    assert all(rig.client_sees_eof(fd) for fd in refused)
+    assert scheduler.pending == 0 and scheduler.acked == 4
+
+
+def test_a_batched_ack_past_max_requests_calls_on_limit_once(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=4)
+    (a,) = rig.add_workers(1, max_requests=3)
+    scheduler = rig.scheduler
+    fds = rig.connections(4)
+    scheduler.submit(fds, 1.0)
+    assert rig.handoffs(a) == [tuple(fds)]
+    scheduler.on_ack(a, (fds[0],), True)
+    assert rig.limits == []
+    scheduler.on_ack(a, tuple(fds[1:]), True)  # 1 -> 4, past 3 without landing on it
+    assert rig.limits == [a]
+    more = rig.connections(2)
+    scheduler.submit(more, 2.0)
+    (ids,) = rig.handoffs(a)
+    scheduler.on_ack(a, ids, True)
+    assert rig.limits == [a] and a.acked == 6
+
+
+def test_a_full_channel_holds_the_worker_until_it_drains(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=2)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    filled = rig.fill(a)
+    assert filled > 0
+    first = rig.connections(2)
+    scheduler.submit(first, 1.0)
+    # a's hand-off met EAGAIN: back in line, and b, which had room, took it.
+    assert rig.handoffs(b) == [(first[1],), (first[0],)]
+    assert a.inflight == {} and a.handed_off == 0 and scheduler.handoff_messages == 2
+    # Its slot, and its other free slot, are held: it is not chosen meanwhile.
+    assert a.blocked_slots == 2 and rig.policy.in_flight(a.key) == 2
+    later = rig.connections(2)
+    scheduler.submit(later, 2.0)
+    assert scheduler.pending == 2  # a held, b full
+    assert a.blocked_slots == 2 and a.handed_off == 0
+    assert rig.faults == [] and rig.events.closed == []
+    # The worker reads its channel (fillers only: no hand-off got through).
+    assert rig.handoffs(a) == []
+    assert rig.fillers_read == filled
+    # Writable again: a's slots come back and what waited goes to it.
+    rig.run_until(lambda: scheduler.pending == 0)
+    assert rig.handoffs(a) == [tuple(later)]
+    assert a.blocked_slots == 0 and rig.policy.in_flight(a.key) == 2
+    assert a.inflight == dict.fromkeys(later, 2.0)
+    scheduler.on_ack(a, tuple(later), True)
+    assert rig.policy.in_flight(a.key) == 0
+    assert all(rig.client_sees_eof(fd) for fd in later)
+
+
+@pytest.mark.parametrize("unread", [False, True], ids=["EPIPE", "ECONNRESET"])
+def test_a_gone_worker_gives_the_handoff_back_first_in_line_without_a_fault(
+    make_rig: Callable[..., Rig], unread: bool
+) -> None:
+    rig = make_rig(window=5)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    if unread:
+        rig.masters[a.key].send(FILLER)  # it dies with a message unread: ECONNRESET, then EPIPE
+    rig.ends[a.key].close()
+    fds = rig.connections(4)
+    scheduler.submit(fds, 1.0)
+    # a's share came back first in line and went to b, in its order.
+    assert rig.handoffs(b) == [(fds[1], fds[3]), (fds[0], fds[2])]
+    assert rig.faults == []  # the worker is exiting: its pidfd will say so
+    assert a.inflight == {} and a.handed_off == 0 and rig.policy.workers == 1
+    assert b.inflight == dict.fromkeys([fds[1], fds[3], fds[0], fds[2]], 1.0)
+    assert (scheduler.handoff_messages, scheduler.inflight, scheduler.pending) == (2, 4, 0)
+    assert all(is_open(fd) for fd in fds)
+    # Nothing more is tried on a (another try would meet EPIPE, still not a fault).
+    more = rig.connections(1)
+    scheduler.submit(more, 2.0)
+    assert rig.handoffs(b) == [tuple(more)]
+    assert rig.faults == [] and scheduler.handoff_messages == 3
+
+
+def test_forget_requeues_unacked_connections_first_in_line_with_their_accept_times(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=3)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    early = rig.connections(2)
+    scheduler.submit(early, 100.0)
+    late = rig.connections(1)
+    scheduler.submit(late, 200.0)
+    assert rig.handoffs(a) == [(early[0],), (late[0],)]
+    assert rig.handoffs(b) == [(early[1],)]
+    assert scheduler.forget(a) == 2
+    assert a.inflight == {} and rig.policy.workers == 1 and scheduler.redispatched == 2
+    # Re-dispatched at once to b, oldest first, in one hand-off, with their accept times.
+    assert rig.handoffs(b) == [(early[0], late[0])]
+    assert b.inflight == {early[1]: 100.0, early[0]: 100.0, late[0]: 200.0}
+    assert scheduler.pending == 0 and scheduler.inflight == 3
+    assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in [*early, *late])
+    # b is full now: the next waits, behind nothing re-queued.
+    more = rig.connections(1)
+    scheduler.submit(more, 300.0)
+    assert scheduler.pending == 1 and rig.handoffs(b) == []
+
+
+def test_forget_with_no_worker_left_keeps_them_queued_for_the_next(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=1)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    first = rig.connections(2)
+    scheduler.submit(first, 1.0)
+    waiting = rig.connections(1)
+    scheduler.submit(waiting, 2.0)
+    rig.handoffs(a)
+    rig.handoffs(b)
+    assert scheduler.forget(a) == 1
+    assert scheduler.forget(b) == 1
+    assert scheduler.pending == 3 and scheduler.inflight == 0
+    (c,) = rig.add_workers(1, attach=False)
+    scheduler.attach(c)
+    # A re-queued one goes first (window 1), ahead of the one that waited all along.
+    (ids,) = rig.handoffs(c)
+    assert len(ids) == 1 and ids[0] in first
+    assert c.inflight == {ids[0]: 1.0} and scheduler.pending == 2
+
+
+def test_expire_closes_only_connections_waiting_longer_than_the_timeout(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=1, pending_timeout_s=10.0)
+    (a,) = rig.add_workers(1)
+    scheduler = rig.scheduler
+    handed = rig.connections(1)
+    scheduler.submit(handed, 50.0)
+    old = rig.connections(2)
+    scheduler.submit(old, 0.0)
+    new = rig.connections(1)
+    scheduler.submit(new, 8.0)
+    assert rig.handoffs(a) == [tuple(handed)]
+    # Refused: first in line again, though accepted after the ones behind it.
+    scheduler.on_ack(a, tuple(handed), False)
+    assert scheduler.pending == 4
+    rooms: list[int] = []
+    scheduler.on_room = lambda: rooms.append(scheduler.pending)
+    assert scheduler.expire(15.0) == 2  # accepted at or before 5.0: only the two old ones
+    for fd in old:
+        assert not is_open(fd) and rig.client_sees_eof(fd)
+    for fd in (*handed, *new):
+        assert is_open(fd) and not rig.client_sees_eof(fd)
+    assert scheduler.pending == 2 and scheduler.expired == 2 and rooms == [2]
+    assert scheduler.expire(15.0) == 0
+    assert scheduler.close_pending() == 2
+    assert scheduler.pending == 0
+    for fd in (*handed, *new):
+        assert not is_open(fd) and rig.client_sees_eof(fd)
+
+
+def test_a_disbelieved_ack_leaves_the_handoff_order_as_it_was(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=4)
+    (a,) = rig.add_workers(1)
+    (b,) = rig.add_workers(1, attach=False)
+    scheduler = rig.scheduler
+    fds = rig.connections(3)
+    scheduler.submit(fds, 1.0)
+    assert rig.handoffs(a) == [tuple(fds)]
+    scheduler.on_ack(a, (fds[0], fds[0]), True)
+    assert len(rig.faults) == 1
+    # The supervisor kills it; its exit gives its connections back, oldest first.
+    scheduler.forget(a)
+    scheduler.attach(b)
+    assert rig.handoffs(b) == [tuple(fds)]
+
+
+def test_handoffs_that_all_meet_a_full_channel_keep_the_oldest_first(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=2)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    rig.fill(a)
+    rig.fill(b)
+    fds = rig.connections(4)
+    scheduler.submit(fds, 1.0)
+    assert scheduler.pending == 4 and scheduler.handoff_messages == 0
+    assert rig.handoffs(a) == []  # a reads its channel; b still does not
+    rig.run_until(lambda: scheduler.pending == 2)
+    (got,) = rig.handoffs(a)
+    assert got[0] == fds[0]  # the oldest goes first
