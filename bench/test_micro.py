@@ -71,7 +71,7 @@ def test_encode_handoff_general(benchmark: BenchmarkFixture) -> None:
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode_ack(benchmark: BenchmarkFixture, batch: int) -> None:
     data = protocol.encode_ack(_ids(batch), True)
-    assert benchmark(protocol.decode_ack, data) == (tuple(_ids(batch)), True)
+    assert benchmark(protocol.decode_ack, data) == (tuple(_ids(batch)), True, 0)
 
 
 def test_decode_ack_general(benchmark: BenchmarkFixture) -> None:
@@ -117,7 +117,7 @@ def test_handoff_round_trip(
     view = memoryview(buf)
     received: list[int] = []
 
-    def round_trip() -> tuple[tuple[int, ...], bool] | None:
+    def round_trip() -> tuple[tuple[int, ...], bool, int] | None:
         # Master: hand off.
         master.sendmsg(
             (protocol.encode_handoff(fds),), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)),)
@@ -130,13 +130,13 @@ def test_handoff_round_trip(
         conn_ids = protocol.decode_handoff(data)
         if unexpected or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or conn_ids is None:
             raise AssertionError(f"bad hand-off: {data!r}, flags {flags}, {len(got)} fd(s)")
-        worker.send(protocol.encode_ack(conn_ids, True))
+        worker.send(protocol.encode_ack(conn_ids, True, len(conn_ids)))
         # Master: read the ack.
         n, _, _, _ = master.recvmsg_into((view,), _ANC_SIZE)
         return protocol.decode_ack(buf, n)
 
     try:
-        assert benchmark(round_trip) == (tuple(fds), True)
+        assert benchmark(round_trip) == (tuple(fds), True, batch)
     finally:
         view.release()
         for conn in conns:

@@ -249,8 +249,8 @@ class Scheduler:
             self.flush()
         return count
 
-    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None:
-        """Handle ``worker``'s answer to the hand-off of ``conn_ids``."""
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
+        """Handle ``worker``'s answer to the hand-off of ``conn_ids``; it now holds ``load`` connections."""
         inflight = worker.inflight
         for conn_id in conn_ids:
             if conn_id not in inflight:
@@ -273,6 +273,7 @@ class Scheduler:
             self.acked += count
             if before < worker.max_requests <= worker.acked:
                 self._on_limit(worker)
+            self._policy.report(worker.key, load)
             self._policy.ack(worker.key, True, count)
         else:
             worker.refused += count

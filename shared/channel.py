@@ -57,7 +57,7 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 PEER_CLOSED = "peer closed the channel"
 
 OnMessage = Callable[[Message, list[int]], None]
-OnAck = Callable[[tuple[int, ...], bool], None]
+OnAck = Callable[[tuple[int, ...], bool, int], None]
 OnClosed = Callable[[str], None]
 OnHandoff = Callable[[tuple[int, ...], list[int]], None]
 

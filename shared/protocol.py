@@ -95,6 +95,8 @@ class Ack:
     TYPE: ClassVar[MessageType] = MessageType.ACK
     conn_ids: tuple[int, ...]
     accepted: bool
+    #: Connections the worker holds once it has taken these (its load, for the policy).
+    load: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +150,13 @@ class Listen:
 Message = Hello | Ready | Handoff | Ack | Ping | Pong | Drain | Error | UserMessage | Listen
 
 _HELLO = struct.Struct("!BII")
-# Hand-off: type, then one uint32 id per fd. Ack: type, accepted flag, ids.
+# Hand-off: type, then one uint32 id per fd. Ack: type, accepted flag, load
+# (uint32), ids.
 _ID_SIZE: Final = 4  # each id is a uint32, network order
 _IDS: Final = tuple(struct.Struct(f"!{n}I") for n in range(MAX_FDS + 1))
 _HANDOFF_HEAD = 1
-_ACK_HEAD = 2
+_ACK_LOAD = struct.Struct("!I")
+_ACK_HEAD = 2 + _ACK_LOAD.size
 _SEQ = struct.Struct("!BQ")
 _ERROR = struct.Struct("!BH")
 _TYPE_ONLY = struct.Struct("!B")
@@ -194,8 +198,8 @@ def encode(message: Message) -> bytes:
         match message:
             case Handoff(conn_ids):
                 return encode_handoff(conn_ids)
-            case Ack(conn_ids, accepted):
-                return encode_ack(conn_ids, accepted)
+            case Ack(conn_ids, accepted, load):
+                return encode_ack(conn_ids, accepted, load)
             case Ping(seq):
                 return _SEQ.pack(MessageType.PING, seq)
             case Pong(seq, stats):
@@ -240,14 +244,14 @@ def encode_handoff(conn_ids: tuple[int, ...] | list[int]) -> bytes:
         raise ValueError(f"cannot encode hand-off {conn_ids!r}: {exc}") from exc
 
 
-def encode_ack(conn_ids: tuple[int, ...] | list[int], accepted: bool) -> bytes:
-    """``encode(Ack(conn_ids, accepted))`` without building the message object.
+def encode_ack(conn_ids: tuple[int, ...] | list[int], accepted: bool, load: int = 0) -> bytes:
+    """``encode(Ack(conn_ids, accepted, load))`` without building the message object.
 
     Raises:
-        ValueError: as ``encode_handoff``.
+        ValueError: as ``encode_handoff``, or a load outside 0..2**32-1.
     """
     try:
-        return _pack_ids(_ACK_PREFIXES[accepted], conn_ids)
+        return _pack_ids(_ACK_PREFIXES[accepted] + _ACK_LOAD.pack(load), conn_ids)
     except struct.error as exc:
         raise ValueError(f"cannot encode ack {conn_ids!r}: {exc}") from exc
 
@@ -260,8 +264,8 @@ def _ids_in(data: bytes | bytearray, head: int, size: int) -> tuple[int, ...] | 
     return ids
 
 
-def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[tuple[int, ...], bool] | None:
-    """Return ``(conn_ids, accepted)`` if ``data[:size]`` is a well-formed ack, else None.
+def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[tuple[int, ...], bool, int] | None:
+    """Return ``(conn_ids, accepted, load)`` if ``data[:size]`` is a well-formed ack, else None.
 
     The master's hot path tries this before the general ``decode``; ``size``
     lets it pass its receive buffer without copying the datagram out.
@@ -270,7 +274,7 @@ def decode_ack(data: bytes | bytearray, size: int | None = None) -> tuple[tuple[
         size = len(data)
     count, rest = divmod(size - _ACK_HEAD, _ID_SIZE)
     if not rest and 0 < count <= MAX_FDS and data[0] == _ACK_TYPE and data[1] <= 1:
-        return _IDS[count].unpack_from(data, _ACK_HEAD), data[1] == 1
+        return _IDS[count].unpack_from(data, _ACK_HEAD), data[1] == 1, _ACK_LOAD.unpack_from(data, 2)[0]
     return None
 
 
@@ -316,7 +320,7 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("ack: accepted flag must be 0 or 1")
         ack = decode_ack(data)
         if ack is None:
-            raise ProtocolError(f"ack: needs a flag and 1 to {MAX_FDS} ids of {_ID_SIZE} bytes")
+            raise ProtocolError(f"ack: needs a flag, a load and 1 to {MAX_FDS} ids of {_ID_SIZE} bytes")
         return Ack(*ack)
     if kind == MessageType.HANDOFF:
         ids = decode_handoff(data)

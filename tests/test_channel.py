@@ -28,15 +28,15 @@ def open_fds() -> int:
 class Recorder:
     def __init__(self) -> None:
         self.messages: list[tuple[Message, list[int]]] = []
-        self.acks: list[tuple[tuple[int, ...], bool]] = []
+        self.acks: list[tuple[tuple[int, ...], bool, int]] = []
         self.handoffs: list[tuple[tuple[int, ...], list[int]]] = []
         self.closed: list[str] = []
 
     def on_message(self, message: Message, fds: list[int]) -> None:
         self.messages.append((message, fds))
 
-    def on_ack(self, conn_ids: tuple[int, ...], accepted: bool) -> None:
-        self.acks.append((conn_ids, accepted))
+    def on_ack(self, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
+        self.acks.append((conn_ids, accepted, load))
 
     def on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
         self.handoffs.append((conn_ids, fds))
@@ -131,11 +131,11 @@ def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     a, b = socketpair()
     rec = Recorder()
     master = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
-    b.send(protocol.encode_ack((5,), True))
+    b.send(protocol.encode_ack((5,), True, 3))
     b.send(protocol.encode_ack((6, 7, 8), False))
     b.send(protocol.encode(Ping(1)))
     run_until(loop, lambda: rec.messages)
-    assert rec.acks == [((5,), True), ((6, 7, 8), False)]
+    assert rec.acks == [((5,), True, 3), ((6, 7, 8), False, 0)]
     assert rec.messages == [(Ping(1), [])]
     master.close()
     b.close()

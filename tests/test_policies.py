@@ -99,7 +99,7 @@ def test_create_by_name() -> None:
 
 
 class RoundRobinMachine(RuleBasedStateMachine):
-    """Any sequence of attach, detach, choose and ack keeps the window and FIFO promises."""
+    """Any sequence of attach, detach, report, choose and ack keeps the window and least-loaded promises."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,6 +107,7 @@ class RoundRobinMachine(RuleBasedStateMachine):
         self.rr = RoundRobin(self.window)
         self.attached: set[int] = set()
         self.unacked: collections.Counter[int] = collections.Counter()
+        self.load: dict[int, int] = {}
         self.next_key = 0
 
     @rule()
@@ -120,7 +121,15 @@ class RoundRobinMachine(RuleBasedStateMachine):
     def detach(self, data: st.DataObject) -> None:
         key = data.draw(st.sampled_from(sorted(self.attached)))
         self.attached.discard(key)
+        self.load.pop(key, None)
         assert self.rr.detach(key) == (not self.attached)
+
+    @precondition(lambda self: self.attached)
+    @rule(data=st.data(), load=st.integers(0, 6))
+    def report(self, data: st.DataObject, load: int) -> None:
+        key = data.draw(st.sampled_from(sorted(self.attached)))
+        self.rr.report(key, load)
+        self.load[key] = load
 
     @rule(exclude=st.none() | st.integers(0, 8))
     def choose(self, exclude: int | None) -> None:
@@ -130,6 +139,10 @@ class RoundRobinMachine(RuleBasedStateMachine):
             assert not free
         else:
             assert key in free
+            # The least loaded as the master knows it: its report plus what it was sent since.
+            def estimate(k: int) -> int:
+                return self.load.get(k, 0) + self.unacked[k]
+            assert estimate(key) == min(estimate(k) for k in free)
             self.unacked[key] += 1
 
     @precondition(lambda self: any(self.unacked.values()))
@@ -158,8 +171,9 @@ def test_an_ack_of_several_rejoins_the_line_once() -> None:
     rr.ack(1, True, 3)  # one ack answering a hand-off of three
     rr.ack(2, True, 1)
     assert (rr.in_flight(1), rr.in_flight(2)) == (0, 2)
-    # In line once each, 1 first: had 1 joined three times it would not give way to 2.
-    assert [rr.choose() for _ in range(5)] == [1, 2, 1, 1, None]
+    # 1 holds fewer (0 un-acked against 2) until they are level, then they
+    # take turns; 1 has exactly its three slots back, no more.
+    assert [rr.choose() for _ in range(5)] == [1, 1, 2, 1, None]
     rr.ack(2, True, 1)
     rr.ack(2, True, 2)  # credit already free: 2 is in line and stays there once
     assert [rr.choose() for _ in range(4)] == [2, 2, 2, None]
@@ -200,3 +214,36 @@ def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:
     assert RoundRobin(window=protocol.MAX_FDS).window == 64
     with pytest.raises(ValueError, match="window must be 1 to 64"):
         RoundRobin(window=65)
+
+
+def test_the_least_loaded_free_worker_goes_first() -> None:
+    rr = RoundRobin(window=4)
+    for key in (1, 2, 3):
+        rr.attach(key)
+    rr.report(1, 5)  # 1 said it holds five connections (CPU-bound work queued)
+    rr.report(2, 1)
+    # 3 (holding 0) first; then 2 and 3 level, in turn; 1 waits while they hold fewer.
+    assert [rr.choose() for _ in range(8)] == [3, 2, 3, 2, 3, 2, 3, 2]
+    assert rr.in_flight(3) == 4 and rr.in_flight(2) == 4  # both at their window
+    assert rr.choose() == 1
+    rr.detach(1)
+    rr.report(1, 0)  # from a detached worker: ignored
+    assert rr.choose() is None
+
+
+def test_a_late_acker_catches_up_in_a_burst() -> None:
+    """A worker that acks late was sent less, so it goes first once it acks: a burst comes out even."""
+    rr = RoundRobin(window=2)
+    for key in (1, 2):
+        rr.attach(key)
+    dealt = collections.Counter(rr.choose() for _ in range(4))
+    assert dealt == {1: 2, 2: 2}
+    for _ in range(3):  # 1 acks at once, again and again; 2 has not had a CPU yet
+        rr.report(1, rr.in_flight(1) + dealt[1])
+        rr.ack(1, True, rr.in_flight(1))
+        key = rr.choose()
+        assert key == 1
+        dealt[key] += 1
+    rr.report(2, 2)
+    rr.ack(2, True, 2)  # 2 finally acks: it holds 2 against 1's 5
+    assert [rr.choose(), rr.choose()] == [2, 2]

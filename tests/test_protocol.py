@@ -39,7 +39,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, u32, u32),
     st.just(Ready()),
     st.builds(Handoff, conn_ids),
-    st.builds(Ack, conn_ids, st.booleans()),
+    st.builds(Ack, conn_ids, st.booleans(), u32),
     st.builds(Ping, u64),
     st.builds(Pong, u64, st.dictionaries(st.text(max_size=8), json_values, max_size=4)),
     st.just(Drain()),
@@ -75,11 +75,11 @@ def test_truncated_or_extended_messages_raise_only_protocol_error(
             protocol.decode(mangled)
 
 
-@given(conn_ids, st.booleans())
-def test_fast_paths_agree_with_decode(ids: tuple[int, ...], accepted: bool) -> None:
-    raw = protocol.encode_ack(ids, accepted)
-    assert protocol.decode_ack(raw) == (ids, accepted)
-    assert protocol.decode(raw) == Ack(ids, accepted)
+@given(conn_ids, st.booleans(), u32)
+def test_fast_paths_agree_with_decode(ids: tuple[int, ...], accepted: bool, load: int) -> None:
+    raw = protocol.encode_ack(ids, accepted, load)
+    assert protocol.decode_ack(raw) == (ids, accepted, load)
+    assert protocol.decode(raw) == Ack(ids, accepted, load)
     raw = protocol.encode_handoff(list(ids))
     assert raw == protocol.encode(Handoff(ids))
     assert protocol.decode_handoff(raw) == ids
@@ -107,9 +107,10 @@ def test_fds_expected() -> None:
     [
         (b"", "empty"),
         (b"\xff", "unknown message type"),
-        (bytes([protocol.MessageType.ACK]) + b"\x02" + b"\0" * 4, "0 or 1"),
+        (bytes([protocol.MessageType.ACK]) + b"\x02" + b"\0" * 8, "0 or 1"),
         (bytes([protocol.MessageType.ACK, 1]), "1 to 64 ids"),
-        (bytes([protocol.MessageType.ACK, 1]) + b"\0" * 5, "1 to 64 ids"),
+        (bytes([protocol.MessageType.ACK, 1]) + b"\0" * 4, "1 to 64 ids"),
+        (bytes([protocol.MessageType.ACK, 1]) + b"\0" * 9, "1 to 64 ids"),
         (bytes([protocol.MessageType.HANDOFF]), "1 to 64 ids"),
         (bytes([protocol.MessageType.HANDOFF]) + b"\0" * 3, "1 to 64 ids"),
         (bytes([protocol.MessageType.HANDOFF]) + b"\0" * 4 * 65, "1 to 64 ids"),

@@ -102,10 +102,10 @@ def test_replaced_worker_gets_the_graceful_timeout_and_no_more(server_factory: t
 def test_acks_a_dead_worker_sent_after_a_bad_frame_still_count() -> None:
     loop = asyncio.new_event_loop()
     a, b = socketpair()
-    acks: list[tuple[tuple[int, ...], bool]] = []
+    acks: list[tuple[tuple[int, ...], bool, int]] = []
     closed: list[str] = []
     channel = Channel(a, loop, lambda m, fds: None, closed.append,
-                      on_ack=lambda c, ok: acks.append((c, ok)))
+                      on_ack=lambda c, ok, load: acks.append((c, ok, load)))
     b.send(b"\xff bad")
     for conn_id in (1, 2, 3):
         b.send(protocol.encode_ack((conn_id,), True))
@@ -114,6 +114,6 @@ def test_acks_a_dead_worker_sent_after_a_bad_frame_still_count() -> None:
     channel._on_readable()  # the bad frame: the channel fails
     assert closed and "protocol error" in closed[0]
     channel.read_acks_of_dead_peer()
-    assert acks == [((1,), True), ((2,), True), ((3,), True)]
+    assert acks == [((1,), True, 0), ((2,), True, 0), ((3,), True, 0)]
     channel.close()
     loop.close()

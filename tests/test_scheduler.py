@@ -65,10 +65,10 @@ class Events:
         self.messages.append((worker, message))
         close_fds(fds)
 
-    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool) -> None:
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
         self.acks.append((worker, conn_ids, accepted))
         assert self.scheduler is not None
-        self.scheduler.on_ack(worker, conn_ids, accepted)
+        self.scheduler.on_ack(worker, conn_ids, accepted, load)
 
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None:
         self.closed.append((worker, reason))

@@ -219,9 +219,10 @@ class Runtime:
             close_fds(fd for fd in fds if fd >= 0)
             self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
-        # One ack for the whole hand-off, before any of them is read from.
+        # One ack for the whole hand-off, before any of them is read from,
+        # with how many connections we hold then (the master's load figure).
         self.acked += count
-        self.channel.send_bytes(protocol.encode_ack(conn_ids, True))
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, len(self._tasks) + count))
         for fd in fds:
             try:
                 sock = socket.socket(fileno=fd)

@@ -43,6 +43,9 @@ class Policy(ABC):
     def ack(self, key: int, accepted: bool, count: int = 1) -> None:  # noqa: B027 - optional hook
         """Worker ``key`` answered ``count`` hand-offs, freeing their capacity."""
 
+    def report(self, key: int, load: int) -> None:  # noqa: B027 - optional hook
+        """Worker ``key`` said it holds ``load`` connections (with its latest ack)."""
+
     def hold(self, key: int) -> int:
         """Take all of worker ``key``'s free capacity (its channel is full); return how much.
 

@@ -1,4 +1,4 @@
-"""Round-robin (Node's SCHED_RR): the oldest free worker gets the next connection.
+"""Round-robin (Node's SCHED_RR): free workers take connections in turn, the least loaded first.
 
 Each worker has ``window`` slots (Node: 1). A hand-off takes a slot and the
 worker's ack gives it back, so a worker never holds more than ``window``
@@ -8,9 +8,21 @@ connections.
 Workers with a free slot wait in one FIFO, each at most once: the one
 chosen goes to the back of the line if it still has a free slot, and a
 worker whose ack frees its first slot joins at the back. With a window of
-1 that is exactly Node's queue of free workers; with a larger window a
-burst is dealt out one connection per worker in turn, not ``window`` to
-the first worker.
+1 and equal loads that is exactly Node's queue of free workers; with a
+larger window a burst is dealt out one connection per worker in turn, not
+``window`` to the first worker.
+
+Node hands the next connection to the first free worker in line. Here it
+goes to the free worker with the fewest connections, as far as the master
+knows: what the worker said it held in its last ack (``report``) plus what
+it was sent since (its un-acked hand-offs); the first in line among equals.
+Two things that otherwise depend on which worker got a CPU first come out
+even this way: a burst is spread by count, since a worker that acks late
+has been sent less and goes first once it acks; and a worker that has
+connections queued behind CPU-bound work is passed over while another
+holds fewer, so connections do not wait behind it. A report is refreshed
+with every ack, so it is stale only for a worker that is not being sent
+anything, and that worker is chosen as soon as the others hold more.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ class RoundRobin(Policy):
         self.window = window
         self._free: collections.deque[int] = collections.deque()
         self._credit: dict[int, int] = {}
+        self._load: dict[int, int] = {}
 
     def attach(self, key: int) -> None:
         if key in self._credit:
@@ -42,6 +55,7 @@ class RoundRobin(Policy):
         self._free.append(key)
 
     def detach(self, key: int) -> bool:
+        self._load.pop(key, None)
         if self._credit.pop(key, None) is not None:
             with contextlib.suppress(ValueError):  # not in line: it had no free slot
                 self._free.remove(key)
@@ -51,19 +65,41 @@ class RoundRobin(Policy):
         free = self._free
         if not free:
             return None
-        key = free[0]
-        if key == exclude:
-            if len(free) == 1:
+        credit = self._credit
+        if len(free) == 1:
+            key = free[0]
+            if key == exclude:
                 return None
-            key = free[1]
-            del free[1]
-        else:
             free.popleft()
-        credit = self._credit[key] - 1
-        self._credit[key] = credit
-        if credit:
+        else:
+            # The least loaded, the first in line among equals. O(workers),
+            # and a worker count is small.
+            load = self._load
+            window = self.window
+            chosen: int | None = None
+            best = 0
+            for candidate in free:
+                if candidate == exclude:
+                    continue
+                estimate = load.get(candidate, 0) + window - credit[candidate]
+                if chosen is None or estimate < best:
+                    chosen, best = candidate, estimate
+            if chosen is None:
+                return None
+            key = chosen
+            if free[0] == key:
+                free.popleft()
+            else:
+                free.remove(key)
+        left = credit[key] - 1
+        credit[key] = left
+        if left:
             free.append(key)
         return key
+
+    def report(self, key: int, load: int) -> None:
+        if key in self._credit:
+            self._load[key] = load
 
     def ack(self, key: int, accepted: bool, count: int = 1) -> None:
         credit = self._credit.get(key)
