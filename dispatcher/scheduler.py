@@ -249,6 +249,10 @@ class Scheduler:
             self.flush()
         return count
 
+    def report_load(self, worker: WorkerProcess, load: int) -> None:
+        """``worker`` said (in a pong) that it holds ``load`` connections."""
+        self._policy.report(worker.key, load)
+
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
         """Handle ``worker``'s answer to the hand-off of ``conn_ids``; it now holds ``load`` connections."""
         inflight = worker.inflight

@@ -269,6 +269,9 @@ class Supervisor:
         match message:
             case Pong():
                 self.health.on_pong(worker, message)
+                # Keeps the policy's load figure fresh for a worker that is
+                # sent nothing (acks carry it otherwise).
+                self.scheduler.report_load(worker, int(worker.reported.get("active", 0)))
                 self._check_limits_of(worker)
             case UserMessage(payload):
                 for handler in list(self.message_handlers):

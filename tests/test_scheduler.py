@@ -242,6 +242,30 @@ def test_a_burst_goes_out_as_one_handoff_per_worker_dealt_in_turn(make_rig: Call
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
 
 
+def test_loads_from_acks_and_pongs_steer_connections_to_the_least_loaded(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    first = rig.connections(2)
+    scheduler.submit(first, 1.0)
+    assert rig.handoffs(a) == [(first[0],)] and rig.handoffs(b) == [(first[1],)]
+    # a's ack says it holds 3 connections; b's says 1.
+    scheduler.on_ack(a, (first[0],), True, 3)
+    scheduler.on_ack(b, (first[1],), True, 1)
+    more = rig.connections(3)
+    scheduler.submit(more, 2.0)
+    assert rig.handoffs(b) == [tuple(more[:2])]  # b until it holds as many as a
+    assert rig.handoffs(a) == [(more[2],)]
+    # A pong saying a is idle now puts it first.
+    scheduler.report_load(a, 0)
+    last = rig.connections(2)
+    scheduler.submit(last, 3.0)
+    assert rig.handoffs(a) == [tuple(last)]
+    assert rig.handoffs(b) == []
+
+
 def test_beyond_the_window_connections_wait_and_go_out_oldest_first_on_ack(
     make_rig: Callable[..., Rig],
 ) -> None:
