@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from dispatcher.config import DEFAULT_WINDOW
 from dispatcher.policies.round_robin import RoundRobin
 from shared import protocol
 from shared.channel import close_fds, fds_from_ancillary
@@ -149,19 +150,25 @@ def test_handoff_round_trip(
 # The policy
 
 
-def test_round_robin_choose_ack(benchmark: BenchmarkFixture) -> None:
-    """One connection's bookkeeping in the default policy: choose a worker, then its ack."""
-    policy = RoundRobin(window=1)
-    for key in (1, 2):
+@pytest.mark.parametrize("workers", [2, 8])
+def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> None:
+    """One connection's bookkeeping in the default policy: choose a worker, then its ack with its load.
+
+    The default window (12), so every worker is free and ``choose`` weighs them all.
+    """
+    policy = RoundRobin(window=DEFAULT_WINDOW)
+    keys = range(1, workers + 1)
+    for key in keys:
         policy.attach(key)
     chosen: list[int] = []
 
     def step() -> None:
         key = policy.choose()
         assert key is not None
+        policy.report(key, 1)
         policy.ack(key, True)
         chosen.append(key)
 
     benchmark(step)
-    assert set(chosen) == {1, 2}
-    assert all(policy.in_flight(key) == 0 for key in (1, 2))
+    assert set(chosen) == set(keys)
+    assert all(policy.in_flight(key) == 0 for key in keys)

@@ -252,6 +252,7 @@ class Master:
     def _tick(self) -> None:
         self.accept_rate.update(self.acceptor.accepted if self.acceptor else 0)
         self.supervisor.check_boot(time.monotonic())
+        self.scheduler.age_loads()
         expired = self.scheduler.expire(time.monotonic())
         if expired:
             log.warning(

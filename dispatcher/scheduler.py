@@ -71,6 +71,8 @@ class Scheduler:
         self._workers: dict[int, WorkerProcess] = {}
         # Workers with staged connections, in the order they were first dealt one.
         self._dirty: list[WorkerProcess] = []
+        # Keys of workers whose load figure was reported since ``age_loads`` last ran.
+        self._fresh: set[int] = set()
         self._pending: collections.deque[tuple[int, float]] = collections.deque()
         self.max_pending = max_pending
         self.pending_timeout_s = pending_timeout_s
@@ -252,6 +254,20 @@ class Scheduler:
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """``worker`` said (in a pong) that it holds ``load`` connections."""
         self._policy.report(worker.key, load)
+        self._fresh.add(worker.key)
+
+    def age_loads(self) -> None:
+        """Forget load figures not refreshed since the last call (the master's 1 s tick).
+
+        A worker that is sent nothing neither acks nor, with pings off,
+        reports: a figure from its last ack (taken when it was busiest) would
+        keep it passed over after its connections ended. Forgotten, it counts
+        as holding none but its un-acked hand-offs; its next ack corrects that.
+        """
+        for key in self._workers:
+            if key not in self._fresh:
+                self._policy.report(key, 0)
+        self._fresh.clear()
 
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
         """Handle ``worker``'s answer to the hand-off of ``conn_ids``; it now holds ``load`` connections."""
@@ -278,6 +294,7 @@ class Scheduler:
             if before < worker.max_requests <= worker.acked:
                 self._on_limit(worker)
             self._policy.report(worker.key, load)
+            self._fresh.add(worker.key)
             self._policy.ack(worker.key, True, count)
         else:
             worker.refused += count

@@ -266,6 +266,26 @@ def test_loads_from_acks_and_pongs_steer_connections_to_the_least_loaded(
     assert rig.handoffs(b) == []
 
 
+def test_a_load_figure_not_refreshed_for_a_tick_is_forgotten(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    first = rig.connections(2)
+    scheduler.submit(first, 1.0)
+    rig.handoffs(a), rig.handoffs(b)
+    scheduler.on_ack(a, (first[0],), True, 6)  # a was busy then
+    scheduler.on_ack(b, (first[1],), True, 0)
+    scheduler.age_loads()  # both reported since the last tick: kept
+    more = rig.connections(1)
+    scheduler.submit(more, 2.0)
+    assert rig.handoffs(b) == [tuple(more)] and rig.handoffs(a) == []
+    scheduler.on_ack(b, tuple(more), True, 1)
+    scheduler.age_loads()  # a has said nothing for a tick: its 6 is forgotten, b's 1 kept
+    last = rig.connections(1)
+    scheduler.submit(last, 3.0)
+    assert rig.handoffs(a) == [tuple(last)] and rig.handoffs(b) == []
+
+
 def test_beyond_the_window_connections_wait_and_go_out_oldest_first_on_ack(
     make_rig: Callable[..., Rig],
 ) -> None:

@@ -100,6 +100,35 @@ def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_cop
             right.close()
 
 
+async def custom_server(worker: Any) -> None:
+    async for sock, _ in worker.connections():
+        sock.close()
+
+
+def test_a_custom_server_reports_no_load(loop: asyncio.AbstractEventLoop) -> None:
+    """Its connections are the app's: the policy gets no figure from it and deals to it in turn."""
+    master_end, worker_end = socketpair()
+    runtime = Runtime(0, worker_end, loop, threads=None)
+    runtime.start(classify("test:serve", custom_server))
+    conns = [socket.socketpair() for _ in range(2)]
+    masters = [left.fileno() for left, _ in conns]
+    try:
+        loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
+        master_end.sendmsg(
+            [protocol.encode_handoff(masters)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
+        )
+        assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 0)
+        runtime.drain()  # the server's iteration ends, and with it the server
+        loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+    finally:
+        runtime.shutdown()
+        master_end.close()
+        for left, right in conns:
+            left.close()
+            right.close()
+
+
 def test_a_draining_worker_refuses_the_whole_handoff(loop: asyncio.AbstractEventLoop) -> None:
     master_end, worker_end = socketpair()
     runtime = Runtime(0, worker_end, loop, threads=None)

@@ -220,9 +220,11 @@ class Runtime:
             self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
         # One ack for the whole hand-off, before any of them is read from,
-        # with how many connections we hold then (the master's load figure).
+        # with how many connections we hold then (the master's load figure;
+        # a custom server's connections are the app's, so it reports none).
         self.acked += count
-        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, len(self._tasks) + count))
+        load = 0 if self._app.kind is HandlerKind.SERVER else len(self._tasks) + count
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, load))
         for fd in fds:
             try:
                 sock = socket.socket(fileno=fd)
@@ -231,6 +233,7 @@ class Runtime:
                 os.close(fd)
                 continue
             self._serve(sock)
+
     def _on_listen(self, fd: int) -> None:
         listener = socket.socket(fileno=fd)
         if self.draining:
