@@ -71,8 +71,10 @@ class Scheduler:
         self._workers: dict[int, WorkerProcess] = {}
         # Workers with staged connections, in the order they were first dealt one.
         self._dirty: list[WorkerProcess] = []
-        # Keys of workers whose load figure was reported since ``age_loads`` last ran.
+        # Keys of workers whose load figure was reported since ``age_loads`` last
+        # ran, and in the run before.
         self._fresh: set[int] = set()
+        self._recent: set[int] = set()
         self._pending: collections.deque[tuple[int, float]] = collections.deque()
         self.max_pending = max_pending
         self.pending_timeout_s = pending_timeout_s
@@ -257,17 +259,19 @@ class Scheduler:
         self._fresh.add(worker.key)
 
     def age_loads(self) -> None:
-        """Forget load figures not refreshed since the last call (the master's 1 s tick).
+        """Forget load figures not refreshed over the last two calls (the master's 1 s tick).
 
         A worker that is sent nothing neither acks nor, with pings off,
         reports: a figure from its last ack (taken when it was busiest) would
         keep it passed over after its connections ended. Forgotten, it counts
         as holding none but its un-acked hand-offs; its next ack corrects that.
+        Two ticks, not one: with pings on, a pong lands in every such span
+        whatever the timers' phase, so a real figure is never forgotten.
         """
         for key in self._workers:
-            if key not in self._fresh:
+            if key not in self._fresh and key not in self._recent:
                 self._policy.report(key, 0)
-        self._fresh.clear()
+        self._recent, self._fresh = self._fresh, set()
 
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
         """Handle ``worker``'s answer to the hand-off of ``conn_ids``; it now holds ``load`` connections."""

@@ -280,7 +280,12 @@ def test_a_load_figure_not_refreshed_for_a_tick_is_forgotten(make_rig: Callable[
     scheduler.submit(more, 2.0)
     assert rig.handoffs(b) == [tuple(more)] and rig.handoffs(a) == []
     scheduler.on_ack(b, tuple(more), True, 1)
-    scheduler.age_loads()  # a has said nothing for a tick: its 6 is forgotten, b's 1 kept
+    scheduler.age_loads()  # a said nothing for a tick, but did in the one before: kept
+    fill = rig.connections(1)
+    scheduler.submit(fill, 2.5)
+    assert rig.handoffs(b) == [tuple(fill)] and rig.handoffs(a) == []
+    scheduler.on_ack(b, tuple(fill), True, 1)
+    scheduler.age_loads()  # nothing from a for two ticks: its 6 is forgotten, b's 1 kept
     last = rig.connections(1)
     scheduler.submit(last, 3.0)
     assert rig.handoffs(a) == [tuple(last)] and rig.handoffs(b) == []

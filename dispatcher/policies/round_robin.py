@@ -13,16 +13,21 @@ larger window a burst is dealt out one connection per worker in turn, not
 ``window`` to the first worker.
 
 Node hands the next connection to the first free worker in line. Here it
-goes to the free worker with the fewest connections, as far as the master
-knows: what the worker said it held in its last ack (``report``) plus what
-it was sent since (its un-acked hand-offs); the first in line among equals.
+goes to the first in line unless that worker holds two or more connections
+more than the least loaded free worker, as far as the master knows: what
+the worker said it held in its last ack or pong (``report``) plus what it
+was sent since (its un-acked hand-offs). Then it goes to the first in line
+within one of the least loaded. Within one of each other loads are
+noise (a figure is taken as connections arrive and is stale once they
+end), so with even loads this is plain round-robin.
+
 Two things that otherwise depend on which worker got a CPU first come out
 even this way: a burst is spread by count, since a worker that acks late
 has been sent less and goes first once it acks; and a worker that has
 connections queued behind CPU-bound work is passed over while another
 holds fewer, so connections do not wait behind it. A report is refreshed
-with every ack, so it is stale only for a worker that is not being sent
-anything, and that worker is chosen as soon as the others hold more.
+with every ack and pong; one not refreshed for two of the master's ticks
+is forgotten (``Scheduler.age_loads``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from typing import ClassVar
 
 from dispatcher.policies.base import Policy
 from shared.protocol import MAX_FDS
+
+#: How many more connections than the least loaded free worker a worker may
+#: hold and still take its turn.
+_SLACK = 1
 
 
 class RoundRobin(Policy):
@@ -72,21 +81,20 @@ class RoundRobin(Policy):
                 return None
             free.popleft()
         else:
-            # The least loaded, the first in line among equals. O(workers),
-            # and a worker count is small.
+            # The first in line that holds at most one more than the least
+            # loaded (O(workers), and a worker count is small). Within one of
+            # each other, loads are noise (a figure is taken as a connection
+            # arrives and is stale once it ends), and it is plain turns.
             load = self._load
             window = self.window
-            chosen: int | None = None
-            best = 0
-            for candidate in free:
-                if candidate == exclude:
-                    continue
-                estimate = load.get(candidate, 0) + window - credit[candidate]
-                if chosen is None or estimate < best:
-                    chosen, best = candidate, estimate
-            if chosen is None:
+            estimates = [
+                (candidate, load.get(candidate, 0) + window - credit[candidate])
+                for candidate in free if candidate != exclude
+            ]
+            if not estimates:
                 return None
-            key = chosen
+            limit = min(estimate for _, estimate in estimates) + _SLACK
+            key = next(candidate for candidate, estimate in estimates if estimate <= limit)
             if free[0] == key:
                 free.popleft()
             else:
