@@ -139,10 +139,11 @@ class RoundRobinMachine(RuleBasedStateMachine):
             assert not free
         else:
             assert key in free
-            # The least loaded as the master knows it: its report plus what it was sent since.
+            # Within one of the least loaded as the master knows it: its report
+            # plus what it was sent since.
             def estimate(k: int) -> int:
                 return self.load.get(k, 0) + self.unacked[k]
-            assert estimate(key) == min(estimate(k) for k in free)
+            assert estimate(key) <= min(estimate(k) for k in free) + 1
             self.unacked[key] += 1
 
     @precondition(lambda self: any(self.unacked.values()))
@@ -171,9 +172,8 @@ def test_an_ack_of_several_rejoins_the_line_once() -> None:
     rr.ack(1, True, 3)  # one ack answering a hand-off of three
     rr.ack(2, True, 1)
     assert (rr.in_flight(1), rr.in_flight(2)) == (0, 2)
-    # 1 holds fewer (0 un-acked against 2) until they are level, then they
-    # take turns; 1 has exactly its three slots back, no more.
-    assert [rr.choose() for _ in range(5)] == [1, 1, 2, 1, None]
+    # In line once each, 1 first: had 1 joined three times it would not give way to 2.
+    assert [rr.choose() for _ in range(5)] == [1, 2, 1, 1, None]
     rr.ack(2, True, 1)
     rr.ack(2, True, 2)  # credit already free: 2 is in line and stays there once
     assert [rr.choose() for _ in range(4)] == [2, 2, 2, None]
@@ -222,8 +222,9 @@ def test_the_least_loaded_free_worker_goes_first() -> None:
         rr.attach(key)
     rr.report(1, 5)  # 1 said it holds five connections (CPU-bound work queued)
     rr.report(2, 1)
-    # 3 (holding 0) first; then 2 and 3 level, in turn; 1 waits while they hold fewer.
-    assert [rr.choose() for _ in range(8)] == [3, 2, 3, 2, 3, 2, 3, 2]
+    # 2 (holding 1) is within one of 3 (0) and before it in line: turns between
+    # them; 1 (5) waits while they hold two fewer.
+    assert [rr.choose() for _ in range(8)] == [2, 3, 2, 3, 2, 3, 2, 3]
     assert rr.in_flight(3) == 4 and rr.in_flight(2) == 4  # both at their window
     assert rr.choose() == 1
     rr.detach(1)

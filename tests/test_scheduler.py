@@ -251,16 +251,16 @@ def test_loads_from_acks_and_pongs_steer_connections_to_the_least_loaded(
     first = rig.connections(2)
     scheduler.submit(first, 1.0)
     assert rig.handoffs(a) == [(first[0],)] and rig.handoffs(b) == [(first[1],)]
-    # a's ack says it holds 3 connections; b's says 1.
-    scheduler.on_ack(a, (first[0],), True, 3)
+    # a's ack says it holds 4 connections; b's says 1.
+    scheduler.on_ack(a, (first[0],), True, 4)
     scheduler.on_ack(b, (first[1],), True, 1)
     more = rig.connections(3)
     scheduler.submit(more, 2.0)
-    assert rig.handoffs(b) == [tuple(more[:2])]  # b until it holds as many as a
+    assert rig.handoffs(b) == [tuple(more[:2])]  # b until it holds within one of a
     assert rig.handoffs(a) == [(more[2],)]
-    # A pong saying a is idle now puts it first.
+    # A pong saying a is idle now puts it first, though b is first in line.
     scheduler.report_load(a, 0)
-    last = rig.connections(2)
+    last = rig.connections(1)
     scheduler.submit(last, 3.0)
     assert rig.handoffs(a) == [tuple(last)]
     assert rig.handoffs(b) == []
