@@ -56,15 +56,20 @@ class RoundRobin(Policy):
         self._free: collections.deque[int] = collections.deque()
         self._credit: dict[int, int] = {}
         self._load: dict[int, int] = {}
+        # Kept up to date so choose() only reads it: reported load + un-acked.
+        self._estimate: dict[int, int] = {}
 
     def attach(self, key: int) -> None:
         if key in self._credit:
             raise ValueError(f"worker {key} is already attached")
         self._credit[key] = self.window
+        self._load[key] = 0
+        self._estimate[key] = 0
         self._free.append(key)
 
     def detach(self, key: int) -> bool:
         self._load.pop(key, None)
+        self._estimate.pop(key, None)
         if self._credit.pop(key, None) is not None:
             with contextlib.suppress(ValueError):  # not in line: it had no free slot
                 self._free.remove(key)
@@ -74,40 +79,43 @@ class RoundRobin(Policy):
         free = self._free
         if not free:
             return None
-        credit = self._credit
+        estimate = self._estimate
         if len(free) == 1:
             key = free[0]
             if key == exclude:
                 return None
             free.popleft()
         else:
-            # The first in line that holds at most one more than the least
-            # loaded (O(workers), and a worker count is small). Within one of
-            # each other, loads are noise (a figure is taken as a connection
-            # arrives and is stale once it ends), and it is plain turns.
-            load = self._load
-            window = self.window
-            estimates = [
-                (candidate, load.get(candidate, 0) + window - credit[candidate])
-                for candidate in free if candidate != exclude
-            ]
-            if not estimates:
+            # The first in line that holds at most _SLACK more than the least
+            # loaded (O(workers), and a worker count is small). Within that,
+            # loads are noise (a figure is taken as connections arrive and is
+            # stale once they end), and it is plain turns.
+            least = -1
+            for candidate in free:
+                if candidate != exclude and (least < 0 or estimate[candidate] < least):
+                    least = estimate[candidate]
+            if least < 0:
                 return None
-            limit = min(estimate for _, estimate in estimates) + _SLACK
-            key = next(candidate for candidate, estimate in estimates if estimate <= limit)
+            limit = least + _SLACK
+            for key in free:
+                if key != exclude and estimate[key] <= limit:
+                    break
             if free[0] == key:
                 free.popleft()
             else:
                 free.remove(key)
-        left = credit[key] - 1
-        credit[key] = left
+        estimate[key] += 1
+        left = self._credit[key] - 1
+        self._credit[key] = left
         if left:
             free.append(key)
         return key
 
     def report(self, key: int, load: int) -> None:
-        if key in self._credit:
+        old = self._load.get(key)
+        if old is not None:
             self._load[key] = load
+            self._estimate[key] += load - old
 
     def ack(self, key: int, accepted: bool, count: int = 1) -> None:
         credit = self._credit.get(key)
@@ -116,6 +124,7 @@ class RoundRobin(Policy):
         if credit + count > self.window:
             raise ValueError(f"worker {key} acked more hand-offs than it was given")
         self._credit[key] = credit + count
+        self._estimate[key] -= count
         if credit == 0:
             self._free.append(key)
 
@@ -123,6 +132,7 @@ class RoundRobin(Policy):
         credit = self._credit.get(key, 0)
         if credit:
             self._credit[key] = 0
+            self._estimate[key] += credit  # held slots count as un-acked until ack
             self._free.remove(key)  # it had a free slot, so it is in line
         return credit
 
