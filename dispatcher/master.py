@@ -148,18 +148,11 @@ class Master:
             )
         window = ""
         if self.policy.master_accepts:
-            original = cpu_sched.current()
-            failed = (
-                cpu_sched.apply(self.config.master_sched) if original in cpu_sched.MODES
-                # Started under a real-time or idle policy on purpose: keep it.
-                else f"started under {original}, which is kept"
-            )
+            # Workers inherit it; they switch back to what we were started with.
+            self.supervisor.worker_sched, failed = cpu_sched.switch(self.config.master_sched)
             if failed:
                 log.warning("master scheduling policy not switched to %s: %s",
                             self.config.master_sched, failed)
-            elif original != self.config.master_sched and original in cpu_sched.MODES:
-                # Workers inherit it; they switch back to what we were started with.
-                self.supervisor.worker_sched = original
             window = f" (window {self.config.window}, master sched {cpu_sched.current()})"
         log.info(
             "app %s, %d worker(s), policy %s%s, %s event loop",

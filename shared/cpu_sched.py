@@ -42,6 +42,23 @@ def apply(mode: str) -> str | None:
     return None
 
 
+def switch(mode: str) -> tuple[str | None, str | None]:
+    """Put the calling process (the master) under ``mode``, if it runs under one of ``MODES``.
+
+    Returns:
+        The policy its children should switch back to (None if they need not),
+        and why the process was not switched (None if it was). A process
+        started under a real-time or idle policy is left as it is.
+    """
+    original = current()
+    if original not in MODES:
+        return None, f"started under {original}, which is kept"
+    failed = apply(mode)
+    if failed:
+        return None, failed
+    return (original if original != mode else None), None
+
+
 def current() -> str:
     """The calling process's policy, as ``--master-sched`` names it (or the kernel's number)."""
     policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK

@@ -57,5 +57,14 @@ def test_apply_and_current_in_process() -> None:
         assert cpu_sched.current() == "normal"
         with pytest.raises(ValueError, match="unknown scheduling mode"):
             cpu_sched.apply("fifo")
+        # From normal: switched, and children are to switch back to normal.
+        assert cpu_sched.switch("batch") == ("normal", None)
+        assert cpu_sched.current() == "batch"
+        # Already there: nothing for children to undo.
+        assert cpu_sched.switch("batch") == (None, None)
+        # Started under another policy on purpose (here idle): kept.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        assert cpu_sched.switch("batch") == (None, f"started under policy {os.SCHED_IDLE}, which is kept")
+        assert os.sched_getscheduler(0) == os.SCHED_IDLE
     finally:
         os.sched_setscheduler(0, before, os.sched_param(0))
