@@ -165,3 +165,29 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def fd_table_full(room: int) -> Iterator[None]:
+    """Within the block this process can open only ``room`` more fds (RLIMIT_NOFILE, restored after).
+
+    Every free slot below the lowered limit, holes included, is taken by
+    /dev/null, then ``room`` of them are given back.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8 + room, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        for _ in range(room):
+            os.close(fillers.pop())
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

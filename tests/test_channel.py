@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import gc
 import os
-import resource
 import socket
 from collections.abc import Iterator
 
@@ -18,6 +16,7 @@ from hypothesis import strategies as st
 from shared import protocol
 from shared.channel import PEER_CLOSED, Channel, socketpair
 from shared.protocol import Handoff, Listen, Message, Ping
+from tests.conftest import fd_table_full
 
 
 def open_fds() -> int:
@@ -101,21 +100,9 @@ def test_a_handoff_beyond_the_fd_limit_still_arrives_with_the_missing_fds_marked
     rec = Recorder()
     worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
     sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers: list[int] = []
-    try:
-        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
-        with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
-            while True:
-                fillers.append(os.open("/dev/null", os.O_RDONLY))
-        os.close(fillers.pop())  # room for exactly one of the three
+    with fd_table_full(room=1):  # room for exactly one of the three
         master.send_handoff(sent)
         run_until(loop, lambda: rec.handoffs or rec.closed)
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     (ids, fds), = rec.handoffs
     assert ids == tuple(sent) and fds[0] >= 0 and fds[1:] == [-1, -1]
     assert not rec.closed and not rec.messages
@@ -256,20 +243,9 @@ def test_a_handoff_with_no_free_fd_slot_arrives_with_every_fd_marked_missing(
     rec = Recorder()
     worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
     sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers: list[int] = []
-    try:
-        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
-        with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
-            while True:
-                fillers.append(os.open("/dev/null", os.O_RDONLY))
+    with fd_table_full(room=0):
         master.send_handoff(sent)
         run_until(loop, lambda: rec.handoffs or rec.closed)
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert rec.handoffs == [(tuple(sent), [-1, -1])]
     assert not rec.closed and not rec.messages and not worker.closed
     # Still open: the next hand-off arrives whole.

@@ -6,7 +6,6 @@ import array
 import asyncio
 import contextlib
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from shared import protocol
 from shared.channel import socketpair
+from tests.conftest import fd_table_full
 from worker.app import classify
 from worker.runtime import Runtime
 
@@ -53,6 +53,40 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+@contextlib.contextmanager
+def running(
+    loop: asyncio.AbstractEventLoop, handler: Callable[..., Any], threads: int | None = None
+) -> Iterator[tuple[Runtime, socket.socket]]:
+    """A worker runtime serving ``handler``, and the master's end of its channel; both closed after."""
+    master_end, worker_end = socketpair()
+    runtime = Runtime(0, worker_end, loop, threads=threads)
+    try:
+        runtime.start(classify("test:handler", handler))
+        yield runtime, master_end
+    finally:
+        runtime.shutdown()
+        master_end.close()
+
+
+@contextlib.contextmanager
+def connections(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """``count`` (master's copy, client) socket pairs, closed after."""
+    conns = [socket.socketpair() for _ in range(count)]
+    try:
+        yield conns
+    finally:
+        for left, right in conns:
+            left.close()
+            right.close()
+
+
+def hand_off(master_end: socket.socket, fds: list[int]) -> None:
+    """Send ``fds`` as the master does: one hand-off, each fd its own id."""
+    master_end.sendmsg(
+        [protocol.encode_handoff(fds)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    )
+
+
 @pytest.mark.parametrize("handler", [streams_answer, streams_answer_and_close], ids=["returns", "closes"])
 def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_copy(
     loop: asyncio.AbstractEventLoop, handler: Callable[..., Any]
@@ -62,20 +96,13 @@ def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_cop
     A socket's last close sends the FIN; the master keeps its copy until it
     reads the worker's ack, which under load can be a scheduling slice later.
     """
-    master_end, worker_end = socketpair()
-    runtime = Runtime(0, worker_end, loop, threads=1)
-    runtime.start(classify("test:handler", handler))
-    conns = [socket.socketpair() for _ in range(2)]
-    # The master's copies, kept open for the whole test (it has not read the ack).
-    masters = [left.fileno() for left, _ in conns]
-    try:
-        master_end.sendmsg(
-            [protocol.encode_handoff(masters)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
-        )
+    with running(loop, handler, threads=1) as (_, master_end), connections(2) as conns:
+        # The master's copies, kept open for the whole test (it has not read the ack).
+        masters = [left.fileno() for left, _ in conns]
+        hand_off(master_end, masters)
         for _, client in conns:
             client.sendall(b"hi\n")
-            client.settimeout(10)
+            client.setblocking(False)
 
         async def read_to_eof(client: socket.socket) -> bytes:
             data = b""
@@ -84,20 +111,12 @@ def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_cop
             return data
 
         async def clients() -> list[bytes]:
-            for _, client in conns:
-                client.setblocking(False)
             return await asyncio.wait_for(asyncio.gather(*(read_to_eof(c) for _, c in conns)), 10)
 
         assert loop.run_until_complete(clients()) == [b"bye\n", b"bye\n"]
         # One ack for the hand-off, naming both connections.
         # It holds the two it just took.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 2)
-    finally:
-        runtime.shutdown()
-        master_end.close()
-        for left, right in conns:
-            left.close()
-            right.close()
 
 
 async def custom_server(worker: Any) -> None:
@@ -107,52 +126,25 @@ async def custom_server(worker: Any) -> None:
 
 def test_a_custom_server_reports_no_load(loop: asyncio.AbstractEventLoop) -> None:
     """Its connections are the app's: the policy gets no figure from it and deals to it in turn."""
-    master_end, worker_end = socketpair()
-    runtime = Runtime(0, worker_end, loop, threads=None)
-    runtime.start(classify("test:serve", custom_server))
-    conns = [socket.socketpair() for _ in range(2)]
-    masters = [left.fileno() for left, _ in conns]
-    try:
+    with running(loop, custom_server) as (runtime, master_end), connections(2) as conns:
+        masters = [left.fileno() for left, _ in conns]
         loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
-        master_end.sendmsg(
-            [protocol.encode_handoff(masters)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
-        )
+        hand_off(master_end, masters)
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 0)
         runtime.drain()  # the server's iteration ends, and with it the server
         loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
-    finally:
-        runtime.shutdown()
-        master_end.close()
-        for left, right in conns:
-            left.close()
-            right.close()
 
 
 def test_a_draining_worker_refuses_the_whole_handoff(loop: asyncio.AbstractEventLoop) -> None:
-    master_end, worker_end = socketpair()
-    runtime = Runtime(0, worker_end, loop, threads=None)
-    runtime.start(classify("test:handler", streams_answer))
-    runtime.drain()
-    conns = [socket.socketpair() for _ in range(3)]
-    masters = [left.fileno() for left, _ in conns]
-    before = len(os.listdir("/proc/self/fd"))
-    try:
-        master_end.sendmsg(
-            [protocol.encode_handoff(masters)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
-        )
-
+    with running(loop, streams_answer) as (runtime, master_end), connections(3) as conns:
+        runtime.drain()
+        masters = [left.fileno() for left, _ in conns]
+        before = len(os.listdir("/proc/self/fd"))
+        hand_off(master_end, masters)
         # One refusal naming all three.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
         # The worker closed its copies: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before
-    finally:
-        runtime.shutdown()
-        master_end.close()
-        for left, right in conns:
-            left.close()
-            right.close()
 
 
 @pytest.mark.parametrize("given", [[], ["--protocol", str(protocol.VERSION - 1)]], ids=["none", "older"])
@@ -172,45 +164,20 @@ def test_a_handoff_beyond_the_fd_limit_is_refused_whole_and_the_worker_drains(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
     """Out of descriptors, a worker refuses every connection of the hand-off and makes way for a fresh one."""
-    master_end, worker_end = socketpair()
-    runtime = Runtime(0, worker_end, loop, threads=None)
-    runtime.start(classify("test:handler", streams_answer))
-    conns = [socket.socketpair() for _ in range(3)]
-    masters = [left.fileno() for left, _ in conns]
-    before = len(os.listdir("/proc/self/fd"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers: list[int] = []
-    try:
-        try:
-            highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
-            with contextlib.suppress(OSError):  # fill every free slot (holes too) up to the limit
-                while True:
-                    fillers.append(os.open("/dev/null", os.O_RDONLY))
-            os.close(fillers.pop())  # room for exactly one of the three
-            master_end.sendmsg(
-                [protocol.encode_handoff(masters)],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", masters))],
-            )
+    with running(loop, streams_answer) as (runtime, master_end), connections(3) as conns:
+        masters = [left.fileno() for left, _ in conns]
+        before = len(os.listdir("/proc/self/fd"))
+        with fd_table_full(room=1):  # room for exactly one of the three
+            hand_off(master_end, masters)
 
             async def handled() -> None:
                 while not runtime.handed:
                     await asyncio.sleep(0)  # let the channel's reader run
 
             loop.run_until_complete(asyncio.wait_for(handled(), 10))
-        finally:
-            for fd in fillers:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         # One refusal naming all three, though one fd did arrive.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
         assert runtime.draining
         assert (runtime.handed, runtime.acked, runtime.refused) == (3, 0, 3)
         # The fd that did arrive was closed: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before
-    finally:
-        runtime.shutdown()
-        master_end.close()
-        for left, right in conns:
-            left.close()
-            right.close()
