@@ -10,7 +10,9 @@ workloads:
 
 - W1: a new connection per request (``wrk -H 'Connection: close'``), the
   trivial handler (``examples.hello:handler``), 2 workers;
-- W2: keep-alive (wrk without the header), the trivial handler, 2 workers;
+- W2: keep-alive (wrk without the header), the trivial handler, 2 workers
+  (``--locality``: ``bench.apps:locality``, the same answer, counting the
+  requests a worker served on the CPU that received them);
 - W3: 2 ms of CPU per request (``bench.apps:cpu``), a new connection per
   request, 16 clients, 2 workers;
 - W4: a burst: 400 connections opened at once (``bench.burst``) to a handler
@@ -124,6 +126,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--round-robin-args", type=shlex.split, default=[], metavar="ARGS",
                         help="more dispatcher arguments for the round-robin cells, one quoted string "
                         "(e.g. '--window 1 --master-sched normal' for Node's behaviour)")
+    parser.add_argument("--locality", action="store_true",
+                        help="W2 serves with bench.apps:locality, which also counts the requests served on "
+                        "the CPU that received them (on loopback, the wrk thread's); adds a 'same CPU %%' "
+                        "column")
     parser.add_argument("--no-reload", dest="reload", action="store_false", help="skip the rolling reload")
     parser.add_argument("--reload-policies", type=lambda t: _csv(t, POLICIES, "--reload-policies"),
                         help="policies of the rolling reload (default: --policies)")
@@ -242,6 +248,9 @@ def _about(args: argparse.Namespace, settings: Settings) -> str:
         "stats, and on W2 those are spread over a few long connections (the master's total is in the "
         "runs table). RSS from `status` after the load. errors = wrk socket errors + non-2xx (W4: failed "
         "connections), summed over the runs."
+        + (" same CPU % (W2, `--locality`): of the requests the workers served, those served on the CPU "
+           "that received them (the connection's SO_INCOMING_CPU, on loopback the CPU of the wrk thread "
+           "that sent the request, equal to the worker's sched_getcpu())." if settings.locality else "")
     )
 
 
@@ -408,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wrk=wrk, duration_s=args.duration, connections=args.connections, threads=args.threads,
         burst_connections=args.burst_connections, burst_wait_ms=args.burst_wait_ms,
         burst_workers=args.burst_workers, round_robin_args=tuple(args.round_robin_args),
+        locality=args.locality,
     )
     chosen = [w for key, w in workloads(settings).items() if key in args.workloads]
     cores = os.cpu_count() or 1

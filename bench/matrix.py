@@ -13,20 +13,27 @@ whoever accepted the connection.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.apps import LOCALITY_DIR_ENV
 from bench.burst import BurstResult, run_burst
 from bench.harness import LabServer
 from bench.wrk_bench import HOST, WrkResult, cpu_seconds, parse_wrk
 
 #: Slack given to wrk beyond its duration before it is killed.
 WRK_SLACK_S = 30.0
+#: W2's handler with ``Settings.locality``: the trivial answer, counting same-CPU requests.
+LOCALITY_APP = "bench.apps:locality"
+#: Bound on waiting for the workers' locality counts to cover every request wrk counted.
+LOCALITY_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,18 @@ class Settings:
     burst_timeout_s: float = 15.0
     #: More dispatcher arguments for round-robin cells (``--window 1``, ``--master-sched normal``).
     round_robin_args: tuple[str, ...] = ()
+    #: W2 serves with ``LOCALITY_APP``, and each W2 cell counts its same-CPU requests.
+    locality: bool = False
 
 
 def workloads(settings: Settings) -> dict[str, Workload]:
     """The four workloads, by key, in run order."""
     return {
         "W1": Workload("W1", "new connection per request, trivial handler", "examples.hello:handler", 2),
-        "W2": Workload("W2", "keep-alive, trivial handler", "examples.hello:handler", 2, close=False),
+        "W2": Workload("W2", "keep-alive, trivial handler counting same-CPU requests", LOCALITY_APP, 2,
+                       close=False)
+        if settings.locality else
+        Workload("W2", "keep-alive, trivial handler", "examples.hello:handler", 2, close=False),
         "W3": Workload("W3", "new connection per request, 2 ms CPU per request", "bench.apps:cpu", 2,
                        path="/?ms=2"),
         "W4": Workload(
@@ -125,6 +137,8 @@ class Cell:
     workers_rss_bytes: list[int]
     #: W4: connections answered per worker id, as the client saw them.
     client_per_worker: dict[int, int] = field(default_factory=dict)
+    #: ``LOCALITY_APP`` only: (requests served, of which on the CPU that received them) by worker id.
+    locality: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: The counters settled in time (else ``handled`` may miss the last second).
     settled: bool = True
     load_output: str = ""
@@ -148,6 +162,12 @@ class Cell:
     @property
     def busiest_share(self) -> float:
         return self.shares[0] if self.shares else float("nan")
+
+    @property
+    def same_cpu_share(self) -> float:
+        """Of the requests the workers counted, the share served on the CPU that received them (NaN: none)."""
+        served = sum(n for n, _ in self.locality.values())
+        return sum(same for _, same in self.locality.values()) / served if served else float("nan")
 
     @property
     def master_us_per_conn(self) -> float:
@@ -197,6 +217,27 @@ def _cpu_or_zero(pid: int) -> float:
     return 0.0
 
 
+def read_locality(directory: Path, requests: int, timeout_s: float = LOCALITY_TIMEOUT_S
+                  ) -> dict[int, tuple[int, int]]:
+    """The ``LOCALITY_APP`` counts the workers wrote to ``directory``, by worker id.
+
+    Each worker rewrites its file every ``bench.apps.LOCALITY_FLUSH_S``, so
+    the counts lag; this waits (bounded) until they cover ``requests`` (what
+    wrk counted; the workers may have served a few more) and returns what
+    there is then.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts: dict[int, tuple[int, int]] = {}
+        for path in directory.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                data = json.loads(path.read_text())
+                counts[int(data["id"])] = (int(data["requests"]), int(data["same_cpu"]))
+        if sum(n for n, _ in counts.values()) >= requests or time.monotonic() >= deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def _run_wrk(settings: Settings, workload: Workload, port: int) -> tuple[WrkResult, str]:
     proc = subprocess.Popen(
         wrk_command(settings, workload, port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -211,6 +252,23 @@ def _run_wrk(settings: Settings, workload: Workload, port: int) -> tuple[WrkResu
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited with {proc.returncode}:\n{out}{err}")
     return parse_wrk(out), out + err
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, with None, leave alone) environment variable ``name`` for a process started inside."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -241,7 +299,9 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, c
     extra = settings.round_robin_args if policy == "round-robin" else ()
     lab = LabServer(workload.app, policy, workload.workers, control_dir, extra)
     client: dict[int, int] = {}
-    with lab:
+    locality: dict[int, tuple[int, int]] = {}
+    counts_dir = Path(tempfile.mkdtemp(dir=control_dir)) if workload.app == LOCALITY_APP else None
+    with _environ(LOCALITY_DIR_ENV, str(counts_dir) if counts_dir else None), lab:
         before = lab.status()
         pids = {int(w["id"]): int(w["pid"]) for w in before["workers"] if w["pid"]}
         master_before = process_cpu_s(lab.pid)
@@ -252,6 +312,8 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, c
             output = _burst_summary(burst)
         else:
             wrk, output = _run_wrk(settings, workload, lab.port)
+            if counts_dir is not None:
+                locality = read_locality(counts_dir, wrk.requests)
         stopped = time.monotonic()
         master_after = process_cpu_s(lab.pid)
         workers_after = {wid: _cpu_or_zero(pid) for wid, pid in pids.items()}
@@ -281,6 +343,6 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, c
         workers_cpu_s={wid: workers_after[wid] - workers_before[wid] for wid in pids},
         master_rss_bytes=after["master"].get("rss_bytes"),
         workers_rss_bytes=[int(w["rss_bytes"]) for w in after["workers"] if w.get("rss_bytes")],
-        client_per_worker=client, settled=settled, load_output=output, server_log=lab.log,
+        client_per_worker=client, locality=locality, settled=settled, load_output=output, server_log=lab.log,
         exit_code=lab.exit_code,
     )

@@ -38,10 +38,14 @@ def select(cells: Sequence[Cell], workload: str, policy: str) -> list[Cell]:
 
 def summary_table(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequence[str]) -> str:
     """One row per workload and policy: medians (min-max) over the repeats."""
+    # Only runs with bench.apps:locality count same-CPU requests.
+    locality = any(c.locality for c in cells)
     rows = [
         "| workload | policy | req/s | p50 ms | p99 ms | per-worker share %, busiest first | Jain "
-        "| busiest % | master µs/conn | RSS MiB master / worker | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| busiest % | master µs/conn | RSS MiB master / worker | errors |"
+        + (" same CPU % |" if locality else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        + (" --- |" if locality else ""),
     ]
     for workload in workloads:
         for policy in policies:
@@ -63,6 +67,7 @@ def summary_table(cells: Sequence[Cell], workloads: Sequence[Workload], policies
                 f"| {spread((c.master_us_per_conn for c in mine), '.1f')} "
                 f"| {master_rss:.1f} / {worker_rss:.1f} "
                 f"| {errors} in {len(mine)} run{'s' if len(mine) > 1 else ''} |"
+                + (f" {spread((100 * c.same_cpu_share for c in mine), '.0f')} |" if locality else "")
             )
     return "\n".join(rows)
 
@@ -96,6 +101,14 @@ def headline(cells: Sequence[Cell], runs: Sequence[ReloadRun]) -> list[str]:
                 + (f" (reuseport/shared {_ratio(cells, key, 'reuseport', 'shared', rps)})"
                    if has(key, "reuseport") else "")
             )
+    counted = [p for p in ("round-robin", "shared", "reuseport")
+               if any(c.locality for c in select(cells, "W2", p))]
+    if counted:
+        lines.append(
+            "- W2 requests served on the CPU that received them (the client thread's, on loopback): "
+            + ", ".join(f"{p} {spread((100 * c.same_cpu_share for c in select(cells, 'W2', p)), '.0f')} %"
+                        for p in counted)
+        )
     if has("W3", "round-robin", "shared"):
         rr = median(c.p99_ms for c in select(cells, "W3", "round-robin"))
         sh = median(c.p99_ms for c in select(cells, "W3", "shared"))
@@ -188,12 +201,19 @@ def reload_table(runs: Sequence[ReloadRun]) -> str:
 
 def runs_table(cells: Sequence[Cell]) -> str:
     """Every cell, in the order it ran."""
+    locality = any(c.locality for c in cells)
     rows = [
         "| # | workload | policy | repeat | requests | req/s | p50 ms | p99 ms | handled per worker id "
-        "| master CPU ms | workers CPU ms | settled | errors | exit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| master CPU ms | workers CPU ms | settled | errors | exit |"
+        + (" requests per worker id (same CPU %) |" if locality else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        + (" --- |" if locality else ""),
     ]
     for n, c in enumerate(cells, 1):
+        counted = " ".join(
+            f"{served} ({100 * same / served if served else 0:.0f})"
+            for served, same in (c.locality[k] for k in sorted(c.locality))
+        )
         handled = " ".join(str(c.handled[k]) for k in sorted(c.handled))
         workers_cpu = " ".join(f"{1e3 * c.workers_cpu_s[k]:.0f}" for k in sorted(c.workers_cpu_s))
         errors = f"{c.errors} ({c.error_detail})" if c.error_detail else str(c.errors)
@@ -201,6 +221,7 @@ def runs_table(cells: Sequence[Cell]) -> str:
             f"| {n} | {c.workload} | {c.policy} | {c.repeat + 1} | {c.requests} | {c.requests_per_s:.0f} "
             f"| {c.p50_ms:.2f} | {c.p99_ms:.2f} | {handled} | {1e3 * c.master_cpu_s:.1f} | {workers_cpu} "
             f"| {'yes' if c.settled else 'NO'} | {errors} | {c.exit_code} |"
+            + (f" {counted or '-'} |" if locality else "")
         )
     return "\n".join(rows)
 
