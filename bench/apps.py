@@ -10,7 +10,7 @@
   loopback is the CPU the client thread sent from, against the CPU the
   worker runs on). With ``BENCH_LOCALITY_DIR`` set, each worker writes its
   counts to ``DIR/PID.json`` every ``LOCALITY_FLUSH_S`` while it serves
-  (``bench.locality`` reads them).
+  (``python -m bench.lab --locality`` reads them).
 
 All answer ``200`` with the worker's id and pid, in the body
 (``worker 3 pid 1234``) and in the ``x-worker-id`` header, so a client can
@@ -81,10 +81,15 @@ def _answering(work: Work) -> Answer:
 
     async def answer(request: h11.Request) -> bytes:
         await work(_ms_param(request.target))
-        me = worker.current()
-        return f"worker {me.id} pid {me.pid}\n".encode()
+        return _who()
 
     return answer
+
+
+def _who() -> bytes:
+    """The answer's body: which worker served it."""
+    me = worker.current()
+    return f"worker {me.id} pid {me.pid}\n".encode()
 
 
 _cpu_answer = _answering(_burn)
@@ -141,17 +146,12 @@ class _Locality:
 _locality = _Locality()
 
 
-async def _hello(request: h11.Request) -> bytes:
-    me = worker.current()
-    return f"worker {me.id} pid {me.pid}\n".encode()
-
-
 async def locality(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer who served each request at once; count the requests served on the CPU that received them."""
     sock: socket.socket = writer.get_extra_info("socket")
 
     async def answer(request: h11.Request) -> bytes:
         _locality.count(sock)
-        return await _hello(request)
+        return _who()
 
     await serve_http(reader, writer, answer)
