@@ -90,30 +90,6 @@ def test_handoff_carries_a_working_socket(loop: asyncio.AbstractEventLoop) -> No
     assert open_fds() == before
 
 
-def test_a_handoff_beyond_the_fd_limit_still_arrives_with_the_missing_fds_marked(
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    """At its fd limit, a worker still learns of every connection it was sent (to refuse them)."""
-    before = open_fds()
-    a, b = socketpair()
-    master = Channel(a, loop, Recorder().on_message, Recorder().on_closed)
-    rec = Recorder()
-    worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
-    sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
-    with fd_table_full(room=1):  # room for exactly one of the three
-        master.send_handoff(sent)
-        run_until(loop, lambda: rec.handoffs or rec.closed)
-    (ids, fds), = rec.handoffs
-    assert ids == tuple(sent) and fds[0] >= 0 and fds[1:] == [-1, -1]
-    assert not rec.closed and not rec.messages
-    os.close(fds[0])
-    for fd in sent:
-        os.close(fd)
-    master.close()
-    worker.close()
-    assert open_fds() == before
-
-
 def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     a, b = socketpair()
     rec = Recorder()
@@ -233,21 +209,29 @@ def test_any_frames_leave_no_fd_behind(
     assert open_fds() == before
 
 
-def test_a_handoff_with_no_free_fd_slot_arrives_with_every_fd_marked_missing(
-    loop: asyncio.AbstractEventLoop,
+@pytest.mark.parametrize("room", [1, 0], ids=["room-for-one", "no-room"])
+def test_a_handoff_beyond_the_fd_limit_still_arrives_with_the_missing_fds_marked(
+    loop: asyncio.AbstractEventLoop, room: int
 ) -> None:
-    """No fd installed at all: no ancillary data, only MSG_CTRUNC; still a hand-off, and the channel lives."""
+    """At its fd limit, a worker still learns of every connection it was sent (to refuse them).
+
+    With no room at all there is no ancillary data, only MSG_CTRUNC: still a
+    hand-off, and the channel lives on either way.
+    """
     before = open_fds()
     a, b = socketpair()
     master = Channel(a, loop, Recorder().on_message, Recorder().on_closed)
     rec = Recorder()
     worker = Channel(b, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
-    sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
-    with fd_table_full(room=0):
+    sent = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    with fd_table_full(room=room):  # room for ``room`` of the three
         master.send_handoff(sent)
         run_until(loop, lambda: rec.handoffs or rec.closed)
-    assert rec.handoffs == [(tuple(sent), [-1, -1])]
+    (ids, fds), = rec.handoffs
+    assert ids == tuple(sent) and all(fd >= 0 for fd in fds[:room]) and fds[room:] == [-1] * (3 - room)
     assert not rec.closed and not rec.messages and not worker.closed
+    for fd in fds[:room]:
+        os.close(fd)
     # Still open: the next hand-off arrives whole.
     master.send_handoff(sent[:1])
     run_until(loop, lambda: len(rec.handoffs) == 2 or rec.closed)

@@ -122,8 +122,8 @@ class Rig:
                 self.scheduler.attach(worker)
         return added
 
-    def connections(self, count: int) -> list[int]:
-        """``count`` accepted connections: the master's fds, for the scheduler to own."""
+    def submit(self, count: int, accepted_at: float) -> list[int]:
+        """Accept ``count`` connections at ``accepted_at``, give them to the scheduler, return their fds."""
         fds = []
         for _ in range(count):
             server, client = socket.socketpair()
@@ -132,6 +132,7 @@ class Rig:
             self.clients.append(client)
             self.client_of[fd] = client
             fds.append(fd)
+        self.scheduler.submit(fds, accepted_at)
         return fds
 
     def client_sees_eof(self, fd: int) -> bool:
@@ -228,8 +229,7 @@ def test_a_burst_goes_out_as_one_handoff_per_worker_dealt_in_turn(make_rig: Call
     rig = make_rig(window=4)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    fds = rig.connections(6)
-    scheduler.submit(fds, 100.0)
+    fds = rig.submit(6, 100.0)
     # One datagram each, the connections dealt one per worker in turn.
     assert rig.handoffs(a) == [tuple(fds[0::2])]
     assert rig.handoffs(b) == [tuple(fds[1::2])]
@@ -248,20 +248,17 @@ def test_loads_from_acks_and_pongs_steer_connections_to_the_least_loaded(
     rig = make_rig(window=4)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    first = rig.connections(2)
-    scheduler.submit(first, 1.0)
+    first = rig.submit(2, 1.0)
     assert rig.handoffs(a) == [(first[0],)] and rig.handoffs(b) == [(first[1],)]
     # a's ack says it holds 4 connections; b's says 1.
     scheduler.on_ack(a, (first[0],), True, 4)
     scheduler.on_ack(b, (first[1],), True, 1)
-    more = rig.connections(3)
-    scheduler.submit(more, 2.0)
+    more = rig.submit(3, 2.0)
     assert rig.handoffs(b) == [tuple(more[:2])]  # b until it holds within one of a
     assert rig.handoffs(a) == [(more[2],)]
     # A pong saying a is idle now puts it first, though b is first in line.
     scheduler.report_load(a, 0)
-    last = rig.connections(1)
-    scheduler.submit(last, 3.0)
+    last = rig.submit(1, 3.0)
     assert rig.handoffs(a) == [tuple(last)]
     assert rig.handoffs(b) == []
 
@@ -270,24 +267,20 @@ def test_a_load_figure_not_refreshed_for_a_tick_is_forgotten(make_rig: Callable[
     rig = make_rig(window=4)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    first = rig.connections(2)
-    scheduler.submit(first, 1.0)
+    first = rig.submit(2, 1.0)
     rig.handoffs(a), rig.handoffs(b)
     scheduler.on_ack(a, (first[0],), True, 6)  # a was busy then
     scheduler.on_ack(b, (first[1],), True, 0)
     scheduler.age_loads()  # both reported since the last tick: kept
-    more = rig.connections(1)
-    scheduler.submit(more, 2.0)
+    more = rig.submit(1, 2.0)
     assert rig.handoffs(b) == [tuple(more)] and rig.handoffs(a) == []
     scheduler.on_ack(b, tuple(more), True, 1)
     scheduler.age_loads()  # a said nothing for a tick, but did in the one before: kept
-    fill = rig.connections(1)
-    scheduler.submit(fill, 2.5)
+    fill = rig.submit(1, 2.5)
     assert rig.handoffs(b) == [tuple(fill)] and rig.handoffs(a) == []
     scheduler.on_ack(b, tuple(fill), True, 1)
     scheduler.age_loads()  # nothing from a for two ticks: its 6 is forgotten, b's 1 kept
-    last = rig.connections(1)
-    scheduler.submit(last, 3.0)
+    last = rig.submit(1, 3.0)
     assert rig.handoffs(a) == [tuple(last)] and rig.handoffs(b) == []
 
 
@@ -297,10 +290,8 @@ def test_beyond_the_window_connections_wait_and_go_out_oldest_first_on_ack(
     rig = make_rig(window=2)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    first = rig.connections(4)
-    scheduler.submit(first, 1.0)
-    waiting = rig.connections(3)
-    scheduler.submit(waiting, 2.0)
+    first = rig.submit(4, 1.0)
+    waiting = rig.submit(3, 2.0)
     assert scheduler.pending == 3
     assert rig.handoffs(a) == [(first[0], first[2])]
     assert rig.handoffs(b) == [(first[1], first[3])]
@@ -317,8 +308,7 @@ def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Ca
     rig = make_rig(window=2)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    fds = rig.connections(4)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(4, 1.0)
     (ids,) = rig.handoffs(a)
     assert rig.handoffs(b) == [tuple(fds[1::2])]
     assert rig.policy.in_flight(a.key) == 2
@@ -335,8 +325,7 @@ def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Ca
     assert a.inflight == {} and a.acked == 2 and scheduler.inflight == 2
     assert rig.policy.in_flight(a.key) == 0
     # The freed credit: a (b is full) takes the next two.
-    more = rig.connections(2)
-    scheduler.submit(more, 2.0)
+    more = rig.submit(2, 2.0)
     assert rig.handoffs(a) == [tuple(more)]
     assert rig.handoffs(b) == []
     assert rig.faults == [] and rig.limits == [] and rig.refusals == []
@@ -363,8 +352,7 @@ def test_an_ack_naming_a_connection_not_given_is_not_believed_at_all(
     rig = make_rig(window=4)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    fds = rig.connections(4)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(4, 1.0)
     (mine,) = rig.handoffs(a)
     (others,) = rig.handoffs(b)
     ids, fault = BAD_ACKS[bad](mine, others)
@@ -378,8 +366,7 @@ def test_an_ack_naming_a_connection_not_given_is_not_believed_at_all(
     assert rig.refusals == [] and rig.limits == []
     # The worker is sent nothing more.
     assert rig.policy.workers == 1
-    more = rig.connections(2)
-    scheduler.submit(more, 2.0)
+    more = rig.submit(2, 2.0)
     assert rig.handoffs(a) == []
     assert rig.handoffs(b) == [tuple(more)]
 
@@ -390,10 +377,8 @@ def test_a_refused_handoff_goes_first_in_line_in_its_order_to_another_worker(
     rig = make_rig(window=2)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    first = rig.connections(4)
-    scheduler.submit(first, 1.0)
-    waiting = rig.connections(2)
-    scheduler.submit(waiting, 2.0)
+    rig.submit(4, 1.0)
+    waiting = rig.submit(2, 2.0)
     (refused,) = rig.handoffs(a)
     (b_ids,) = rig.handoffs(b)
     assert scheduler.pending == 2
@@ -419,15 +404,13 @@ def test_a_batched_ack_past_max_requests_calls_on_limit_once(make_rig: Callable[
     rig = make_rig(window=4)
     (a,) = rig.add_workers(1, max_requests=3)
     scheduler = rig.scheduler
-    fds = rig.connections(4)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(4, 1.0)
     assert rig.handoffs(a) == [tuple(fds)]
     scheduler.on_ack(a, (fds[0],), True)
     assert rig.limits == []
     scheduler.on_ack(a, tuple(fds[1:]), True)  # 1 -> 4, past 3 without landing on it
     assert rig.limits == [a]
-    more = rig.connections(2)
-    scheduler.submit(more, 2.0)
+    rig.submit(2, 2.0)
     (ids,) = rig.handoffs(a)
     scheduler.on_ack(a, ids, True)
     assert rig.limits == [a] and a.acked == 6
@@ -439,15 +422,13 @@ def test_a_full_channel_holds_the_worker_until_it_drains(make_rig: Callable[...,
     scheduler = rig.scheduler
     filled = rig.fill(a)
     assert filled > 0
-    first = rig.connections(2)
-    scheduler.submit(first, 1.0)
+    first = rig.submit(2, 1.0)
     # a's hand-off met EAGAIN: back in line, and b, which had room, took it.
     assert rig.handoffs(b) == [(first[1],), (first[0],)]
     assert a.inflight == {} and a.handed_off == 0 and scheduler.handoff_messages == 2
     # Its slot, and its other free slot, are held: it is not chosen meanwhile.
     assert a.blocked_slots == 2 and rig.policy.in_flight(a.key) == 2
-    later = rig.connections(2)
-    scheduler.submit(later, 2.0)
+    later = rig.submit(2, 2.0)
     assert scheduler.pending == 2  # a held, b full
     assert a.blocked_slots == 2 and a.handed_off == 0
     assert rig.faults == [] and rig.events.closed == []
@@ -474,8 +455,7 @@ def test_a_gone_worker_gives_the_handoff_back_first_in_line_without_a_fault(
     if unread:
         rig.masters[a.key].send(FILLER)  # it dies with a message unread: ECONNRESET, then EPIPE
     rig.ends[a.key].close()
-    fds = rig.connections(4)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(4, 1.0)
     # a's share came back first in line and went to b, in its order.
     assert rig.handoffs(b) == [(fds[1], fds[3]), (fds[0], fds[2])]
     assert rig.faults == []  # the worker is exiting: its pidfd will say so
@@ -484,8 +464,7 @@ def test_a_gone_worker_gives_the_handoff_back_first_in_line_without_a_fault(
     assert (scheduler.handoff_messages, scheduler.inflight, scheduler.pending) == (2, 4, 0)
     assert all(is_open(fd) for fd in fds)
     # Nothing more is tried on a (another try would meet EPIPE, still not a fault).
-    more = rig.connections(1)
-    scheduler.submit(more, 2.0)
+    more = rig.submit(1, 2.0)
     assert rig.handoffs(b) == [tuple(more)]
     assert rig.faults == [] and scheduler.handoff_messages == 3
 
@@ -496,10 +475,8 @@ def test_forget_requeues_unacked_connections_first_in_line_with_their_accept_tim
     rig = make_rig(window=3)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    early = rig.connections(2)
-    scheduler.submit(early, 100.0)
-    late = rig.connections(1)
-    scheduler.submit(late, 200.0)
+    early = rig.submit(2, 100.0)
+    late = rig.submit(1, 200.0)
     assert rig.handoffs(a) == [(early[0],), (late[0],)]
     assert rig.handoffs(b) == [(early[1],)]
     assert scheduler.forget(a) == 2
@@ -510,8 +487,7 @@ def test_forget_requeues_unacked_connections_first_in_line_with_their_accept_tim
     assert scheduler.pending == 0 and scheduler.inflight == 3
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in [*early, *late])
     # b is full now: the next waits, behind nothing re-queued.
-    more = rig.connections(1)
-    scheduler.submit(more, 300.0)
+    rig.submit(1, 300.0)
     assert scheduler.pending == 1 and rig.handoffs(b) == []
 
 
@@ -519,10 +495,8 @@ def test_forget_with_no_worker_left_keeps_them_queued_for_the_next(make_rig: Cal
     rig = make_rig(window=1)
     a, b = rig.add_workers(2)
     scheduler = rig.scheduler
-    first = rig.connections(2)
-    scheduler.submit(first, 1.0)
-    waiting = rig.connections(1)
-    scheduler.submit(waiting, 2.0)
+    first = rig.submit(2, 1.0)
+    rig.submit(1, 2.0)
     rig.handoffs(a)
     rig.handoffs(b)
     assert scheduler.forget(a) == 1
@@ -542,12 +516,9 @@ def test_expire_closes_only_connections_waiting_longer_than_the_timeout(
     rig = make_rig(window=1, pending_timeout_s=10.0)
     (a,) = rig.add_workers(1)
     scheduler = rig.scheduler
-    handed = rig.connections(1)
-    scheduler.submit(handed, 50.0)
-    old = rig.connections(2)
-    scheduler.submit(old, 0.0)
-    new = rig.connections(1)
-    scheduler.submit(new, 8.0)
+    handed = rig.submit(1, 50.0)
+    old = rig.submit(2, 0.0)
+    new = rig.submit(1, 8.0)
     assert rig.handoffs(a) == [tuple(handed)]
     # Refused: first in line again, though accepted after the ones behind it.
     scheduler.on_ack(a, tuple(handed), False)
@@ -572,8 +543,7 @@ def test_a_disbelieved_ack_leaves_the_handoff_order_as_it_was(make_rig: Callable
     (a,) = rig.add_workers(1)
     (b,) = rig.add_workers(1, attach=False)
     scheduler = rig.scheduler
-    fds = rig.connections(3)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(3, 1.0)
     assert rig.handoffs(a) == [tuple(fds)]
     scheduler.on_ack(a, (fds[0], fds[0]), True)
     assert len(rig.faults) == 1
@@ -589,8 +559,7 @@ def test_handoffs_that_all_meet_a_full_channel_keep_the_oldest_first(make_rig: C
     scheduler = rig.scheduler
     rig.fill(a)
     rig.fill(b)
-    fds = rig.connections(4)
-    scheduler.submit(fds, 1.0)
+    fds = rig.submit(4, 1.0)
     assert scheduler.pending == 4 and scheduler.handoff_messages == 0
     assert rig.handoffs(a) == []  # a reads its channel; b still does not
     rig.run_until(lambda: scheduler.pending == 2)
