@@ -133,6 +133,7 @@ class Scheduler:
             if not pending:
                 key = choose()
                 if key is not None:
+                    # _stage, inlined: this loop runs once per accepted connection.
                     staged = workers[key].staged
                     if not staged:
                         dirty.append(workers[key])
@@ -154,6 +155,12 @@ class Scheduler:
             self._stage(workers[key], fd, accepted_at)
         if self.on_room is not None and len(pending) <= self._resume_mark:
             self.on_room()
+
+    def _deal_pending(self) -> None:
+        """Deal and send what waits in the queue, if anything does."""
+        if self._pending:
+            self.pump()
+            self.flush()
 
     def _stage(self, worker: WorkerProcess, fd: int, accepted_at: float) -> None:
         if not worker.staged:
@@ -212,9 +219,7 @@ class Scheduler:
         slots, worker.blocked_slots = worker.blocked_slots, 0
         if worker.key in self._workers:
             self._policy.ack(worker.key, True, slots)
-        if self._pending:
-            self.pump()
-            self.flush()
+        self._deal_pending()
 
     # Workers
 
@@ -248,13 +253,11 @@ class Scheduler:
             worker.inflight.clear()
             self.inflight -= count
             self.redispatched += count
-        if self._pending:
-            self.pump()
-            self.flush()
+        self._deal_pending()
         return count
 
     def report_load(self, worker: WorkerProcess, load: int) -> None:
-        """``worker`` said (in a pong) that it holds ``load`` connections."""
+        """``worker`` said (in an ack or a pong) that it holds ``load`` connections."""
         self._policy.report(worker.key, load)
         self._fresh.add(worker.key)
 
@@ -297,8 +300,7 @@ class Scheduler:
             self.acked += count
             if before < worker.max_requests <= worker.acked:
                 self._on_limit(worker)
-            self._policy.report(worker.key, load)
-            self._fresh.add(worker.key)
+            self.report_load(worker, load)
             self._policy.ack(worker.key, True, count)
         else:
             worker.refused += count
@@ -309,9 +311,7 @@ class Scheduler:
             # First in line again, for another worker.
             self._pending.extendleft(reversed(answered))
             self.redispatched += count
-        if self._pending:
-            self.pump()
-            self.flush()
+        self._deal_pending()
         if self.on_settled is not None and not self._pending and not self.inflight:
             self.on_settled()
 
