@@ -66,6 +66,9 @@ REQUEST_TIMEOUT_S: Final = 10.0
 MESSAGES_KEPT: Final = 100
 #: Control connections open at once; more are closed at once.
 MAX_CONNECTIONS: Final = 64
+#: How long ``ready`` waits by default, and at most.
+READY_TIMEOUT_S: Final = 10.0
+MAX_READY_TIMEOUT_S: Final = 3600.0
 #: ``scale`` refuses more workers than this (a typo should not fork-bomb the host).
 MAX_WORKERS: Final = 1024
 
@@ -380,6 +383,7 @@ class ControlServer:
             "message": self._message,
             "messages": self._messages,
             "reload": self._reload,
+            "ready": self._ready,
         }
 
     async def start(self) -> None:
@@ -586,6 +590,28 @@ class ControlServer:
             return {"reloaded": len(self.master.slots)}
 
         return reload(), None
+
+    def _ready(self, args: dict[str, Any]) -> Outcome:
+        _check_args(args, "ready", ("timeout",))
+        timeout = args.get("timeout", READY_TIMEOUT_S)
+        number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        if not number or not 0 <= timeout <= MAX_READY_TIMEOUT_S:
+            raise RequestError(
+                f'ready: "timeout" must be a number of seconds from 0 to {MAX_READY_TIMEOUT_S:g}'
+            )
+
+        async def ready() -> dict[str, Any]:
+            # Waits on the master's own events (a worker ready, a worker gone), not a poll.
+            if not await self.master.wait_ready(float(timeout)):
+                snapshot = self.master.snapshot()
+                if snapshot["master"]["stopping"]:
+                    raise RequestError("ready: the master is stopping")
+                workers = snapshot["workers"]
+                count = sum(1 for w in workers if w["state"] == "ready")
+                raise RequestError(f"ready: {count} of {len(workers)} worker(s) ready after {timeout:g} s")
+            return self.master.snapshot()
+
+        return ready(), None
 
     def _messages(self, args: dict[str, Any]) -> Outcome:
         _check_args(args, "messages", ())

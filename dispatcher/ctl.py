@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 TIMEOUT_S = 10.0
 #: A reload starts and waits for every new worker: it may take a while.
 RELOAD_TIMEOUT_S = 300.0
+#: ``ready`` waits on the master's side; the client allows this much more for the answer.
+READY_SLACK_S = 5.0
 
 
 class CtlError(Exception):
@@ -297,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     message.add_argument("--worker", type=int, metavar="N", help="only worker N (default: all)")
     message.add_argument("payload", metavar="JSON", help='the message, as JSON (e.g. \'{"reload": true}\')')
     commands.add_parser("messages", help="the last messages workers sent to the master")
+    ready = commands.add_parser(
+        "ready", help="wait until every worker is ready (for deploy scripts); exit 1 if they are not "
+        "within --timeout",
+    )
+    ready.add_argument("--status", action="store_true", help="then print the status table")
     commands.add_parser(
         "reload", help="rolling reload: new workers (code as on disk now) replace the old ones, "
         "one at a time; waits until done (up to 5 minutes unless --timeout)",
@@ -324,6 +331,10 @@ def run(args: argparse.Namespace) -> None:
             raise CtlError(f"message: {args.payload!r} is not valid JSON: {exc}") from None
         extra["worker"] = args.worker
     timeout = RELOAD_TIMEOUT_S if cmd == "reload" and args.timeout == TIMEOUT_S else args.timeout
+    if cmd == "ready":
+        # The master waits up to --timeout; the answer gets a little longer to arrive.
+        extra["timeout"] = args.timeout
+        timeout = args.timeout + READY_SLACK_S
     result = request(path, cmd, timeout, **extra)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -343,6 +354,12 @@ def run(args: argparse.Namespace) -> None:
         print_messages(result)
     elif cmd == "reload":
         print(f"reloaded: {result['reloaded']} worker(s) replaced")
+    elif cmd == "ready":
+        if args.status:
+            print_status(result)
+        else:
+            print(f"{len(result['workers'])} worker(s) ready, listening on "
+                  f"{', '.join(result['master']['listening']) or '-'}")
 
 
 def main(argv: list[str] | None = None) -> int:

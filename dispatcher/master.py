@@ -324,6 +324,10 @@ class Master:
             return "the master is stopping"
         return await self.supervisor.reload(self.config.reload_batch, self.config.boot_timeout_s)
 
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until every worker is ready, up to ``timeout_s``; return whether they are."""
+        return await self._wait_until(self.supervisor.all_ready, time.monotonic() + timeout_s)
+
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""
         return self.supervisor.scale(workers)

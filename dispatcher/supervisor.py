@@ -303,6 +303,7 @@ class Supervisor:
         worker.ready = True
         worker.last_heard = time.monotonic()  # the ping timeout counts from here
         worker.to(WorkerState.READY)
+        self.changed.set()
         if not self._attach(worker):
             return
         slot = self.slots.get(worker.slot)
@@ -399,6 +400,12 @@ class Supervisor:
                 self.scheduler.pending, self.scheduler.pending_timeout_s,
             )
         self._schedule_restart(slot, worker.uptime_s)
+
+    def all_ready(self) -> bool:
+        """True when every slot's serving process is ready (and the master is not stopping)."""
+        return bool(self.slots) and not self.stopping and all(
+            s.worker is not None and s.worker.state is WorkerState.READY for s in self.slots.values()
+        )
 
     def serving(self) -> bool:
         return any(

@@ -462,3 +462,38 @@ def test_line_reader_skips_a_long_line_and_recovers() -> None:
     assert reader.feed(b"xx\nok\n") == [b"ok"]
     assert reader.feed(b"0123456789\n01234567890\nend\n") == [b"0123456789", TooLong(10), b"end"]
     assert not reader.partial
+
+
+def test_ready_waits_for_every_worker_then_answers_the_status(server_factory: type[Server],
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    # The app takes a second to import: the answer must wait for both workers, not the socket.
+    server = server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=2,
+                            env={"SLOWBOOT_SECONDS": "1"})
+    wait_for(path.exists, 15, "no control socket")
+    started = time.monotonic()
+    done = ctl(path, "--timeout", "20", "--json", "ready")
+    assert done.returncode == 0, done.stderr
+    snapshot = json.loads(done.stdout)
+    assert [w["state"] for w in snapshot["workers"]] == ["ready", "ready"]
+    assert time.monotonic() - started > 0.5  # it did wait for the imports
+    pids = {w["pid"] for w in snapshot["workers"]}
+    assert pids == {c.pid for c in psutil.Process(server.pid).children()}
+    address = snapshot["master"]["listening"][0]
+    done = ctl(path, "ready")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"2 worker(s) ready, listening on {address}"
+
+
+def test_ready_says_how_many_are_ready_when_time_runs_out(server_factory: type[Server],
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=1,
+                   env={"SLOWBOOT_SECONDS": "30"})
+    wait_for(path.exists, 15, "no control socket")
+    done = ctl(path, "--timeout", "0.5", "ready")
+    assert done.returncode == 1
+    assert "ready: 0 of 1 worker(s) ready after 0.5 s" in done.stderr
+    with connect(path) as sock:
+        answer = ask(sock, b'{"cmd": "ready", "timeout": "soon"}\n')
+    assert answer == {"ok": False, "error": 'ready: "timeout" must be a number of seconds from 0 to 3600'}
