@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from dispatcher.config import DEFAULT_WINDOW
+from dispatcher.config import Config
 from dispatcher.policies.round_robin import RoundRobin
 from shared import protocol
 from shared.channel import close_fds, fds_from_ancillary
@@ -156,7 +156,7 @@ def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> No
 
     The default window (12), so every worker is free and ``choose`` weighs them all.
     """
-    policy = RoundRobin(window=DEFAULT_WINDOW)
+    policy = RoundRobin(window=Config.window)
     keys = range(1, workers + 1)
     for key in keys:
         policy.attach(key)
@@ -171,4 +171,4 @@ def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> No
 
     benchmark(step)
     assert set(chosen) == set(keys)
-    assert all(policy.in_flight(key) == 0 for key in keys)
+    assert all(policy._credit[key] == policy.window for key in keys)  # every slot free again

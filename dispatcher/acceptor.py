@@ -1,4 +1,4 @@
-"""Accepting connections in the master (round-robin policy).
+"""Accepting connections in the master (the hand-off distribution).
 
 Theory of operation
 -------------------
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
 
-log = logging.getLogger("master")
+log = logging.getLogger(__name__)
 
 _OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Connections accepted per wake-up before the loop gets a turn.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dispatcher import __version__, policies, privileges
-from dispatcher.config import DEFAULT_BIND, DEFAULT_WINDOW, Config, default_workers
-from dispatcher.listeners import DEFAULT_BACKLOG, BindError, BindSpec, parse_bind, systemd_binds
+from dispatcher import __version__, distribution, privileges
+from dispatcher.config import DEFAULT_BIND, Config, default_workers
+from dispatcher.listeners import BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
 from shared import cpu_sched, eventloop, logs
 from shared.exitcodes import ExitCode
@@ -111,42 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (default: $WEB_CONCURRENCY, else the number of CPUs)",
     )
     parser.add_argument(
-        "--policy", choices=policies.NAMES, default="round-robin",
+        "--policy", choices=distribution.NAMES, default=Config.policy,
         help="round-robin: the master hands each connection to the next free worker; "
         "shared: workers accept on one shared socket; reuseport: one SO_REUSEPORT socket "
         "per worker (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="W",
-        help=f"round-robin: hand-offs a worker may hold un-acked, at most {MAX_FDS} (default %(default)s; "
+        "--window", type=_positive_int, default=Config.window, metavar="W",
+        help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
         "1 is Node's behaviour). Workers ack on receipt, so the window only fills while a "
         "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "
         "master send several connections at once, a smaller one queues fewer connections "
         "behind a worker stuck in CPU-bound code",
     )
     parser.add_argument(
-        "--master-sched", choices=cpu_sched.MODES, default="batch",
+        "--master-sched", choices=cpu_sched.MODES, default=Config.master_sched,
         help="round-robin: the master's CPU scheduling policy. batch (SCHED_BATCH): its "
         "wake-ups do not preempt a busy worker, so under load it hands off several "
         "connections per wake-up; with an idle CPU it runs at once. normal: the default "
         "policy (default %(default)s)",
     )
     parser.add_argument(
-        "--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
+        "--backlog", type=_positive_int, default=Config.backlog, metavar="N",
         help="listen() backlog (default %(default)s)",
     )
     parser.add_argument(
-        "--max-pending", type=_positive_int, default=1024, metavar="N",
+        "--max-pending", type=_positive_int, default=Config.max_pending, metavar="N",
         help="round-robin: connections the master holds while no worker is free; when full "
         "it stops accepting and the kernel backlog holds the rest (default %(default)s)",
     )
     parser.add_argument(
-        "--pending-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        "--pending-timeout", type=_seconds, default=Config.pending_timeout_s, metavar="SECONDS",
         help="round-robin: close a connection that waited this long for a worker "
         "(default %(default)s)",
     )
     parser.add_argument(
-        "--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        "--graceful-timeout", type=_seconds, default=Config.graceful_timeout_s, metavar="SECONDS",
         help="on TERM/INT, how long open connections may take to finish (default %(default)s)",
     )
     parser.add_argument(
@@ -155,22 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: Python's, min(32, CPUs + 4))",
     )
     parser.add_argument(
-        "--max-requests", type=_positive_int, default=0, metavar="N",
+        "--max-requests", type=_positive_int, default=Config.max_requests, metavar="N",
         help="replace a worker after it took N connections (new one first, then the old one "
         "drains; default: never)",
     )
     parser.add_argument(
-        "--max-requests-jitter", type=int, default=0, metavar="J",
+        "--max-requests-jitter", type=int, default=Config.max_requests_jitter, metavar="J",
         help="each worker's limit is --max-requests plus a random 0..J, so they do not all "
         "recycle at once (default %(default)s)",
     )
     parser.add_argument(
-        "--max-memory", type=_size, default=0, metavar="SIZE",
+        "--max-memory", type=_size, default=Config.max_memory, metavar="SIZE",
         help="replace a worker whose RSS exceeds SIZE (e.g. 512M, 2G), checked every ping "
         "interval (default: never)",
     )
     parser.add_argument(
-        "--reload-batch", type=_positive_int, default=1, metavar="N",
+        "--reload-batch", type=_positive_int, default=Config.reload_batch, metavar="N",
         help="rolling reload (HUP, ctl reload): workers replaced at a time (default %(default)s)",
     )
     parser.add_argument(
@@ -183,16 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run workers with this group (name or gid; default: --user's primary group)",
     )
     parser.add_argument(
-        "--ping-interval", type=_seconds, default=1.0, metavar="SECONDS",
+        "--ping-interval", type=_seconds, default=Config.ping_interval_s, metavar="SECONDS",
         help="how often the master pings each worker's event loop; 0 turns pings off "
         "(default %(default)s)",
     )
     parser.add_argument(
-        "--ping-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        "--ping-timeout", type=_seconds, default=Config.ping_timeout_s, metavar="SECONDS",
         help="a worker silent this long is killed and replaced (default %(default)s)",
     )
     parser.add_argument(
-        "--boot-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+        "--boot-timeout", type=_seconds, default=Config.boot_timeout_s, metavar="SECONDS",
         help="a worker not ready this long after it started (importing the app) is killed; "
         "also how long a reload waits for each new worker (default %(default)s)",
     )
@@ -206,15 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
     )
     parser.add_argument(
-        "--loop", choices=eventloop.CHOICES, default="auto",
+        "--loop", choices=eventloop.CHOICES, default=Config.loop,
         help="event loop for the master and workers; auto: uvloop when installed "
         "(default %(default)s)",
     )
     parser.add_argument(
-        "--log-level", choices=logs.LEVELS, default="info", help="(default %(default)s)"
+        "--log-level", choices=logs.LEVELS, default=Config.log_level, help="(default %(default)s)"
     )
     parser.add_argument(
-        "--log-format", choices=logs.FORMATS, default="text",
+        "--log-format", choices=logs.FORMATS, default=Config.log_format,
         help="text lines, or one JSON object a line (default %(default)s)",
     )
     return parser
@@ -234,16 +234,10 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             parser.error(f"--metrics: {exc}")
         if spec.is_unix:
             parser.error("--metrics: needs HOST:PORT")
-    if args.ping_interval and args.ping_timeout <= args.ping_interval:
-        parser.error("--ping-timeout must be longer than --ping-interval")
-    if args.max_requests_jitter < 0:
-        parser.error("--max-requests-jitter must not be negative")
     try:
         uid, gid = privileges.resolve(args.user, args.group)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.window > MAX_FDS:
-        parser.error(f"--window: at most {MAX_FDS}")
     try:
         workers = args.workers or default_workers()
     except ValueError as exc:
@@ -255,33 +249,36 @@ def config_from_args(argv: list[str] | None = None) -> Config:
         if all(spec.fd != b.fd if spec.fd is not None else spec.text != b.text for b in binds):
             binds.append(spec)
     binds = binds or [parse_bind(DEFAULT_BIND)]
-    return Config(
-        app=args.app,
-        binds=binds,
-        workers=workers,
-        policy=args.policy,
-        window=args.window,
-        master_sched=args.master_sched,
-        backlog=args.backlog,
-        max_pending=args.max_pending,
-        pending_timeout_s=args.pending_timeout,
-        graceful_timeout_s=args.graceful_timeout,
-        threads=args.threads,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        loop=args.loop,
-        ping_interval_s=args.ping_interval,
-        ping_timeout_s=args.ping_timeout,
-        boot_timeout_s=args.boot_timeout,
-        control="" if args.control == "none" else args.control,
-        metrics=args.metrics,
-        max_requests=args.max_requests,
-        max_requests_jitter=args.max_requests_jitter,
-        max_memory=args.max_memory,
-        reload_batch=args.reload_batch,
-        uid=uid,
-        gid=gid,
-    )
+    try:
+        return Config(
+            app=args.app,
+            binds=binds,
+            workers=workers,
+            policy=args.policy,
+            window=args.window,
+            master_sched=args.master_sched,
+            backlog=args.backlog,
+            max_pending=args.max_pending,
+            pending_timeout_s=args.pending_timeout,
+            graceful_timeout_s=args.graceful_timeout,
+            threads=args.threads,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            loop=args.loop,
+            ping_interval_s=args.ping_interval,
+            ping_timeout_s=args.ping_timeout,
+            boot_timeout_s=args.boot_timeout,
+            control="" if args.control == "none" else args.control,
+            metrics=args.metrics,
+            max_requests=args.max_requests,
+            max_requests_jitter=args.max_requests_jitter,
+            max_memory=args.max_memory,
+            reload_batch=args.reload_batch,
+            uid=uid,
+            gid=gid,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

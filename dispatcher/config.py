@@ -1,4 +1,11 @@
-"""The master's settings, as parsed from the command line."""
+"""The master's settings: what the command line (or a library user) asks for, checked once.
+
+A ``Config`` does not change while the master runs; what does (the number
+of workers after a scale, say) lives in the part that changes it. The
+command line takes its defaults from here, and ``__post_init__`` is the one
+place settings are checked against each other and against the protocol's
+limits, so a bad value is one clear line before anything starts.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 from dispatcher.listeners import DEFAULT_BACKLOG, BindSpec, parse_bind
+from shared.protocol import MAX_FDS
 
 DEFAULT_BIND = "127.0.0.1:8000"
-#: Round-robin hand-offs a worker may hold un-acked (see ``--window``).
-DEFAULT_WINDOW = 12
 
 
 def default_workers() -> int:
@@ -24,12 +30,20 @@ def default_workers() -> int:
 
 @dataclass
 class Config:
+    """Every setting of the master (see ``python -m dispatcher --help`` for their meaning).
+
+    Raises:
+        ValueError: a setting is out of range or contradicts another; the
+            message names it as the command line does.
+    """
+
     app: str
     binds: list[BindSpec] = field(default_factory=lambda: [parse_bind(DEFAULT_BIND)])
     workers: int = 1
     policy: str = "round-robin"
-    window: int = DEFAULT_WINDOW
-    #: The master's CPU scheduling policy (``dispatcher.cpu_sched``), round-robin only.
+    #: Round-robin: hand-offs a worker may hold un-acked (Node: 1), at most one hand-off's worth.
+    window: int = 12
+    #: The master's CPU scheduling policy (``shared.cpu_sched``), round-robin only.
     master_sched: str = "batch"
     backlog: int = DEFAULT_BACKLOG
     max_pending: int = 1024
@@ -58,3 +72,14 @@ class Config:
     #: Numeric ids workers switch to, when the master was told to drop privileges.
     uid: int | None = None
     gid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if not 1 <= self.window <= MAX_FDS:
+            # A worker's whole window fits in one hand-off datagram.
+            raise ValueError(f"--window must be 1 to {MAX_FDS}")
+        if self.ping_interval_s and self.ping_timeout_s <= self.ping_interval_s:
+            raise ValueError("--ping-timeout must be longer than --ping-interval")
+        if self.max_requests_jitter < 0:
+            raise ValueError("--max-requests-jitter must not be negative")

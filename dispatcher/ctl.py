@@ -3,8 +3,8 @@
 It finds the socket (``--control``, else the only live one in the runtime
 dir), sends one request, and prints the answer: a table for people, or the
 raw JSON result with ``--json`` for scripts. Errors go to stderr with exit
-code 1. The protocol is ``dispatcher.control``'s; this side is plain
-blocking sockets.
+code 1. The protocol is ``dispatcher.control_protocol``; this side is
+plain blocking sockets.
 """
 
 from __future__ import annotations
@@ -17,19 +17,15 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.control import (
+from dispatcher.control_protocol import (
     MAX_ANSWER_BYTES,
-    ControlError,
     LineReader,
     RequestError,
     TooLong,
     decode_answer,
     encode,
-    is_listening,
-    pid_alive,
-    runtime_dir,
-    socket_pid,
 )
+from dispatcher.rundir import ControlError, is_listening, pid_alive, runtime_dir, socket_pid
 
 if TYPE_CHECKING:
     from rich.console import JustifyMethod

@@ -1,29 +1,43 @@
-"""A worker's life as an explicit state machine, and its restart backoff.
+"""A worker process's life: its states, the events that move it, and the restart backoff.
 
-A slot is a numbered place for one worker (``worker 3``) that outlives the
-processes filling it: when its process exits, the slot waits out a backoff
-(BACKOFF) and starts a new one. Each process moves through the states on
-its own (``WorkerProcess.to``).
+Theory of operation
+-------------------
+Every rule of the state machine is in this module, as in h11's ``_state.py``:
+``_TRANSITIONS`` maps a (state, event) pair to the next state, and a pair
+that is not there is refused. The supervisor decides *when* an event
+happens; it never sets a state itself.
 
-    STARTING --ready--> READY --drain--> DRAINING --exit--> EXITED --> BACKOFF
-        |                 |                  |                ^           |
-        +-----------------+-----kill--> STOPPING --exit-------+   <--spawn+
+::
 
-Every state change goes through ``transition``, which refuses the ones not
-drawn above.
+    STARTING --ready--> READY --drain--> DRAINING
+        |                 |                  |
+        +--drain--> DRAINING                 |
+        +-----------------+------stop--------+--> STOPPING
+    every state but EXITED --exit--> EXITED
+
+Events come from two sides, and so do errors (h11's two kinds):
+
+- the worker's: ``READY`` (it loaded the app). Said twice, it is the
+  worker's fault: ``WorkerError``, and the worker is replaced. Said after the
+  master told it to drain or stop, it changes nothing.
+- the master's: ``DRAIN`` (told to drain, or it began draining by itself),
+  ``STOP`` (signalled to stop), ``EXIT`` (its exit was reaped). These are
+  idempotent, as in Supervisor's ``change_state``: draining a draining or
+  stopping process, or stopping a stopping or exited one, changes nothing
+  and says so. Only what cannot happen without a bug in the master (a
+  process reaped twice) raises ``TransitionError``.
+
+A slot (``dispatcher.slots``) outlives its processes; BACKOFF is the slot's
+state while its restart waits, never a process's. How long it waits is
+``Backoff``'s rule: PM2's exponential delay, reset once a process served
+long enough.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
-
-from dispatcher.stats import Totals
-
-if TYPE_CHECKING:
-    from dispatcher.worker_process import WorkerProcess
+from typing import Final
 
 
 class WorkerState(enum.Enum):
@@ -32,34 +46,97 @@ class WorkerState(enum.Enum):
     DRAINING = "draining"
     STOPPING = "stopping"
     EXITED = "exited"
+    #: A slot's state while its restart waits (no process is in it).
     BACKOFF = "backoff"
 
 
-_ALLOWED: Final[dict[WorkerState, frozenset[WorkerState]]] = {
-    WorkerState.STARTING: frozenset(
-        {WorkerState.READY, WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.EXITED}
-    ),
-    WorkerState.READY: frozenset({WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.EXITED}),
-    WorkerState.DRAINING: frozenset({WorkerState.STOPPING, WorkerState.EXITED}),
-    WorkerState.STOPPING: frozenset({WorkerState.EXITED}),
-    WorkerState.EXITED: frozenset({WorkerState.BACKOFF, WorkerState.STARTING}),
-    WorkerState.BACKOFF: frozenset({WorkerState.STARTING, WorkerState.EXITED}),
+class Event(enum.Enum):
+    #: The worker said it is ready (the app is loaded).
+    READY = "ready"
+    #: The master told it to drain, or it began draining by itself (it refused a hand-off).
+    DRAIN = "drain"
+    #: The master signalled it to stop.
+    STOP = "stop"
+    #: Its exit was reaped.
+    EXIT = "exit"
+
+
+S = WorkerState
+E = Event
+
+_TRANSITIONS: Final[dict[tuple[WorkerState, Event], WorkerState]] = {
+    (S.STARTING, E.READY): S.READY,
+    # Told to drain or stop before it said ready: it stays as told.
+    (S.DRAINING, E.READY): S.DRAINING,
+    (S.STOPPING, E.READY): S.STOPPING,
+    (S.STARTING, E.DRAIN): S.DRAINING,
+    (S.READY, E.DRAIN): S.DRAINING,
+    (S.DRAINING, E.DRAIN): S.DRAINING,
+    (S.STOPPING, E.DRAIN): S.STOPPING,
+    (S.EXITED, E.DRAIN): S.EXITED,
+    (S.STARTING, E.STOP): S.STOPPING,
+    (S.READY, E.STOP): S.STOPPING,
+    (S.DRAINING, E.STOP): S.STOPPING,
+    (S.STOPPING, E.STOP): S.STOPPING,
+    (S.EXITED, E.STOP): S.EXITED,
+    (S.STARTING, E.EXIT): S.EXITED,
+    (S.READY, E.EXIT): S.EXITED,
+    (S.DRAINING, E.EXIT): S.EXITED,
+    (S.STOPPING, E.EXIT): S.EXITED,
 }
 
 
 class TransitionError(Exception):
-    """A state change that the lifecycle does not allow (a bug in the master)."""
+    """A state change the lifecycle does not allow, asked for by the master: a bug in it."""
 
 
-def transition(current: WorkerState, new: WorkerState) -> WorkerState:
-    """Return ``new`` if a slot may go from ``current`` to it.
+class WorkerError(Exception):
+    """The worker broke a rule of its life (it said ready twice); it is to be replaced."""
 
-    Raises:
-        TransitionError: the change is not allowed; nothing changes.
+
+@dataclass
+class Life:
+    """One process's place in the state machine: the lifecycle's own per-worker state.
+
+    Attributes:
+        state: where it is now.
+        said_ready: it has said ready once (a second time is a ``WorkerError``).
+        boot_timed_out: it was stopped because it was not ready in time (its
+            exit counts as a failed boot).
+        error: the last error the worker reported about itself, if any.
     """
-    if new not in _ALLOWED[current]:
-        raise TransitionError(f"worker cannot go from {current.value} to {new.value}")
-    return new
+
+    state: WorkerState = WorkerState.STARTING
+    said_ready: bool = False
+    boot_timed_out: bool = False
+    error: str | None = None
+
+    def handle(self, event: Event) -> bool:
+        """Take ``event``; return whether the state changed.
+
+        Raises:
+            WorkerError: a second ``READY``; nothing changes.
+            TransitionError: the master asked for what cannot happen; nothing changes.
+        """
+        if event is Event.READY:
+            if self.said_ready:
+                raise WorkerError("sent ready twice")
+            self.said_ready = True
+        new = _TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise TransitionError(f"a worker cannot take {event.value} while {self.state.value}")
+        changed = new is not self.state
+        self.state = new
+        return changed
+
+    @property
+    def exited(self) -> bool:
+        return self.state is WorkerState.EXITED
+
+    @property
+    def leaving(self) -> bool:
+        """Told to drain or stop: its exit is expected."""
+        return self.state in (WorkerState.DRAINING, WorkerState.STOPPING)
 
 
 @dataclass
@@ -86,35 +163,3 @@ class Backoff:
         delay = self._next_s
         self._next_s = min(self._next_s * self.factor, self.max_s)
         return delay
-
-
-@dataclass
-class Slot:
-    """A numbered place for one worker, and the processes in it.
-
-    ``worker`` serves; ``successor`` is a new process starting to replace it
-    (reload, recycle). The slot's own state is derived: BACKOFF while a
-    restart waits, else the serving process's state, else EXITED.
-    """
-
-    id: int
-    worker: WorkerProcess | None = None
-    successor: WorkerProcess | None = None
-    backoff: Backoff = field(default_factory=Backoff)
-    restarts: int = 0
-    last_exit: str = ""
-    restart_timer: asyncio.TimerHandle | None = None
-    #: Why ``successor`` was started, and the future that says how it went.
-    replacing: str = ""
-    outcome: asyncio.Future[str | None] | None = None
-    #: No recycling before this (monotonic), after a replacement failed to boot.
-    recycle_after: float = 0.0
-    totals: Totals = field(default_factory=Totals)
-
-    @property
-    def state(self) -> WorkerState:
-        if self.restart_timer is not None:
-            return WorkerState.BACKOFF
-        if self.worker is not None:
-            return self.worker.state
-        return WorkerState.EXITED

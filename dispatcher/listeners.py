@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 The master owns every ``Listener`` socket and closes it on stop (unlinking a
-Unix socket path it created). Policies that let workers accept hand them
-*copies* (``socket.dup`` or a fresh SO_REUSEPORT socket); those copies are
-passed over the channel and closed by the master as soon as they are sent.
+Unix socket path it created). When workers accept for themselves
+(``dispatcher.self_accept``) they get *copies* (``socket.dup`` or a fresh
+SO_REUSEPORT socket); those copies are passed over the channel and closed
+by the master as soon as they are sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 DEFAULT_BACKLOG = 2048
@@ -189,6 +191,24 @@ def open_listener(spec: BindSpec, backlog: int, *, listen: bool = True,
             raise BindError(f"bind {spec.text!r}: listen failed: {exc.strerror}") from exc
     listener.sock.setblocking(False)
     return listener
+
+
+def open_listeners(specs: Sequence[BindSpec], backlog: int, *, listen: bool = True,
+                   reuseport: bool = False) -> list[Listener]:
+    """``open_listener`` for every spec; all or nothing.
+
+    Raises:
+        BindError: one spec failed; those already bound are closed again.
+    """
+    listeners: list[Listener] = []
+    try:
+        for spec in specs:
+            listeners.append(open_listener(spec, backlog, listen=listen, reuseport=reuseport))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 def reuseport_sibling(listener: Listener, backlog: int) -> socket.socket:

@@ -1,20 +1,31 @@
-"""The master process: listeners, workers and the hand-off, wired together.
+"""The master process: the parts wired together, signals, timers, and stopping.
 
-The loop is gunicorn's arbiter, split by concept: ``listeners`` bind,
-``acceptor`` accepts, ``scheduler`` hands off and hears acks, ``supervisor``
-starts, restarts, replaces and retires workers, ``health`` pings them. This
-module wires them together, starts the control socket and metrics, and
-reacts to signals.
+The loop is gunicorn's arbiter, split by concept:
+
+- ``distribution`` (chosen once from ``--policy``): how connections reach
+  workers, the master accepting and handing them off (``handoff``) or the
+  workers accepting for themselves (``self_accept``); it binds the
+  listeners;
+- ``supervisor``: the worker slots, starting, restarting, replacing and
+  retiring processes (``lifecycle`` holds the rules, ``recycling`` says when
+  one is due, ``reload`` replaces them all in batches);
+- ``health``: pings; ``messages``: user messages both ways;
+- ``control`` and ``metrics``: the operator's interfaces, which see the
+  master only as the operations they need and a ``snapshot``.
+
+This module builds them in that order (each part gets only what exists
+already), then starts them, runs the timers (boot timeouts and recycling
+once a second, pings every ``--ping-interval``), reacts to signals and
+stops.
 
 Theory of operation (fds)
 -------------------------
-- Listening sockets: owned here, closed on stop. Copies for workers (shared
-  and reuseport policies) are sent with ``Listen`` and closed by the channel
-  once sent.
-- Accepted connections: owned by the scheduler until acked (see
-  ``dispatcher.scheduler``). When a worker dies, its channel is drained first
-  (acks it sent before dying still count), then its un-acked connections go
-  back to the front of the queue for the next worker.
+- Listening sockets: bound by the distribution, owned here, closed on stop.
+  Copies for workers that accept themselves are the channel's once queued.
+- Accepted connections (hand-off): owned by the scheduler until acked (see
+  ``dispatcher.scheduler``). When a worker dies, its channel is drained
+  first (acks it sent before dying still count), then its un-acked
+  connections go back to the front of the queue for the next worker.
 - Channels and pidfds: one each per worker process, closed when it is reaped.
 
 Signals are received by asyncio's handler, which only writes to the loop's
@@ -28,31 +39,33 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from dispatcher import __version__, policies
-from dispatcher.acceptor import Acceptor
+from dispatcher import __version__
 from dispatcher.config import Config
+from dispatcher.distribution import Distribution, for_policy
 from dispatcher.health import Health
-from dispatcher.lifecycle import Slot
 from dispatcher.listeners import BindError, Listener
-from dispatcher.scheduler import Scheduler
-from dispatcher.stats import ProcessSampler, Rate
+from dispatcher.messages import Mailbox, MessageHandler
+from dispatcher.recycling import Recycling
+from dispatcher.reload import Reload
+from dispatcher.snapshot import About, Snapshot, take_snapshot
+from dispatcher.stats import ProcessSampler
 from dispatcher.supervisor import Supervisor
-from shared import cpu_sched, eventloop
+from dispatcher.worker_process import WorkerEvents, WorkerProcess, spawn
+from shared import eventloop, protocol
 from shared.exitcodes import ExitCode
-from shared.protocol import UserMessage
 from worker.process import prctl_available
 
-log = logging.getLogger("master")
+log = logging.getLogger(__name__)
 
 #: How long killed workers get to be reaped before the master gives up on them.
 _REAP_TIMEOUT_S = 5.0
 #: A fast stop (QUIT, a second INT) gives workers this long after SIGTERM.
 _FAST_STOP_GRACE_S = 1.0
-#: Messages queued for one worker beyond which more are dropped (it is not reading).
-_MAX_BACKLOG = 1000
+#: How often boot timeouts and recycling limits are checked.
+_TICK_S = 1.0
 
 
 class Master:
@@ -60,28 +73,23 @@ class Master:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.policy = policies.create(config.policy, config.window)
-        self.scheduler = Scheduler(
-            self.policy,
-            config.max_pending,
-            config.pending_timeout_s,
-            on_fault=lambda worker, reason: self.supervisor.on_fault(worker, reason),
-            on_refused=lambda worker: self.supervisor.on_refused(worker),
-            on_limit=lambda worker: self.supervisor.on_limit(worker),
-        )
-        self.health = Health(
-            config.ping_interval_s, config.ping_timeout_s,
-            lambda worker, silent_s: self.supervisor.on_unresponsive(worker, silent_s),
-        )
+        self.distribution: Distribution = for_policy(config)
+        self.health = Health(config.ping_interval_s, config.ping_timeout_s)
+        self.mailbox = Mailbox()
+        self._recycling = Recycling(config.max_requests, config.max_requests_jitter, config.max_memory)
         self.supervisor = Supervisor(
-            config, self.policy, self.scheduler, self.health,
-            on_fatal=lambda code: self.request_stop(code, graceful=False),
+            config, self.distribution, self.health, self._recycling, self.mailbox,
+            spawn=self._spawn, on_fatal=self._on_fatal,
         )
+        self._reload = Reload(self.supervisor, config.reload_batch, config.boot_timeout_s)
+        self._about: About = {
+            "version": __version__, "app": config.app, "policy": config.policy,
+            "window": config.window, "loop": eventloop.resolve(config.loop),
+        }
+        self._worker_args = _worker_args(config)
         self.listeners: list[Listener] = []
-        self.acceptor: Acceptor | None = None
         self.started = time.monotonic()
         self.sampler = ProcessSampler(os.getpid())
-        self.accept_rate = Rate()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future[tuple[ExitCode, bool]] | None = None
         self._fast = asyncio.Event()
@@ -95,13 +103,9 @@ class Master:
         return self.supervisor.stopping
 
     @property
-    def slots(self) -> dict[int, Slot]:
-        return self.supervisor.slots
-
-    @property
-    def message_handlers(self) -> list[Callable[[int, Any], None]]:
+    def message_handlers(self) -> list[MessageHandler]:
         """Called with (worker id, payload) for each message a worker sends."""
-        return self.supervisor.message_handlers
+        return self.mailbox.handlers
 
     # Running
 
@@ -115,7 +119,7 @@ class Master:
         self._stop = loop.create_future()
         self._fast = asyncio.Event()
         try:
-            self.listeners = self.policy.open_listeners(self.config.binds, self.config.backlog)
+            self.listeners = self.distribution.listen(self.config.binds, self.config.backlog)
         except BindError as exc:
             log.error("%s", exc)
             return ExitCode.ERROR
@@ -146,32 +150,26 @@ class Master:
                 "(they still exit on channel EOF) nor set process titles; "
                 "install rr-dispatcher[prctl]"
             )
-        window = ""
-        if self.policy.master_accepts:
-            # Workers inherit it; they switch back to what we were started with.
-            self.supervisor.worker_sched, failed = cpu_sched.switch(self.config.master_sched)
-            if failed:
-                log.warning("master scheduling policy not switched to %s: %s",
-                            self.config.master_sched, failed)
-            window = f" (window {self.config.window}, master sched {cpu_sched.current()})"
+        self._worker_args += self.distribution.start(loop, self.listeners)
         log.info(
-            "app %s, %d worker(s), policy %s%s, %s event loop",
-            self.config.app, self.config.workers, self.policy.name, window,
-            eventloop.resolve(self.config.loop),
+            "app %s, %d worker(s), policy %s, %s event loop",
+            self.config.app, self.config.workers, self.distribution, self._about["loop"],
         )
         for listener in self.listeners:
             log.info("listening on %s", listener.address)
-        if self.policy.master_accepts:
-            self.acceptor = Acceptor(loop, self.listeners, self.scheduler)
-            self.acceptor.start()
-        self.supervisor.start(loop, self.listeners)
-        self._every("tick", 1.0, self._tick)
+        self.supervisor.start(loop)
+        self._every("tick", _TICK_S, self._tick)
         if self.health.interval_s > 0:
             self._every("ping", self.health.interval_s, self._ping)
         code, graceful = await self._stop
         await self._shutdown(graceful)
         log.info("stopped")
         return code
+
+    def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
+        assert self._loop is not None
+        return spawn(worker_id, key, self._worker_args, self._loop, events, self.distribution.on_ack,
+                     max_requests)
 
     def _every(self, name: str, interval_s: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -183,6 +181,17 @@ class Master:
 
         self._timers[name] = loop.call_later(interval_s, fire)
 
+    def _tick(self) -> None:
+        self.supervisor.check_boot(time.monotonic())
+        config = self.config
+        if config.max_requests or (config.max_memory and self.health.interval_s <= 0):
+            self.supervisor.recycle_all_due()
+
+    def _ping(self) -> None:
+        self.supervisor.ping()
+        if self.config.max_memory:
+            self.supervisor.recycle_all_due()
+
     def request_stop(self, code: ExitCode = ExitCode.OK, graceful: bool = True) -> None:
         """Begin stopping; a fast stop also cuts short a graceful one under way."""
         if self._stop is not None and not self._stop.done():
@@ -190,17 +199,21 @@ class Master:
         elif not graceful:
             self._fast.set()
 
+    def _on_fatal(self, code: ExitCode) -> None:
+        self.request_stop(code, graceful=False)
+
     def _on_signal(self, sig: signal.Signals) -> None:
         # asyncio's own handler only wrote to the loop's wake-up fd; this runs on the loop.
         stopping = self.stopping or (self._stop is not None and self._stop.done())
+        workers = len(self.supervisor.slots)
         if sig == signal.SIGHUP:
             self._spawn_task(self.reload(), "reload")
         elif sig == signal.SIGTTIN:
             if not stopping:
-                self.supervisor.scale(len(self.slots) + 1)
+                self.supervisor.scale(workers + 1)
         elif sig == signal.SIGTTOU:
-            if not stopping and len(self.slots) > 1:
-                self.supervisor.scale(len(self.slots) - 1)
+            if not stopping and workers > 1:
+                self.supervisor.scale(workers - 1)
         elif sig == signal.SIGQUIT:
             log.info("SIGQUIT: stopping fast")
             self.request_stop(ExitCode.OK, graceful=False)
@@ -214,7 +227,7 @@ class Master:
                      self.config.graceful_timeout_s)
             self.request_stop(ExitCode.OK, graceful=True)
 
-    def _spawn_task(self, coro: Any, name: str) -> None:
+    def _spawn_task(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         assert self._loop is not None
         task = self._loop.create_task(coro, name=name)
         self._tasks.add(task)
@@ -223,7 +236,8 @@ class Master:
     async def _start_services(self) -> None:
         """Start the control socket and the metrics endpoint, as configured."""
         if self.config.control != "":
-            from dispatcher.control import ControlServer, default_path
+            from dispatcher.control import ControlServer
+            from dispatcher.rundir import default_path
 
             control = ControlServer(self, self.config.control or default_path())
             await control.start()
@@ -232,82 +246,64 @@ class Master:
         if self.config.metrics:
             from dispatcher.metrics import MetricsServer
 
-            metrics = MetricsServer(self, self.config.metrics)
+            metrics = MetricsServer(self.snapshot, self.config.metrics)
             metrics.start()
             self._services.append(metrics)
             log.info("metrics at http://%s/metrics", metrics.address)
 
-    def _ping(self) -> None:
-        self.health.tick(w for w in self.supervisor.live() if w.returncode is None)
-        if self.config.max_memory:
-            self.supervisor.check_limits()
-
-    def _tick(self) -> None:
-        self.accept_rate.update(self.acceptor.accepted if self.acceptor else 0)
-        self.supervisor.check_boot(time.monotonic())
-        self.scheduler.age_loads()
-        expired = self.scheduler.expire(time.monotonic())
-        if expired:
-            log.warning(
-                "closed %d connection(s) that waited over %g s for a worker",
-                expired, self.scheduler.pending_timeout_s,
-            )
-        if self.config.max_requests or (self.config.max_memory and self.health.interval_s <= 0):
-            self.supervisor.check_limits()
-
     # Stopping
 
-    async def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
-        """Wait until ``done()``, ``deadline`` (monotonic) or a fast stop; return ``done()``."""
+    async def _within(self, waiting: Awaitable[Any], deadline: float) -> bool:
+        """Await ``waiting`` until ``deadline`` (monotonic) or a fast stop; return whether it finished."""
+        task = asyncio.ensure_future(waiting)
+        fast = asyncio.ensure_future(self._fast.wait())
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.wait((task, fast), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finished = task.done() and not task.cancelled()
+        task.cancel()
+        fast.cancel()
+        return finished
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ``done()``, ``deadline`` or a fast stop; ``done`` is checked whenever a worker
+        becomes ready or exits."""
         changed = self.supervisor.changed
-        while not done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._fast.is_set():
-                return False
-            changed.clear()
-            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._fast.wait())]
-            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waits:
-                waiter.cancel()
-        return True
+
+        async def changes() -> None:
+            while not done():
+                changed.clear()
+                await changed.wait()
+
+        return done() or await self._within(changes(), deadline)
 
     async def _shutdown(self, graceful: bool) -> None:
         supervisor = self.supervisor
         supervisor.stop_restarts()
-        if self.acceptor is not None:
-            if graceful:
-                swept = self.acceptor.sweep()
-                if swept:
-                    log.info("accepted %d connection(s) still in the backlog", swept)
-            self.acceptor.stop()
+        self.distribution.stop(sweep=graceful)
         for listener in self.listeners:
             listener.close()
         if not graceful:
             self._fast.set()
         deadline = time.monotonic() + (self.config.graceful_timeout_s if graceful else 0.0)
-        if graceful and self.policy.master_accepts:
-            self.scheduler.on_settled = supervisor.changed.set
-            await self._wait_until(
-                lambda: self.scheduler.settled or not self.scheduler.attached, deadline
-            )
-            self.scheduler.on_settled = None
+        if graceful:
+            await self._within(self.distribution.settle(), deadline)
         if not self._fast.is_set():
             supervisor.drain_all()
-            await self._wait_until(lambda: not supervisor.live(), deadline)
+            await self._until(lambda: not supervisor.live(), deadline)
         fast = not graceful or self._fast.is_set()
         if supervisor.live() and fast:
             # Fast: SIGTERM first (a worker drains on it), SIGKILL after a short grace.
             supervisor.signal_all(signal.SIGTERM)
             self._fast.clear()
-            await self._wait_until(lambda: not supervisor.live(), time.monotonic() + _FAST_STOP_GRACE_S)
+            await self._until(lambda: not supervisor.live(), time.monotonic() + _FAST_STOP_GRACE_S)
         if supervisor.live():
             why = "SIGTERM" if fast else "the graceful timeout"
             for worker in supervisor.live():
                 log.warning("%r still running after %s; killing it", worker, why)
             supervisor.signal_all(signal.SIGKILL)
             self._fast.clear()
-            await self._wait_until(lambda: not supervisor.live(), time.monotonic() + _REAP_TIMEOUT_S)
-        dropped = self.scheduler.close_pending()
+            await self._until(lambda: not supervisor.live(), time.monotonic() + _REAP_TIMEOUT_S)
+        dropped = self.distribution.close()
         if dropped:
             log.warning("closed %d connection(s) that no worker could take", dropped)
 
@@ -320,13 +316,11 @@ class Master:
             None when every worker was replaced, else why the reload stopped
             (the workers not replaced yet keep serving).
         """
-        if self.stopping:
-            return "the master is stopping"
-        return await self.supervisor.reload(self.config.reload_batch, self.config.boot_timeout_s)
+        return await self._reload.run()
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until every worker is ready, up to ``timeout_s``; return whether they are."""
-        return await self._wait_until(self.supervisor.all_ready, time.monotonic() + timeout_s)
+        return await self._until(self.supervisor.all_ready, time.monotonic() + timeout_s)
 
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""
@@ -342,76 +336,32 @@ class Master:
             ValueError: ``payload`` is not JSON-serialisable or too large, or
                 there is no worker ``worker_id``.
         """
-        return self.supervisor.send(worker_id, UserMessage(payload), _MAX_BACKLOG)
+        return self.mailbox.send(self.supervisor.serving_workers(worker_id), payload)
 
     def broadcast(self, payload: Any) -> int:
         """``send(None, payload)``."""
         return self.send(None, payload)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """Everything known about the master and each worker, JSON-serialisable."""
-        now = time.monotonic()
-        scheduler = self.scheduler
-        workers = []
-        for slot in sorted(self.slots.values(), key=lambda s: s.id):
-            worker = slot.worker
-            entry: dict[str, Any] = {
-                "id": slot.id,
-                "pid": worker.pid if worker else None,
-                "state": slot.state.value,
-                "uptime_s": round(now - worker.started, 3) if worker else 0.0,
-                "restarts": slot.restarts,
-                "last_exit": slot.last_exit,
-                **self.supervisor.counts(slot),
-                "active": int(worker.reported.get("active", 0)) if worker else 0,
-                "ping_rtt_ms": None,
-                "ping_rtt_avg_ms": None,
-                "loop_lag_ms": None,
-                "rss_bytes": None,
-                "uss_bytes": None,
-                "cpu_percent": None,
-                "open_fds": None,
-            }
-            if worker is not None:
-                if worker.rtt_last_s is not None:
-                    entry["ping_rtt_ms"] = round(worker.rtt_last_s * 1000, 3)
-                    entry["ping_rtt_avg_ms"] = round(worker.rtt_total_s / worker.pongs * 1000, 3)
-                lag = worker.reported.get("loop_lag_ms")
-                entry["loop_lag_ms"] = lag if isinstance(lag, (int, float)) else None
-                entry.update(worker.sampler.sample())
-            workers.append(entry)
-        draining = [
-            {"id": w.slot, "pid": w.pid, "state": w.state.value, "uptime_s": round(now - w.started, 3),
-             "active": int(w.reported.get("active", 0))}
-            for w in self.supervisor.retired.values()
-        ]
-        master: dict[str, Any] = {
-            "pid": os.getpid(),
-            "version": __version__,
-            "app": self.config.app,
-            "policy": self.policy.name,
-            "window": self.config.window,
-            "loop": eventloop.resolve(self.config.loop),
-            "listening": [listener.address for listener in self.listeners],
-            "uptime_s": round(now - self.started, 3),
-            "workers_wanted": self.config.workers,
-            "reloading": self.supervisor.reloading,
-            "stopping": self.stopping,
-            "accepted": self.acceptor.accepted if self.acceptor else 0,
-            "accept_errors": self.acceptor.errors if self.acceptor else 0,
-            "accept_rate": round(self.accept_rate.per_s, 3),
-            "pending": scheduler.pending,
-            "in_flight": scheduler.inflight,
-            "handed_off": scheduler.handed_off,
-            "handoff_messages": scheduler.handoff_messages,
-            "redispatched": scheduler.redispatched,
-            "expired": scheduler.expired,
-            "rss_bytes": None,
-            "cpu_percent": None,
-            "open_fds": None,
-        }
-        master.update(self.sampler.sample())
-        return {"master": master, "workers": workers, "draining": draining}
+        return take_snapshot(
+            self._about, self.started, self.listeners, self.supervisor,
+            self.distribution.figures(), self._reload.running, self.sampler,
+        )
+
+
+def _worker_args(config: Config) -> list[str]:
+    """What every worker's command line carries, from the settings."""
+    args = ["--app", config.app, "--log-level", config.log_level,
+            "--log-format", config.log_format, "--loop", config.loop,
+            "--protocol", str(protocol.VERSION)]
+    if config.threads is not None:
+        args += ["--threads", str(config.threads)]
+    if config.uid is not None:
+        args += ["--uid", str(config.uid)]
+    if config.gid is not None:
+        args += ["--gid", str(config.gid)]
+    return args
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)

@@ -3,7 +3,7 @@
 Theory of operation (threads)
 -----------------------------
 Every number lives in the master process, on its event loop thread: workers
-report theirs in pongs and the master keeps the sums (``Master.snapshot``).
+report theirs in pongs and the master keeps the sums (``dispatcher.snapshot``).
 So there is no prometheus_client multiprocess mode and no shared files, only
 one dedicated ``CollectorRegistry`` holding one ``Collector``.
 
@@ -12,7 +12,7 @@ one dedicated ``CollectorRegistry`` holding one ``Collector``.
   thread; ``close`` shuts that server down and joins the thread.
 - The HTTP thread (one per request: the server is threading) runs
   ``collect`` at scrape time. It never reads master state itself: it
-  schedules ``master.snapshot()`` on the loop with ``call_soon_threadsafe``
+  schedules the snapshot function on the loop with ``call_soon_threadsafe``
   and waits for the result on a ``concurrent.futures.Future``, so the numbers
   are one consistent snapshot taken between two loop callbacks.
 - If the loop does not answer within ``timeout_s`` (it is blocked, busy or
@@ -32,8 +32,8 @@ import concurrent.futures
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -41,25 +41,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 from dispatcher.lifecycle import WorkerState
 from dispatcher.listeners import BindError, parse_bind
+from dispatcher.snapshot import MasterFigures, Snapshot, WorkerFigures
 
-if TYPE_CHECKING:
-    from dispatcher.master import Master
-
-log = logging.getLogger("metrics")
+log = logging.getLogger(__name__)
 
 #: How long a scrape waits for the master's loop to take a snapshot.
 DEFAULT_TIMEOUT_S = 2.0
 #: How long ``close`` waits for the HTTP thread to end.
 _JOIN_TIMEOUT_S = 5.0
 
-_Snapshot = dict[str, Any]
-
 
 class MetricsServer:
-    """``/metrics`` on ``HOST:PORT``, numbers taken from ``master.snapshot()``.
+    """``/metrics`` on ``HOST:PORT``, numbers taken from ``snapshot()``.
 
     Parameters:
-        master: the master whose ``snapshot`` is scraped (only ever on its loop).
+        snapshot: the master's snapshot function (only ever called on its loop).
         bind: ``HOST:PORT`` or ``[IPV6]:PORT``; port 0 picks a free port.
         timeout_s: how long a scrape waits for the master's loop.
 
@@ -67,12 +63,13 @@ class MetricsServer:
         BindError: ``bind`` is not a TCP address.
     """
 
-    def __init__(self, master: Master, bind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], bind: str,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         spec = parse_bind(bind)
         if spec.is_unix:
             raise BindError(f"metrics bind {bind!r}: expected HOST:PORT, not a Unix socket")
         assert spec.host is not None and spec.port is not None
-        self.master = master
+        self._take = snapshot
         self.spec = spec
         self.timeout_s = timeout_s
         #: ``HOST:PORT`` with the real port, once started.
@@ -116,17 +113,17 @@ class MetricsServer:
         if thread is not None:
             thread.join(_JOIN_TIMEOUT_S)
 
-    def _snapshot(self) -> _Snapshot | None:
-        """Return ``master.snapshot()`` taken on the loop, or None if it failed or timed out."""
+    def _snapshot(self) -> Snapshot | None:
+        """Return the snapshot taken on the loop, or None if it failed or timed out."""
         loop = self._loop
         if loop is None:
             return None
         if _running_loop() is loop:
             # Called on the loop itself (generate_latest in the master): waiting would deadlock.
             return self._snapshot_here()
-        future: concurrent.futures.Future[_Snapshot] = concurrent.futures.Future()
+        future: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
         try:
-            loop.call_soon_threadsafe(_fill, future, self.master.snapshot)
+            loop.call_soon_threadsafe(_fill, future, self._take)
         except RuntimeError:  # the loop is closed
             log.warning("metrics scrape: the master's event loop is closed")
             return None
@@ -139,9 +136,9 @@ class MetricsServer:
             log.warning("metrics scrape: snapshot failed: %r", exc)
         return None
 
-    def _snapshot_here(self) -> _Snapshot | None:
+    def _snapshot_here(self) -> Snapshot | None:
         try:
-            return self.master.snapshot()
+            return self._take()
         except Exception as exc:
             log.warning("metrics scrape: snapshot failed: %r", exc)
             return None
@@ -155,7 +152,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _fill(future: concurrent.futures.Future[_Snapshot], snapshot: Callable[[], _Snapshot]) -> None:
+def _fill(future: concurrent.futures.Future[Snapshot], snapshot: Callable[[], Snapshot]) -> None:
     """Run on the loop: put ``snapshot()`` or its exception in ``future``, never raise."""
     if not future.set_running_or_notify_cancel():
         return  # the scrape gave up already
@@ -171,11 +168,11 @@ class SnapshotCollector:
     """Turns a master snapshot into metric families, at scrape time.
 
     Parameters:
-        snapshot: returns a ``Master.snapshot()`` dict, or None when none
+        snapshot: returns a snapshot (``dispatcher.snapshot``), or None when none
             could be taken (then only ``dispatcher_scrape_error 1`` is yielded).
     """
 
-    def __init__(self, snapshot: Callable[[], _Snapshot | None]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
         self._snapshot = snapshot
 
     def describe(self) -> list[Metric]:
@@ -196,7 +193,7 @@ def _gauge(name: str, documentation: str, value: float, unit: str = "") -> Gauge
     return GaugeMetricFamily(name, documentation, value=value, unit=unit)
 
 
-def _master_families(master: dict[str, Any]) -> Iterator[Metric]:
+def _master_families(master: MasterFigures) -> Iterator[Metric]:
     yield InfoMetricFamily(
         "dispatcher", "The master's version, policy, event loop and app",
         value={key: str(master[key]) for key in ("version", "policy", "loop", "app")},
@@ -210,8 +207,9 @@ def _master_families(master: dict[str, Any]) -> Iterator[Metric]:
          "Connections put back in line for another worker (theirs died un-acked or refused them)"),
         ("dispatcher_expired", "expired", "Connections closed after waiting too long for a worker"),
     ]
+    figures = _by_key(master)
     for name, key, documentation in counters:
-        yield CounterMetricFamily(name, documentation, value=master[key])
+        yield CounterMetricFamily(name, documentation, value=figures[key])
     gauges = [
         ("dispatcher_pending_connections", "pending", "Connections waiting for a free worker", ""),
         ("dispatcher_inflight_handoffs", "in_flight", "Connections handed off and not yet acked", ""),
@@ -225,7 +223,7 @@ def _master_families(master: dict[str, Any]) -> Iterator[Metric]:
         ("dispatcher_master_open_fds", "open_fds", "File descriptors open in the master", ""),
     ]
     for name, key, documentation, unit in gauges:
-        value = master.get(key)
+        value = figures.get(key)
         if value is not None:
             yield _gauge(name, documentation, value, unit)
 
@@ -257,11 +255,16 @@ _WORKER_GAUGES = [
 ]
 
 
-def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+def _by_key(figures: MasterFigures | WorkerFigures) -> dict[str, Any]:
+    """``figures`` for lookups by a key the tables here hold as data."""
+    return cast(dict[str, Any], figures)
+
+
+def _worker_families(workers: Sequence[WorkerFigures]) -> Iterator[Metric]:
     for name, key, documentation in _WORKER_COUNTERS:
         counter = CounterMetricFamily(name, documentation, labels=["worker"])
         for entry in workers:
-            counter.add_metric([str(entry["id"])], entry[key])
+            counter.add_metric([str(entry["id"])], _by_key(entry)[key])
         yield counter
     up = GaugeMetricFamily("dispatcher_worker_up", "1 if this worker is ready for connections",
                            labels=["worker"])
@@ -277,7 +280,7 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
     for name, key, documentation, unit, divisor in _WORKER_GAUGES:
         gauge = GaugeMetricFamily(name, documentation, labels=["worker"], unit=unit)
         for entry in workers:
-            value = entry.get(key)
+            value = _by_key(entry).get(key)
             if value is not None:
                 gauge.add_metric([str(entry["id"])], value / divisor if divisor != 1 else value)
         yield gauge

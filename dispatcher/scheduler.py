@@ -11,12 +11,12 @@ Where each master fd is, at every moment, is one of:
 - ``_pending``: accepted, waiting for a free worker (FIFO, bounded by
   ``max_pending``; the acceptor stops accepting when it is full, so the rest
   wait in the kernel's backlog);
-- ``worker.staged``: dealt to a worker (its window slot is taken) and not
+- ``lane.staged``: dealt to a worker (its window slot is taken) and not
   yet sent. Every entry point (``submit``, ``on_ack``, ``attach``,
   ``forget``) sends what it staged before returning, one
   ``Handoff`` datagram per worker carrying all of that worker's fds, so a
   burst costs one ``sendmsg`` per worker rather than one per connection;
-- ``worker.inflight``: sent in a ``Handoff``; the worker's copy is in the
+- ``lane.in_flight``: sent in a ``Handoff``; the worker's copy is in the
   channel or in the worker.
 
 and it leaves the master in exactly one of three ways:
@@ -30,63 +30,96 @@ and it leaves the master in exactly one of three ways:
 
 A worker's copy in flight in a dead worker's channel is closed by the kernel
 with the socket; ours is still here, so nothing is lost.
+
+Each worker's ``lane`` is the scheduler's own record of it (what it holds,
+what it was dealt, its counts); nothing else writes it. What the scheduler
+learns about a worker that the supervisor must act on (a bad ack, a
+refusal, its ``max_requests`` reached) it tells the worker object, which
+passes it on to whoever started it.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from dispatcher.policies import Policy
-from dispatcher.worker_process import WorkerProcess
+from shared.channel import Channel
 
-log = logging.getLogger("master")
+#: A connection the master holds: its fd (also its id on the wire) and when it was accepted.
+Conn = tuple[int, float]
+
+
+@dataclass(slots=True)
+class Lane:
+    """The scheduler's per-worker state: the master's copies it holds for one worker, and counts.
+
+    Attributes:
+        in_flight: conn ids (the master's fds) handed off and not yet acked,
+            with the time each was accepted.
+        staged: connections dealt to it and not yet sent.
+        blocked_slots: window slots held by hand-offs that found its channel full.
+        handed_off, acked, refused: connections sent to it, and how it answered.
+    """
+
+    in_flight: dict[int, float] = field(default_factory=dict)
+    staged: list[Conn] = field(default_factory=list)
+    blocked_slots: int = 0
+    handed_off: int = 0
+    acked: int = 0
+    refused: int = 0
+
+
+class Receiver(Protocol):
+    """What the scheduler needs of a worker."""
+
+    key: int
+    lane: Lane
+    channel: Channel
+    #: Connections after which it is due for recycling (0: never).
+    max_requests: int
+
+    def fault(self, reason: str) -> None:
+        """It broke the protocol, or could not be sent to: it must be replaced."""
+
+    def refused(self) -> None:
+        """It refused a hand-off: it is draining."""
+
+    def reached_limit(self) -> None:
+        """Its acks reached ``max_requests``."""
 
 
 class Scheduler:
     """The master's side of the hand-off.
 
     Parameters:
-        policy: chooses the worker for each connection (a master-accepting one).
+        policy: chooses the worker for each connection.
         max_pending: how many accepted connections may wait for a worker.
         pending_timeout_s: how long one may wait before it is closed.
-        on_fault: told (once per failure) that a worker could not be sent to.
-        on_refused: told that a worker refused a hand-off (it is draining).
-        on_limit: told that a worker's acks reached its ``max_requests``.
     """
 
-    def __init__(
-        self,
-        policy: Policy,
-        max_pending: int,
-        pending_timeout_s: float,
-        on_fault: Callable[[WorkerProcess, str], None],
-        on_refused: Callable[[WorkerProcess], None],
-        on_limit: Callable[[WorkerProcess], None],
-    ) -> None:
+    def __init__(self, policy: Policy, max_pending: int, pending_timeout_s: float) -> None:
         self._policy = policy
-        self._workers: dict[int, WorkerProcess] = {}
+        self._workers: dict[int, Receiver] = {}
         # Workers with staged connections, in the order they were first dealt one.
-        self._dirty: list[WorkerProcess] = []
+        self._dirty: list[Receiver] = []
         # Keys of workers whose load figure was reported since ``age_loads`` last
         # ran, and in the run before.
         self._fresh: set[int] = set()
         self._recent: set[int] = set()
-        self._pending: collections.deque[tuple[int, float]] = collections.deque()
+        self._pending: collections.deque[Conn] = collections.deque()
         self.max_pending = max_pending
         self.pending_timeout_s = pending_timeout_s
         self._resume_mark = max(0, max_pending - max(1, max_pending // 4))
-        self._on_fault = on_fault
-        self._on_refused = on_refused
-        self._on_limit = on_limit
         #: Set by the acceptor while it is paused because the queue was full.
         self.on_room: Callable[[], None] | None = None
         #: Called when nothing is pending or in flight (set while stopping).
         self.on_settled: Callable[[], None] | None = None
-        self.inflight = 0
+        self.in_flight = 0
         self.handed_off = 0
         #: Hand-off datagrams sent: ``handed_off / handoff_messages`` connections each.
         self.handoff_messages = 0
@@ -107,7 +140,7 @@ class Scheduler:
 
     @property
     def settled(self) -> bool:
-        return not self._pending and not self.inflight
+        return not self._pending and not self.in_flight
 
     @property
     def attached(self) -> int:
@@ -134,9 +167,10 @@ class Scheduler:
                 key = choose()
                 if key is not None:
                     # _stage, inlined: this loop runs once per accepted connection.
-                    staged = workers[key].staged
+                    worker = workers[key]
+                    staged = worker.lane.staged
                     if not staged:
-                        dirty.append(workers[key])
+                        dirty.append(worker)
                     staged.append((fd, accepted_at))
                     continue
             pending.append((fd, accepted_at))
@@ -162,19 +196,21 @@ class Scheduler:
             self.pump()
             self.flush()
 
-    def _stage(self, worker: WorkerProcess, fd: int, accepted_at: float) -> None:
-        if not worker.staged:
+    def _stage(self, worker: Receiver, fd: int, accepted_at: float) -> None:
+        staged = worker.lane.staged
+        if not staged:
             self._dirty.append(worker)
-        worker.staged.append((fd, accepted_at))
+        staged.append((fd, accepted_at))
 
     def flush(self) -> None:
         """Send every staged connection: one hand-off datagram per worker."""
         while self._dirty:
             dirty, self._dirty = self._dirty, []
-            returned: list[tuple[int, float]] = []
+            returned: list[Conn] = []
             for worker in dirty:
                 # At most a window of connections: the policy caps it at MAX_FDS.
-                batch, worker.staged = worker.staged, []
+                lane = worker.lane
+                batch, lane.staged = lane.staged, []
                 if batch and not self._send(worker, batch):
                     returned += batch
             if returned:
@@ -184,7 +220,7 @@ class Scheduler:
                 self._pending.extendleft(reversed(returned))
                 self.pump()  # other workers may take them
 
-    def _send(self, worker: WorkerProcess, batch: list[tuple[int, float]]) -> bool:
+    def _send(self, worker: Receiver, batch: list[Conn]) -> bool:
         """Hand ``batch`` to ``worker`` in one datagram; False if not sent (the caller re-queues it)."""
         try:
             worker.channel.send_handoff([fd for fd, _ in batch])
@@ -194,69 +230,74 @@ class Scheduler:
             # worker, stay taken until the channel drains, so it is not
             # chosen again meanwhile. Health pings catch a worker that never
             # reads again.
-            if not worker.blocked_slots:
+            lane = worker.lane
+            if not lane.blocked_slots:
                 worker.channel.when_writable(functools.partial(self._unblocked, worker))
-            worker.blocked_slots += len(batch) + self._policy.hold(worker.key)
+            lane.blocked_slots += len(batch) + self._policy.hold(worker.key)
             return False
         except OSError as exc:
             # Not sent: the connections are still only ours.
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                self._on_fault(worker, f"hand-off could not be sent: {exc}")
+                worker.fault(f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
             return False
-        inflight = worker.inflight
+        lane = worker.lane
+        in_flight = lane.in_flight
         for fd, accepted_at in batch:
-            inflight[fd] = accepted_at
+            in_flight[fd] = accepted_at
         count = len(batch)
-        worker.handed_off += count
-        self.inflight += count
+        lane.handed_off += count
+        self.in_flight += count
         self.handed_off += count
         self.handoff_messages += 1
         return True
 
-    def _unblocked(self, worker: WorkerProcess) -> None:
-        slots, worker.blocked_slots = worker.blocked_slots, 0
+    def _unblocked(self, worker: Receiver) -> None:
+        lane = worker.lane
+        slots, lane.blocked_slots = lane.blocked_slots, 0
         if worker.key in self._workers:
             self._policy.ack(worker.key, True, slots)
         self._deal_pending()
 
     # Workers
 
-    def attach(self, worker: WorkerProcess) -> None:
+    def attach(self, worker: Receiver) -> None:
         """``worker`` is ready: give it connections."""
         self._workers[worker.key] = worker
         self._policy.attach(worker.key)
         self.pump()
         self.flush()
 
-    def stop_sending(self, worker: WorkerProcess) -> None:
+    def stop_sending(self, worker: Receiver) -> None:
         """Send ``worker`` nothing more; what it holds un-acked may still be acked."""
         if self._workers.pop(worker.key, None) is not None:
             self._policy.detach(worker.key)
-        if worker.staged:
+        lane = worker.lane
+        if lane.staged:
             # Dealt to it but not sent: first in line again.
-            self._pending.extendleft(reversed(worker.staged))
-            worker.staged = []
+            self._pending.extendleft(reversed(lane.staged))
+            lane.staged = []
 
-    def forget(self, worker: WorkerProcess) -> int:
+    def forget(self, worker: Receiver) -> int:
         """``worker`` is gone: re-queue its un-acked hand-offs first in line.
 
         Returns:
             How many connections were re-queued.
         """
         self.stop_sending(worker)
-        count = len(worker.inflight)
+        in_flight = worker.lane.in_flight
+        count = len(in_flight)
         if count:
             # First in line again, with their accept times: they are the oldest.
-            self._pending.extendleft(reversed(worker.inflight.items()))
-            worker.inflight.clear()
-            self.inflight -= count
+            self._pending.extendleft(reversed(in_flight.items()))
+            in_flight.clear()
+            self.in_flight -= count
             self.redispatched += count
         self._deal_pending()
         return count
 
-    def report_load(self, worker: WorkerProcess, load: int) -> None:
+    def report_load(self, worker: Receiver, load: int) -> None:
         """``worker`` said (in an ack or a pong) that it holds ``load`` connections."""
         self._policy.report(worker.key, load)
         self._fresh.add(worker.key)
@@ -276,43 +317,44 @@ class Scheduler:
                 self._policy.report(key, 0)
         self._recent, self._fresh = self._fresh, set()
 
-    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
+    def on_ack(self, worker: Receiver, conn_ids: tuple[int, ...], accepted: bool, load: int = 0) -> None:
         """Handle ``worker``'s answer to the hand-off of ``conn_ids``; it now holds ``load`` connections."""
-        inflight = worker.inflight
+        lane = worker.lane
+        in_flight = lane.in_flight
         for conn_id in conn_ids:
-            if conn_id not in inflight:
+            if conn_id not in in_flight:
                 self.stop_sending(worker)
-                self._on_fault(worker, f"ack for connection {conn_id} it was not given")
+                worker.fault(f"ack for connection {conn_id} it was not given")
                 return
         if len(conn_ids) > 1 and len(set(conn_ids)) < len(conn_ids):
             self.stop_sending(worker)
-            self._on_fault(worker, f"ack naming a connection twice: {conn_ids}")
+            worker.fault(f"ack naming a connection twice: {conn_ids}")
             return
         # Checked first, so a bad ack changes nothing (not even the order).
-        answered = [(conn_id, inflight.pop(conn_id)) for conn_id in conn_ids]
+        answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]
         count = len(answered)
-        self.inflight -= count
+        self.in_flight -= count
         if accepted:
             for conn_id, _ in answered:
                 os.close(conn_id)
-            before = worker.acked
-            worker.acked += count
+            before = lane.acked
+            lane.acked += count
             self.acked += count
-            if before < worker.max_requests <= worker.acked:
-                self._on_limit(worker)
+            if before < worker.max_requests <= lane.acked:
+                worker.reached_limit()
             self.report_load(worker, load)
             self._policy.ack(worker.key, True, count)
         else:
-            worker.refused += count
+            lane.refused += count
             self.refused += count
             self._policy.ack(worker.key, False, count)
             self.stop_sending(worker)
-            self._on_refused(worker)
+            worker.refused()
             # First in line again, for another worker.
             self._pending.extendleft(reversed(answered))
             self.redispatched += count
         self._deal_pending()
-        if self.on_settled is not None and not self._pending and not self.inflight:
+        if self.on_settled is not None and not self._pending and not self.in_flight:
             self.on_settled()
 
     # Ending
@@ -326,7 +368,7 @@ class Scheduler:
         limit = now - self.pending_timeout_s
         if not any(accepted_at <= limit for _, accepted_at in self._pending):
             return 0
-        keep: collections.deque[tuple[int, float]] = collections.deque()
+        keep: collections.deque[Conn] = collections.deque()
         count = 0
         for fd, accepted_at in self._pending:
             if accepted_at <= limit:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 import psutil
 
@@ -85,3 +85,17 @@ class Rate:
         self._last_count = count
         self._last_at = now
 
+
+
+class DistributionFigures(TypedDict):
+    """What a distribution counts, as the master's snapshot reports it."""
+
+    accepted: int
+    accept_errors: int
+    accept_rate: float
+    pending: int
+    in_flight: int
+    handed_off: int
+    handoff_messages: int
+    redispatched: int
+    expired: int

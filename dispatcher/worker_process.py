@@ -9,12 +9,15 @@ the worker's end, so EOF on the channel means the worker is gone.
 
 The process's exit is watched through a pidfd on the event loop: readable
 once the process has exited, so there is no SIGCHLD handler and no polling.
-``reap`` collects the status and closes the pidfd.
+``reap`` collects the status and closes the pidfd; the channel is closed by
+whoever handles the exit (``WorkerEvents.on_exit``), once it has read it to
+the end.
 
-``inflight`` holds the hand-offs sent to this worker and not yet acked, and
-``staged`` the ones dealt to it and about to be sent: the master's own
-copies of those connections. The scheduler owns them; this class only keeps
-the lists.
+Each part of the master keeps its own record of the process, one attribute
+away, and is the only one to write it: ``life`` (``dispatcher.lifecycle``:
+its state), ``lane`` (``dispatcher.scheduler``: the master's copies of the
+connections it was handed, and their counts) and ``pulse``
+(``dispatcher.health``: pings and what the worker reports of itself).
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from dispatcher.lifecycle import WorkerState, transition
+from dispatcher.health import Pulse
+from dispatcher.lifecycle import Event, Life, WorkerState
+from dispatcher.scheduler import Lane
 from dispatcher.stats import ProcessSampler
 from shared.channel import Channel, socketpair
 from shared.exitcodes import describe
@@ -42,86 +47,87 @@ class WorkerEvents(Protocol):
     """What the master hears about a worker, each with the worker it concerns."""
 
     def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None: ...
-    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None: ...
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None: ...
     def on_exit(self, worker: WorkerProcess) -> None: ...
+    def on_fault(self, worker: WorkerProcess, reason: str) -> None: ...
+    def on_refused(self, worker: WorkerProcess) -> None: ...
+    def on_limit(self, worker: WorkerProcess) -> None: ...
+
+
+#: Where a worker's acks go: the hot path, straight to the distribution.
+OnAck = Callable[["WorkerProcess", tuple[int, ...], bool, int], None]
 
 
 class WorkerProcess:
     """A running worker process.
 
     Attributes:
-        slot: the worker's number as users see it (``worker 3``).
-        key: unique per process, how policies tell processes apart.
-        inflight: conn ids (the master's fds) handed off and not yet acked, with
-            the time each was accepted.
-        staged: connections dealt to it and not yet sent (see scheduler).
+        id: the worker's number as users see it (``worker 3``), its slot's.
+        key: unique per process, how the distribution tells processes apart.
+        max_requests: connections after which it is recycled (0: never).
     """
 
     def __init__(
         self,
-        slot: int,
+        worker_id: int,
         key: int,
         proc: subprocess.Popen[bytes],
         pidfd: int,
         master_end: socket.socket,
         loop: asyncio.AbstractEventLoop,
         events: WorkerEvents,
+        on_ack: OnAck,
+        max_requests: int = 0,
     ) -> None:
-        self.slot = slot
+        self.id = worker_id
         self.key = key
         self.proc = proc
         self.pid = proc.pid
         self.pidfd = pidfd
+        self.max_requests = max_requests
+        self.started = time.monotonic()
+        self.returncode: int | None = None
+        self.life = Life()
+        self.lane = Lane()
+        self.pulse = Pulse(last_heard=self.started)
+        self.sampler = ProcessSampler(self.pid)
+        self._events = events
         self.channel = Channel(
             master_end,
             loop,
             functools.partial(events.on_message, self),
             functools.partial(events.on_channel_closed, self),
-            functools.partial(events.on_ack, self),
+            functools.partial(on_ack, self),
         )
-        self.started = time.monotonic()
-        self.inflight: dict[int, float] = {}
-        self.staged: list[tuple[int, float]] = []
-        self.ready = False
-        self.error: str | None = None
-        self.returncode: int | None = None
-        # The master's own counts of this process's hand-offs.
-        self.handed_off = self.acked = self.refused = 0
-        #: Window slots held by hand-offs that found the channel full (see scheduler).
-        self.blocked_slots = 0
-        # Health: the outstanding ping (if any) and what the last pong said.
-        self.ping_seq = 0
-        self.ping_sent_at: float | None = None
-        self.last_heard = self.started
-        self.rtt_last_s: float | None = None
-        self.rtt_total_s = 0.0
-        self.pongs = 0
-        self.reported: dict[str, Any] = {}
-        self.unresponsive = False
-        self.boot_timed_out = False
-        self.state = WorkerState.STARTING
-        #: Connections after which it is recycled (0: never), drawn at spawn.
-        self.max_requests = 0
-        self.sampler = ProcessSampler(self.pid)
 
     def __repr__(self) -> str:
-        return f"worker {self.slot} (pid {self.pid})"
+        return f"worker {self.id} (pid {self.pid})"
 
-    def to(self, new: WorkerState) -> None:
-        """Move to ``new`` (see ``lifecycle.transition``)."""
-        self.state = transition(self.state, new)
+    @property
+    def state(self) -> WorkerState:
+        return self.life.state
 
-    def served(self) -> int:
-        """Connections this process took: acked hand-offs, or its own accepts."""
-        return max(self.acked, int(self.reported.get("accepted", 0)))
+    def handle(self, event: Event) -> bool:
+        """Move its state on ``event`` (see ``dispatcher.lifecycle``); return whether it changed."""
+        return self.life.handle(event)
+
+    # What the distribution learns about it, passed on to whoever started it.
+
+    def fault(self, reason: str) -> None:
+        self._events.on_fault(self, reason)
+
+    def refused(self) -> None:
+        self._events.on_refused(self)
+
+    def reached_limit(self) -> None:
+        self._events.on_limit(self)
 
     def counts(self) -> dict[str, int]:
         """Its counters, to add to its slot's totals when it exits."""
+        lane, pulse = self.lane, self.pulse
         return {
-            "handed_off": self.handed_off, "acked": self.acked, "refused": self.refused,
-            "handled": int(self.reported.get("handled", 0)),
-            "accepted": int(self.reported.get("accepted", 0)),
+            "handed_off": lane.handed_off, "acked": lane.acked, "refused": lane.refused,
+            "handled": pulse.figure("handled"), "accepted": pulse.figure("accepted"),
         }
 
     @property
@@ -149,17 +155,21 @@ class WorkerProcess:
 
 
 def spawn(
-    slot: int,
+    worker_id: int,
     key: int,
     worker_args: Sequence[str],
     loop: asyncio.AbstractEventLoop,
     events: WorkerEvents,
+    on_ack: OnAck,
+    max_requests: int = 0,
 ) -> WorkerProcess:
-    """Start a worker process for ``slot`` and wire it to ``loop``.
+    """Start a worker process for slot ``worker_id`` and wire it to ``loop``.
 
     Parameters:
         worker_args: arguments after ``python -m worker --id N --channel-fd F``.
-        events: told of the worker's messages, acks, channel end and exit.
+        events: told of the worker's messages, channel end and exit, and of
+            what the distribution learns about it.
+        on_ack: told of each ack it sends.
 
     Raises:
         OSError: the process could not be started; nothing is left open.
@@ -168,7 +178,7 @@ def spawn(
     try:
         command = [
             sys.executable, "-m", "worker",
-            "--id", str(slot),
+            "--id", str(worker_id),
             "--channel-fd", str(worker_end.fileno()),
             "--master-pid", str(os.getpid()),
             *worker_args,
@@ -187,7 +197,7 @@ def spawn(
         proc.wait()
         master_end.close()
         raise
-    worker = WorkerProcess(slot, key, proc, pidfd, master_end, loop, events)
+    worker = WorkerProcess(worker_id, key, proc, pidfd, master_end, loop, events, on_ack, max_requests)
     loop.add_reader(pidfd, _exited, loop, worker, events)
     return worker
 

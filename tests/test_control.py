@@ -22,7 +22,9 @@ from typing import Any
 import psutil
 import pytest
 
-from dispatcher.control import MAX_REQUEST_BYTES, ControlError, ControlServer, LineReader, TooLong
+from dispatcher.control import ControlServer
+from dispatcher.control_protocol import MAX_REQUEST_BYTES, LineReader, TooLong
+from dispatcher.rundir import ControlError
 from tests.conftest import READY, ROOT, Server, wait_for
 
 APP = "tests.apps.handlers:pid"

@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.lifecycle import WorkerState
 from dispatcher.listeners import BindError
-from dispatcher.master import Master
 from dispatcher.metrics import MetricsServer
 from tests.conftest import Server, ask, wait_for
 
@@ -165,12 +164,7 @@ def test_metrics_counters_monotonic_across_worker_restart(server_factory: type[S
     assert per_worker(later, "dispatcher_worker_handed_off")["0"] >= handed_off_after["0"]
 
 
-# The exporter on its own: a stub master on an event loop this test controls.
-
-
-class StubMaster:
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.snapshot = snapshot
+# The exporter on its own: a snapshot function on an event loop this test controls.
 
 
 def canned_snapshot() -> dict[str, Any]:
@@ -207,7 +201,7 @@ def on_loop(loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> Any:
 
 def exporter(loop: asyncio.AbstractEventLoop, snapshot: Callable[[], dict[str, Any]],
              timeout_s: float = 2.0, bind: str = "127.0.0.1:0") -> MetricsServer:
-    metrics = MetricsServer(cast(Master, StubMaster(snapshot)), bind, timeout_s=timeout_s)
+    metrics = MetricsServer(cast(Any, snapshot), bind, timeout_s=timeout_s)
     on_loop(loop, metrics.start)
     return metrics
 
@@ -299,7 +293,7 @@ def test_exporter_reports_a_stopped_loop(loop: asyncio.AbstractEventLoop) -> Non
 
 def test_exporter_bind_errors_are_clear(loop: asyncio.AbstractEventLoop) -> None:
     with pytest.raises(BindError, match="not a Unix socket"):
-        MetricsServer(cast(Master, StubMaster(canned_snapshot)), "unix:/tmp/x.sock")
+        MetricsServer(cast(Any, canned_snapshot), "unix:/tmp/x.sock")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

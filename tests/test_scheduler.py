@@ -52,7 +52,7 @@ def same_file(a: int, b: int) -> bool:
 
 
 class Events:
-    """The ``WorkerEvents`` of the master, recorded; acks go on to the scheduler, as in the supervisor."""
+    """The ``WorkerEvents`` of the master, recorded; acks go on to the scheduler, as in the master."""
 
     def __init__(self) -> None:
         self.scheduler: Scheduler | None = None
@@ -60,6 +60,9 @@ class Events:
         self.messages: list[tuple[WorkerProcess, Message]] = []
         self.closed: list[tuple[WorkerProcess, str]] = []
         self.exits: list[WorkerProcess] = []
+        self.faults: list[tuple[WorkerProcess, str]] = []
+        self.refusals: list[WorkerProcess] = []
+        self.limits: list[WorkerProcess] = []
 
     def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None:
         self.messages.append((worker, message))
@@ -76,6 +79,20 @@ class Events:
     def on_exit(self, worker: WorkerProcess) -> None:
         self.exits.append(worker)
 
+    def on_fault(self, worker: WorkerProcess, reason: str) -> None:
+        self.faults.append((worker, reason))
+
+    def on_refused(self, worker: WorkerProcess) -> None:
+        self.refusals.append(worker)
+
+    def on_limit(self, worker: WorkerProcess) -> None:
+        self.limits.append(worker)
+
+
+def in_flight(policy: RoundRobin, key: int) -> int:
+    """Un-acked hand-offs of worker ``key``, as the policy counts them: its window less its free slots."""
+    return policy.window - policy._credit[key]
+
 
 class Rig:
     """A scheduler over real workers; ``close`` ends every process and closes every fd."""
@@ -83,16 +100,12 @@ class Rig:
     def __init__(self, window: int, max_pending: int, pending_timeout_s: float) -> None:
         self.loop = asyncio.new_event_loop()
         self.events = Events()
-        self.faults: list[tuple[WorkerProcess, str]] = []
-        self.refusals: list[WorkerProcess] = []
-        self.limits: list[WorkerProcess] = []
+        # What the scheduler tells each worker object, which passes it on to its events.
+        self.faults = self.events.faults
+        self.refusals = self.events.refusals
+        self.limits = self.events.limits
         self.policy = RoundRobin(window)
-        self.scheduler = Scheduler(
-            self.policy, max_pending, pending_timeout_s,
-            on_fault=lambda worker, why: self.faults.append((worker, why)),
-            on_refused=self.refusals.append,
-            on_limit=self.limits.append,
-        )
+        self.scheduler = Scheduler(self.policy, max_pending, pending_timeout_s)
         self.events.scheduler = self.scheduler
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: list[WorkerProcess] = []
@@ -111,8 +124,8 @@ class Rig:
             master_end, worker_end = socketpair()
             worker_end.setblocking(False)
             slot = len(self.workers)
-            worker = WorkerProcess(slot, 100 + slot, proc, pidfd, master_end, self.loop, self.events)
-            worker.max_requests = max_requests
+            worker = WorkerProcess(slot, 100 + slot, proc, pidfd, master_end, self.loop, self.events,
+                                   self.events.on_ack, max_requests)
             self.workers.append(worker)
             self.masters[worker.key] = master_end
             self.ends[worker.key] = worker_end
@@ -192,9 +205,10 @@ class Rig:
         try:
             # The connections the scheduler still owns: in flight, dealt, queued.
             for worker in self.workers:
-                close_fds([*worker.inflight, *(fd for fd, _ in worker.staged)])
-                worker.inflight.clear()
-                worker.staged = []
+                lane = worker.lane
+                close_fds([*lane.in_flight, *(fd for fd, _ in lane.staged)])
+                lane.in_flight.clear()
+                lane.staged = []
             self.scheduler.close_pending()
             for worker in self.workers:
                 worker.channel.close()
@@ -233,11 +247,12 @@ def test_a_burst_goes_out_as_one_handoff_per_worker_dealt_in_turn(make_rig: Call
     # One datagram each, the connections dealt one per worker in turn.
     assert rig.handoffs(a) == [tuple(fds[0::2])]
     assert rig.handoffs(b) == [tuple(fds[1::2])]
-    assert (scheduler.handoff_messages, scheduler.handed_off, scheduler.inflight) == (2, 6, 6)
+    assert (scheduler.handoff_messages, scheduler.handed_off, scheduler.in_flight) == (2, 6, 6)
     assert scheduler.pending == 0
-    assert a.inflight == dict.fromkeys(fds[0::2], 100.0) and b.inflight == dict.fromkeys(fds[1::2], 100.0)
-    assert (a.handed_off, b.handed_off) == (3, 3)
-    assert rig.policy.in_flight(a.key) == rig.policy.in_flight(b.key) == 3
+    assert a.lane.in_flight == dict.fromkeys(fds[0::2], 100.0)
+    assert b.lane.in_flight == dict.fromkeys(fds[1::2], 100.0)
+    assert (a.lane.handed_off, b.lane.handed_off) == (3, 3)
+    assert in_flight(rig.policy, a.key) == in_flight(rig.policy, b.key) == 3
     # Un-acked, every connection is still the master's too.
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
 
@@ -300,7 +315,7 @@ def test_beyond_the_window_connections_wait_and_go_out_oldest_first_on_ack(
     assert rig.handoffs(b) == [(waiting[0], waiting[1])]
     assert rig.handoffs(a) == []
     assert scheduler.pending == 1
-    assert b.inflight == dict.fromkeys(waiting[:2], 2.0)
+    assert b.lane.in_flight == dict.fromkeys(waiting[:2], 2.0)
     assert scheduler.handoff_messages == 3 and scheduler.handed_off == 6
 
 
@@ -311,7 +326,7 @@ def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Ca
     fds = rig.submit(4, 1.0)
     (ids,) = rig.handoffs(a)
     assert rig.handoffs(b) == [tuple(fds[1::2])]
-    assert rig.policy.in_flight(a.key) == 2
+    assert in_flight(rig.policy, a.key) == 2
     # The worker answers over its channel; the master's loop reads the ack.
     rig.ends[a.key].send(protocol.encode_ack(ids, True))
     rig.run_until(lambda: scheduler.acked == 2)
@@ -322,8 +337,8 @@ def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Ca
         assert rig.client_sees_eof(fd)  # no copy left anywhere
     for fd in fds[1::2]:
         assert is_open(fd) and not rig.client_sees_eof(fd)
-    assert a.inflight == {} and a.acked == 2 and scheduler.inflight == 2
-    assert rig.policy.in_flight(a.key) == 0
+    assert a.lane.in_flight == {} and a.lane.acked == 2 and scheduler.in_flight == 2
+    assert in_flight(rig.policy, a.key) == 0
     # The freed credit: a (b is full) takes the next two.
     more = rig.submit(2, 2.0)
     assert rig.handoffs(a) == [tuple(more)]
@@ -359,10 +374,10 @@ def test_an_ack_naming_a_connection_not_given_is_not_believed_at_all(
     scheduler.on_ack(a, ids, accepted)
     assert rig.faults == [(a, fault)]
     # Nothing of it believed: no fd closed, nothing re-queued, nothing counted.
-    assert a.inflight == dict.fromkeys(mine, 1.0) and b.inflight == dict.fromkeys(others, 1.0)
+    assert a.lane.in_flight == dict.fromkeys(mine, 1.0) and b.lane.in_flight == dict.fromkeys(others, 1.0)
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
-    assert (scheduler.inflight, scheduler.acked, scheduler.refused, scheduler.redispatched) == (4, 0, 0, 0)
-    assert (a.acked, a.refused, scheduler.pending) == (0, 0, 0)
+    assert (scheduler.in_flight, scheduler.acked, scheduler.refused, scheduler.redispatched) == (4, 0, 0, 0)
+    assert (a.lane.acked, a.lane.refused, scheduler.pending) == (0, 0, 0)
     assert rig.refusals == [] and rig.limits == []
     # The worker is sent nothing more.
     assert rig.policy.workers == 1
@@ -384,15 +399,15 @@ def test_a_refused_handoff_goes_first_in_line_in_its_order_to_another_worker(
     assert scheduler.pending == 2
     scheduler.on_ack(a, refused, False)
     assert rig.refusals == [a] and rig.faults == []
-    assert (a.refused, scheduler.refused, scheduler.redispatched) == (2, 2, 2)
-    assert a.inflight == {} and scheduler.inflight == 2 and scheduler.pending == 4
+    assert (a.lane.refused, scheduler.refused, scheduler.redispatched) == (2, 2, 2)
+    assert a.lane.in_flight == {} and scheduler.in_flight == 2 and scheduler.pending == 4
     assert rig.policy.workers == 1  # a (draining) is sent nothing more
     # Still the master's: the worker closed only its own copies.
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in refused)
     scheduler.on_ack(b, b_ids, True)
     # Ahead of the ones that waited, in their order, with their accept time.
     assert rig.handoffs(b) == [refused]
-    assert b.inflight == dict.fromkeys(refused, 1.0)
+    assert b.lane.in_flight == dict.fromkeys(refused, 1.0)
     scheduler.on_ack(b, refused, True)
     assert rig.handoffs(b) == [tuple(waiting)]
     assert rig.handoffs(a) == []
@@ -413,7 +428,7 @@ def test_a_batched_ack_past_max_requests_calls_on_limit_once(make_rig: Callable[
     rig.submit(2, 2.0)
     (ids,) = rig.handoffs(a)
     scheduler.on_ack(a, ids, True)
-    assert rig.limits == [a] and a.acked == 6
+    assert rig.limits == [a] and a.lane.acked == 6
 
 
 def test_a_full_channel_holds_the_worker_until_it_drains(make_rig: Callable[..., Rig]) -> None:
@@ -425,12 +440,12 @@ def test_a_full_channel_holds_the_worker_until_it_drains(make_rig: Callable[...,
     first = rig.submit(2, 1.0)
     # a's hand-off met EAGAIN: back in line, and b, which had room, took it.
     assert rig.handoffs(b) == [(first[1],), (first[0],)]
-    assert a.inflight == {} and a.handed_off == 0 and scheduler.handoff_messages == 2
+    assert a.lane.in_flight == {} and a.lane.handed_off == 0 and scheduler.handoff_messages == 2
     # Its slot, and its other free slot, are held: it is not chosen meanwhile.
-    assert a.blocked_slots == 2 and rig.policy.in_flight(a.key) == 2
+    assert a.lane.blocked_slots == 2 and in_flight(rig.policy, a.key) == 2
     later = rig.submit(2, 2.0)
     assert scheduler.pending == 2  # a held, b full
-    assert a.blocked_slots == 2 and a.handed_off == 0
+    assert a.lane.blocked_slots == 2 and a.lane.handed_off == 0
     assert rig.faults == [] and rig.events.closed == []
     # The worker reads its channel (fillers only: no hand-off got through).
     assert rig.handoffs(a) == []
@@ -438,10 +453,10 @@ def test_a_full_channel_holds_the_worker_until_it_drains(make_rig: Callable[...,
     # Writable again: a's slots come back and what waited goes to it.
     rig.run_until(lambda: scheduler.pending == 0)
     assert rig.handoffs(a) == [tuple(later)]
-    assert a.blocked_slots == 0 and rig.policy.in_flight(a.key) == 2
-    assert a.inflight == dict.fromkeys(later, 2.0)
+    assert a.lane.blocked_slots == 0 and in_flight(rig.policy, a.key) == 2
+    assert a.lane.in_flight == dict.fromkeys(later, 2.0)
     scheduler.on_ack(a, tuple(later), True)
-    assert rig.policy.in_flight(a.key) == 0
+    assert in_flight(rig.policy, a.key) == 0
     assert all(rig.client_sees_eof(fd) for fd in later)
 
 
@@ -459,9 +474,9 @@ def test_a_gone_worker_gives_the_handoff_back_first_in_line_without_a_fault(
     # a's share came back first in line and went to b, in its order.
     assert rig.handoffs(b) == [(fds[1], fds[3]), (fds[0], fds[2])]
     assert rig.faults == []  # the worker is exiting: its pidfd will say so
-    assert a.inflight == {} and a.handed_off == 0 and rig.policy.workers == 1
-    assert b.inflight == dict.fromkeys([fds[1], fds[3], fds[0], fds[2]], 1.0)
-    assert (scheduler.handoff_messages, scheduler.inflight, scheduler.pending) == (2, 4, 0)
+    assert a.lane.in_flight == {} and a.lane.handed_off == 0 and rig.policy.workers == 1
+    assert b.lane.in_flight == dict.fromkeys([fds[1], fds[3], fds[0], fds[2]], 1.0)
+    assert (scheduler.handoff_messages, scheduler.in_flight, scheduler.pending) == (2, 4, 0)
     assert all(is_open(fd) for fd in fds)
     # Nothing more is tried on a (another try would meet EPIPE, still not a fault).
     more = rig.submit(1, 2.0)
@@ -480,11 +495,11 @@ def test_forget_requeues_unacked_connections_first_in_line_with_their_accept_tim
     assert rig.handoffs(a) == [(early[0],), (late[0],)]
     assert rig.handoffs(b) == [(early[1],)]
     assert scheduler.forget(a) == 2
-    assert a.inflight == {} and rig.policy.workers == 1 and scheduler.redispatched == 2
+    assert a.lane.in_flight == {} and rig.policy.workers == 1 and scheduler.redispatched == 2
     # Re-dispatched at once to b, oldest first, in one hand-off, with their accept times.
     assert rig.handoffs(b) == [(early[0], late[0])]
-    assert b.inflight == {early[1]: 100.0, early[0]: 100.0, late[0]: 200.0}
-    assert scheduler.pending == 0 and scheduler.inflight == 3
+    assert b.lane.in_flight == {early[1]: 100.0, early[0]: 100.0, late[0]: 200.0}
+    assert scheduler.pending == 0 and scheduler.in_flight == 3
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in [*early, *late])
     # b is full now: the next waits, behind nothing re-queued.
     rig.submit(1, 300.0)
@@ -501,13 +516,13 @@ def test_forget_with_no_worker_left_keeps_them_queued_for_the_next(make_rig: Cal
     rig.handoffs(b)
     assert scheduler.forget(a) == 1
     assert scheduler.forget(b) == 1
-    assert scheduler.pending == 3 and scheduler.inflight == 0
+    assert scheduler.pending == 3 and scheduler.in_flight == 0
     (c,) = rig.add_workers(1, attach=False)
     scheduler.attach(c)
     # A re-queued one goes first (window 1), ahead of the one that waited all along.
     (ids,) = rig.handoffs(c)
     assert len(ids) == 1 and ids[0] in first
-    assert c.inflight == {ids[0]: 1.0} and scheduler.pending == 2
+    assert c.lane.in_flight == {ids[0]: 1.0} and scheduler.pending == 2
 
 
 def test_expire_closes_only_connections_waiting_longer_than_the_timeout(

@@ -37,7 +37,6 @@ import contextlib
 from typing import ClassVar
 
 from dispatcher.policies.base import Policy
-from shared.protocol import MAX_FDS
 
 #: How many more connections than the least loaded free worker a worker may
 #: hold and still take its turn.
@@ -46,12 +45,9 @@ _SLACK = 1
 
 class RoundRobin(Policy):
     name: ClassVar[str] = "round-robin"
-    master_accepts: ClassVar[bool] = True
 
     def __init__(self, window: int = 1) -> None:
-        if not 1 <= window <= MAX_FDS:
-            # A worker's whole window fits in one hand-off datagram.
-            raise ValueError(f"window must be 1 to {MAX_FDS}")
+        #: Checked by ``Config``: 1 to ``shared.protocol.MAX_FDS``.
         self.window = window
         self._free: collections.deque[int] = collections.deque()
         self._credit: dict[int, int] = {}
@@ -67,44 +63,34 @@ class RoundRobin(Policy):
         self._estimate[key] = 0
         self._free.append(key)
 
-    def detach(self, key: int) -> bool:
+    def detach(self, key: int) -> None:
         self._load.pop(key, None)
         self._estimate.pop(key, None)
         if self._credit.pop(key, None) is not None:
             with contextlib.suppress(ValueError):  # not in line: it had no free slot
                 self._free.remove(key)
-        return not self._credit
 
-    def choose(self, exclude: int | None = None) -> int | None:
+    def choose(self) -> int | None:
         free = self._free
         if not free:
             return None
-        estimate = self._estimate
         if len(free) == 1:
-            key = free[0]
-            if key == exclude:
-                return None
-            free.popleft()
+            key = free.popleft()
         else:
             # The first in line that holds at most _SLACK more than the least
             # loaded (O(workers), and a worker count is small). Within that,
             # loads are noise (a figure is taken as connections arrive and is
             # stale once they end), and it is plain turns.
-            least = -1
-            for candidate in free:
-                if candidate != exclude and (least < 0 or estimate[candidate] < least):
-                    least = estimate[candidate]
-            if least < 0:
-                return None
-            limit = least + _SLACK
+            estimate = self._estimate
+            limit = min(map(estimate.__getitem__, free)) + _SLACK
             for key in free:
-                if key != exclude and estimate[key] <= limit:
+                if estimate[key] <= limit:
                     break
             if free[0] == key:
                 free.popleft()
             else:
                 free.remove(key)
-        estimate[key] += 1
+        self._estimate[key] += 1
         left = self._credit[key] - 1
         self._credit[key] = left
         if left:
@@ -139,7 +125,3 @@ class RoundRobin(Policy):
     @property
     def workers(self) -> int:
         return len(self._credit)
-
-    def in_flight(self, key: int) -> int:
-        """Un-acked hand-offs of worker ``key``."""
-        return self.window - self._credit[key]

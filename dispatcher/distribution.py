@@ -1,0 +1,99 @@
+"""How accepted connections reach workers: one interface, two distributions, chosen once at start.
+
+As Node's cluster has ``round_robin_handle.js`` and ``shared_handle.js``
+with one shape, the master has two distributions with one shape, and the
+rest of the master never asks which one it has:
+
+- ``HandOff`` (``dispatcher.handoff``, policy ``round-robin``): the master
+  accepts every connection and hands it to a worker it chooses;
+- ``SelfAccept`` (``dispatcher.self_accept``, policies ``shared`` and
+  ``reuseport``): each worker accepts on listening sockets of its own.
+
+Both are told the same things in a worker's life: it is ready (``add``), it
+takes no more (``remove``, which says whether it was the last), it is gone
+(``forget``), what it acked and the load it reported; and, when the master
+stops, to stop taking connections, to settle, and to close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from dispatcher.config import Config
+from dispatcher.handoff import HandOff
+from dispatcher.listeners import BindSpec, Listener
+from dispatcher.self_accept import SelfAccept
+from dispatcher.stats import DistributionFigures
+from dispatcher.worker_process import WorkerProcess
+
+#: ``--policy`` names, the default first.
+NAMES = (*HandOff.POLICIES, *SelfAccept.POLICIES)
+
+
+class Distribution(Protocol):
+    """How the connections clients make reach the workers."""
+
+    def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
+        """Bind every spec the way this distribution needs; all or nothing.
+
+        Raises:
+            BindError: one spec failed; those already bound are closed again.
+        """
+
+    def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
+        """Begin; return the arguments every worker must be started with from now on."""
+
+    def add(self, worker: WorkerProcess) -> None:
+        """``worker`` is ready: it takes connections from now on.
+
+        Raises:
+            BindError, OSError: the worker cannot be given what it needs to take
+                any; the caller replaces it.
+        """
+
+    def remove(self, worker: WorkerProcess) -> bool:
+        """Send ``worker`` nothing more (what it holds may still be acked); idempotent.
+
+        Returns:
+            True when no worker is left to take connections.
+        """
+
+    def forget(self, worker: WorkerProcess) -> int:
+        """``worker`` is gone (its channel was read to the end): what it held un-acked goes to others.
+
+        Returns:
+            How many connections it gave back.
+        """
+
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
+        """``worker`` answered the hand-off of ``conn_ids``; it holds ``load`` connections now."""
+
+    def report_load(self, worker: WorkerProcess, load: int) -> None:
+        """``worker`` said (in a pong) that it holds ``load`` connections."""
+
+    def stop(self, sweep: bool) -> None:
+        """Take no more connections; first, if ``sweep``, those the kernel's backlog holds."""
+
+    async def settle(self) -> None:
+        """Return once every connection taken is in a worker's hands, or no worker is left."""
+
+    def close(self) -> int:
+        """Close the connections no worker took (the master is stopping); return how many."""
+
+    def figures(self) -> DistributionFigures:
+        """Its counters, for the master's snapshot."""
+
+
+def for_policy(config: Config) -> Distribution:
+    """The distribution ``config.policy`` names.
+
+    Raises:
+        ValueError: no policy has that name.
+    """
+    if config.policy in HandOff.POLICIES:
+        return HandOff(config)
+    if config.policy in SelfAccept.POLICIES:
+        return SelfAccept(config.policy, config.backlog)
+    raise ValueError(f"unknown policy {config.policy!r}; choose from {', '.join(NAMES)}")

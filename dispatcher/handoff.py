@@ -1,0 +1,146 @@
+"""The master accepts every connection and hands it to a worker (policy ``round-robin``).
+
+Node's ``RoundRobinHandle``, done properly. Three parts, wired here:
+``Acceptor`` accepts in batches, ``Scheduler`` owns every accepted fd until
+a worker acks it (its theory of operation says where each fd is at every
+moment), and the policy (``RoundRobin``) chooses the worker. A ready worker
+is attached to the scheduler; one told to drain, killed, or refusing is
+detached (``remove``); one that exited gives its un-acked connections back
+(``forget``), which go to the next worker first.
+
+Once a second it closes connections that waited longer than
+``--pending-timeout``, forgets load figures gone stale and updates the
+accept rate.
+
+The master runs under ``--master-sched`` (``shared.cpu_sched``) while it
+hands off: its wake-ups then do not preempt a busy worker. Its workers are
+started with the policy the master began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from dispatcher.acceptor import Acceptor
+from dispatcher.config import Config
+from dispatcher.listeners import BindSpec, Listener, open_listeners
+from dispatcher.policies import RoundRobin
+from dispatcher.scheduler import Receiver, Scheduler
+from dispatcher.stats import DistributionFigures, Rate
+from shared import cpu_sched
+
+log = logging.getLogger(__name__)
+
+#: How often pending connections are expired and load figures aged, in seconds.
+_TICK_S = 1.0
+
+
+class HandOff:
+    """The master-accepts distribution (see ``dispatcher.distribution``)."""
+
+    POLICIES = ("round-robin",)
+
+    def __init__(self, config: Config) -> None:
+        self._window = config.window
+        self._master_sched = config.master_sched
+        self.policy = RoundRobin(config.window)
+        self.scheduler = Scheduler(self.policy, config.max_pending, config.pending_timeout_s)
+        # The hot path: the channel calls the scheduler directly.
+        self.on_ack = self.scheduler.on_ack
+        self.acceptor: Acceptor | None = None
+        self._rate = Rate()
+        self._tick: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+
+    def __str__(self) -> str:
+        return f"round-robin (window {self._window}, master sched {cpu_sched.current()})"
+
+    def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
+        return open_listeners(specs, backlog)
+
+    def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
+        # Workers inherit the master's policy; they switch back to what it was started with.
+        worker_sched, failed = cpu_sched.switch(self._master_sched)
+        if failed:
+            log.warning("master scheduling policy not switched to %s: %s", self._master_sched, failed)
+        self._loop = loop
+        self.acceptor = Acceptor(loop, listeners, self.scheduler)
+        self.acceptor.start()
+        self._tick = loop.call_later(_TICK_S, self._every_second)
+        return () if worker_sched is None else ("--sched", worker_sched)
+
+    def _every_second(self) -> None:
+        assert self._loop is not None
+        self._tick = self._loop.call_later(_TICK_S, self._every_second)
+        self._rate.update(self.acceptor.accepted if self.acceptor else 0)
+        self.scheduler.age_loads()
+        expired = self.scheduler.expire(time.monotonic())
+        if expired:
+            log.warning(
+                "closed %d connection(s) that waited over %g s for a worker",
+                expired, self.scheduler.pending_timeout_s,
+            )
+            if self._changed is not None and self.scheduler.settled:
+                self._changed.set()
+
+    def add(self, worker: Receiver) -> None:
+        self.scheduler.attach(worker)
+
+    def remove(self, worker: Receiver) -> bool:
+        self.scheduler.stop_sending(worker)
+        alone = not self.scheduler.attached
+        if alone and self._changed is not None:
+            self._changed.set()  # no worker left to take what waits: settled
+        return alone
+
+    def forget(self, worker: Receiver) -> int:
+        self.remove(worker)
+        return self.scheduler.forget(worker)
+
+    def report_load(self, worker: Receiver, load: int) -> None:
+        self.scheduler.report_load(worker, load)
+
+    def stop(self, sweep: bool) -> None:
+        if self.acceptor is None:
+            return
+        if sweep:
+            swept = self.acceptor.sweep()
+            if swept:
+                log.info("accepted %d connection(s) still in the backlog", swept)
+        self.acceptor.stop()
+
+    async def settle(self) -> None:
+        scheduler = self.scheduler
+        self._changed = changed = asyncio.Event()
+        scheduler.on_settled = changed.set
+        try:
+            while not (scheduler.settled or not scheduler.attached):
+                changed.clear()
+                await changed.wait()
+        finally:
+            scheduler.on_settled = None
+            self._changed = None
+
+    def close(self) -> int:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        return self.scheduler.close_pending()
+
+    def figures(self) -> DistributionFigures:
+        scheduler, acceptor = self.scheduler, self.acceptor
+        return {
+            "accepted": acceptor.accepted if acceptor else 0,
+            "accept_errors": acceptor.errors if acceptor else 0,
+            "accept_rate": round(self._rate.per_s, 3),
+            "pending": scheduler.pending,
+            "in_flight": scheduler.in_flight,
+            "handed_off": scheduler.handed_off,
+            "handoff_messages": scheduler.handoff_messages,
+            "redispatched": scheduler.redispatched,
+            "expired": scheduler.expired,
+        }

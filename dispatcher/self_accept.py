@@ -1,0 +1,112 @@
+"""Workers accept for themselves (policies ``shared`` and ``reuseport``).
+
+Node's ``SharedHandle`` and gunicorn's model. Each ready worker is sent, in
+a ``Listen`` message per listening socket, a socket of its own to accept
+on, and the master takes no part in any connection:
+
+- ``shared``: a copy (``dup``) of the master's listening socket; the
+  kernel's one accept queue decides who gets each connection, which favours
+  whichever worker happens to be waiting in accept;
+- ``reuseport``: a new SO_REUSEPORT socket bound to the same address; the
+  kernel hashes each connection (by its addresses and ports) to one of
+  them, so the spread is statistical, and connections waiting in a dying
+  worker's own queue are lost. The master binds each worker's socket for it
+  (so privileged ports and port 0 work the same as in the other policies);
+  its own socket only holds the port: bound with SO_REUSEPORT but never
+  listening, so it is not in the kernel's group and receives nothing.
+
+fd ownership: the sockets made for a worker are the channel's once queued
+(``Channel.send`` closes them once sent); if making one fails, those made
+before it are closed here and the worker gets none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+from dispatcher.listeners import BindError, BindSpec, Listener, open_listeners, reuseport_sibling
+from dispatcher.stats import DistributionFigures
+from dispatcher.worker_process import WorkerProcess
+from shared.protocol import Listen
+
+
+class SelfAccept:
+    """The workers-accept distribution (see ``dispatcher.distribution``).
+
+    Parameters:
+        policy: ``shared`` or ``reuseport``.
+        backlog: the ``listen()`` backlog of each worker's own socket (reuseport).
+    """
+
+    POLICIES = ("shared", "reuseport")
+
+    def __init__(self, policy: str, backlog: int) -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f"not a policy where workers accept: {policy!r}")
+        self._reuseport = policy == "reuseport"
+        self._name = policy
+        self._backlog = backlog
+        self._listeners: Sequence[Listener] = ()
+        self._keys: set[int] = set()
+
+    def __str__(self) -> str:
+        return self._name
+
+    def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
+        if not self._reuseport:
+            return open_listeners(specs, backlog)
+        for spec in specs:
+            if spec.is_unix:
+                raise BindError(f"bind {spec.text!r}: the reuseport policy needs TCP addresses")
+        return open_listeners(specs, backlog, listen=False, reuseport=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
+        self._listeners = listeners
+        return ()
+
+    def add(self, worker: WorkerProcess) -> None:
+        socks: list[socket.socket] = []
+        try:
+            for listener in self._listeners:
+                socks.append(
+                    reuseport_sibling(listener, self._backlog) if self._reuseport else listener.sock.dup()
+                )
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        for sock in socks:
+            worker.channel.send(Listen(), sock.detach())
+        self._keys.add(worker.key)
+
+    def remove(self, worker: WorkerProcess) -> bool:
+        # It stops accepting when it drains (it closes its sockets then).
+        self._keys.discard(worker.key)
+        return not self._keys
+
+    def forget(self, worker: WorkerProcess) -> int:
+        self.remove(worker)
+        return 0  # the master held none of its connections
+
+    def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
+        # Nothing was handed to it: an ack is a lie.
+        self.remove(worker)
+        worker.fault(f"ack for connection {conn_ids[0]} it was not given")
+
+    def report_load(self, worker: WorkerProcess, load: int) -> None:
+        """Nothing to do: the kernel, not the master, chooses who takes a connection."""
+
+    def stop(self, sweep: bool) -> None:
+        """Nothing to do: the master closes the listeners; each worker closes its own when it drains."""
+
+    async def settle(self) -> None:
+        """Nothing to wait for: the master holds no connection."""
+
+    def close(self) -> int:
+        return 0
+
+    def figures(self) -> DistributionFigures:
+        return {"accepted": 0, "accept_errors": 0, "accept_rate": 0.0, "pending": 0, "in_flight": 0,
+                "handed_off": 0, "handoff_messages": 0, "redispatched": 0, "expired": 0}

@@ -1,0 +1,63 @@
+"""Settings: checked once, in ``Config``; the command line takes its defaults from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from dispatcher.cli import config_from_args
+from dispatcher.config import Config
+from shared import protocol
+from tests.conftest import ROOT
+
+
+def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:
+    assert Config(app="a:b", window=protocol.MAX_FDS).window == 64
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="--window must be 1 to 64"):
+            Config(app="a:b", window=bad)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"ping_interval_s": 2.0, "ping_timeout_s": 2.0},
+         "--ping-timeout must be longer than --ping-interval"),
+        ({"max_requests_jitter": -1}, "--max-requests-jitter must not be negative"),
+        ({"workers": 0}, "--workers must be at least 1"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config(app="a:b", **settings)  # type: ignore[arg-type]
+
+
+def test_no_pings_needs_no_ping_timeout() -> None:
+    assert Config(app="a:b", ping_interval_s=0, ping_timeout_s=0).ping_timeout_s == 0
+
+
+def test_the_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    parsed = config_from_args(["--app", "a:b"])
+    # workers: the command line's default is the machine's (WEB_CONCURRENCY, or its CPUs).
+    assert parsed == dataclasses.replace(Config(app="a:b"), workers=3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--window", "65"], "--window must be 1 to 64"),
+        (["--ping-interval", "5", "--ping-timeout", "2"],
+         "--ping-timeout must be longer than --ping-interval"),
+        (["--max-requests-jitter", "-3"], "--max-requests-jitter must not be negative"),
+    ],
+)
+def test_a_bad_setting_is_one_usage_line(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "--app", "a:b", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"python -m dispatcher: error: {message}"
