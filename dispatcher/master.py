@@ -42,8 +42,8 @@ from dispatcher.stats import ProcessSampler, Rate
 from dispatcher.supervisor import Supervisor
 from shared import cpu_sched, eventloop
 from shared.exitcodes import ExitCode
+from shared.prctl_extra import prctl_available
 from shared.protocol import UserMessage
-from worker.process import prctl_available
 
 log = logging.getLogger("master")
 
