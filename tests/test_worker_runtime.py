@@ -171,13 +171,13 @@ def test_a_handoff_beyond_the_fd_limit_is_refused_whole_and_the_worker_drains(
             hand_off(master_end, masters)
 
             async def handled() -> None:
-                while not runtime.handed:
+                while not runtime.handed_off:
                     await asyncio.sleep(0)  # let the channel's reader run
 
             loop.run_until_complete(asyncio.wait_for(handled(), 10))
         # One refusal naming all three, though one fd did arrive.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
         assert runtime.draining
-        assert (runtime.handed, runtime.acked, runtime.refused) == (3, 0, 3)
+        assert (runtime.handed_off, runtime.acked, runtime.refused) == (3, 0, 3)
         # The fd that did arrive was closed: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before

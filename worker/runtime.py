@@ -88,7 +88,7 @@ class Runtime:
         self.draining = False
         self.ready = False
         self.started = time.monotonic()
-        self.handed = self.acked = self.refused = self.handled = self.accepted = 0
+        self.handed_off = self.acked = self.refused = self.handled = self.accepted = 0
         self.loop_lag_s = 0.0
         self._lag_due = 0.0
         self._lag_handle: asyncio.TimerHandle | None = None
@@ -207,7 +207,7 @@ class Runtime:
 
     def _on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
         count = len(conn_ids)
-        self.handed += count
+        self.handed_off += count
         if -1 in fds:
             # The kernel dropped fds: we are out of descriptors. Refuse (the
             # master gives the connections to another worker) and make way
@@ -329,7 +329,7 @@ class Runtime:
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "handed": self.handed,
+            "handed_off": self.handed_off,
             "acked": self.acked,
             "refused": self.refused,
             "accepted": self.accepted,
