@@ -22,7 +22,7 @@ from worker import process
 from worker.app import load
 from worker.runtime import Runtime
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 
 class _BootArgumentParser(argparse.ArgumentParser):

@@ -50,7 +50,7 @@ from shared.protocol import (
 from worker import api
 from worker.app import App, HandlerKind
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 _STREAM_LIMIT = 64 * 1024
 # How long an exiting worker may block sending what it still has queued.
