@@ -38,7 +38,6 @@ from shared.exitcodes import ExitCode
 from shared.protocol import (
     Drain,
     Error,
-    Handoff,
     Hello,
     Listen,
     Message,
@@ -186,9 +185,9 @@ class Runtime:
             self._done.set_result(ExitCode.MASTER_GONE)
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
+        # No Handoff case: the channel gives every hand-off to on_handoff, and
+        # one whose fds do not match its ids is a protocol error there.
         match message:
-            case Handoff(conn_ids):
-                self._on_handoff(conn_ids, fds)
             case Listen():
                 self._on_listen(fds[0])
             case Ping(seq):
