@@ -33,17 +33,37 @@ async def streams_answer_and_close(reader: asyncio.StreamReader, writer: asyncio
     await writer.wait_closed()
 
 
-def next_ack(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
-    """The first ack the worker sent (after its hello and ready), running its loop meanwhile."""
+def next_message(
+    loop: asyncio.AbstractEventLoop, master_end: socket.socket, kind: type[protocol.Message]
+) -> protocol.Message:
+    """The first message of ``kind`` the worker sent after its hello and ready, running its loop meanwhile."""
     master_end.setblocking(False)
 
     async def read() -> protocol.Message:
         while True:
             message = protocol.decode(await loop.sock_recv(master_end, protocol.MAX_MESSAGE_BYTES))
-            if isinstance(message, protocol.Ack):
+            if isinstance(message, kind):
                 return message
 
     return loop.run_until_complete(asyncio.wait_for(read(), 10))
+
+
+def next_ack(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
+    """The first ack the worker sent (after its hello and ready), running its loop meanwhile."""
+    return next_message(loop, master_end, protocol.Ack)
+
+
+def still_answers(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
+    """Ping the worker and return its pong."""
+    master_end.send(protocol.encode(protocol.Ping(7)))
+    return next_message(loop, master_end, protocol.Pong)
+
+
+def escaped(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
+    """What reaches the loop's exception handler from now on (an error no callback caught)."""
+    caught: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: caught.append(context))
+    return caught
 
 
 @pytest.fixture
@@ -181,3 +201,30 @@ def test_a_handoff_beyond_the_fd_limit_is_refused_whole_and_the_worker_drains(
         assert (runtime.handed_off, runtime.acked, runtime.refused) == (3, 0, 3)
         # The fd that did arrive was closed: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_message_handler_that_raises_is_logged_and_the_others_still_run(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[Any] = []
+
+    def broken_handler(payload: Any) -> None:
+        raise RuntimeError("broken on purpose")
+
+    with running(loop, streams_answer) as (runtime, master_end):
+        errors = escaped(loop)
+        runtime.api.on_message(broken_handler)
+        runtime.api.on_message(got.append)
+        master_end.send(protocol.encode(protocol.UserMessage({"n": 1})))
+
+        async def delivered() -> None:
+            while not got:
+                await asyncio.sleep(0)  # let the channel's reader run
+
+        loop.run_until_complete(asyncio.wait_for(delivered(), 10))
+        assert got == [{"n": 1}]
+        (record,) = [r for r in caplog.records if r.exc_info]
+        assert "broken_handler" in record.getMessage() and record.name == "worker.api"
+        assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+        assert isinstance(still_answers(loop, master_end), protocol.Pong)
+        assert errors == []
