@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -228,3 +229,34 @@ def test_a_message_handler_that_raises_is_logged_and_the_others_still_run(
         assert record.exc_info is not None and record.exc_info[0] is RuntimeError
         assert isinstance(still_answers(loop, master_end), protocol.Pong)
         assert errors == []
+
+
+def send_with_fd(master_end: socket.socket, message: protocol.Message, fd: int) -> None:
+    master_end.sendmsg(
+        [protocol.encode(message)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    )
+
+
+@pytest.mark.parametrize("what", ["pipe", "connected socket"])
+def test_a_listen_fd_that_is_no_listening_socket_is_closed_and_the_worker_goes_on(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, what: str
+) -> None:
+    with running(loop, streams_answer) as (runtime, master_end):
+        errors = escaped(loop)
+        before = len(os.listdir("/proc/self/fd"))
+        if what == "pipe":
+            ours, other = os.pipe()
+        else:
+            left, right = socket.socketpair()
+            ours, other = left.detach(), right.detach()
+        send_with_fd(master_end, protocol.Listen(), ours)
+        os.close(ours)
+        os.close(other)
+        # Messages are read in order: the pong comes once the Listen was dealt with.
+        pong = still_answers(loop, master_end)
+        assert isinstance(pong, protocol.Pong) and "handed_off" in pong.stats
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert errors == []
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Listen" in record.getMessage() and "\n" not in record.getMessage()
+        assert not runtime.draining

@@ -14,8 +14,9 @@ fd ownership:
 - While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
-  we accept on ourselves; it is closed when draining starts. Connections it
-  accepts are ours alone and are never acked.
+  we accept on ourselves; it is closed when draining starts, or at once if
+  it is not a listening stream socket. Connections it accepts are ours alone
+  and are never acked.
 - If the master goes away (EOF on the channel), the process exits at once;
   the kernel closes whatever it held.
 """
@@ -234,7 +235,19 @@ class Runtime:
             self._serve(sock)
 
     def _on_listen(self, fd: int) -> None:
-        listener = socket.socket(fileno=fd)
+        try:
+            listener = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)  # a failed socket() leaves the fd to us
+            log.error("the master sent a Listen fd that is not a socket (%s); ignoring it", exc.strerror)
+            return
+        # accept() on anything else fails at once every time the loop wakes.
+        if listener.type != socket.SOCK_STREAM or not listener.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            listener.close()
+            log.error("the master sent a Listen fd that is not a listening stream socket; ignoring it")
+            return
         if self.draining:
             listener.close()
             return
