@@ -14,9 +14,9 @@ fd ownership:
 - While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
-  we accept on ourselves; it is closed when draining starts, or at once if
-  it is not a listening stream socket. Connections it accepts are ours alone
-  and are never acked.
+  we accept on ourselves (``worker.acceptor``); it is closed when draining
+  starts, or at once if it is not a listening stream socket. Connections it
+  accepts are ours alone and are never acked.
 - If the master goes away (EOF on the channel), the process exits at once;
   the kernel closes whatever it held.
 """
@@ -48,6 +48,7 @@ from shared.protocol import (
     UserMessage,
 )
 from worker import api
+from worker.acceptor import Acceptor
 from worker.app import App, HandlerKind
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,14 @@ class Runtime:
         self._threads = threads
         self._app: App | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._listeners: list[socket.socket] = []
+        self._acceptor = Acceptor(loop, self._serve)
         self._done: asyncio.Future[ExitCode] = loop.create_future()
         self._server_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self.draining = False
         self.ready = False
         self.started = time.monotonic()
-        self.handed_off = self.acked = self.refused = self.handled = self.accepted = 0
+        self.handed_off = self.acked = self.refused = self.handled = 0
         self.loop_lag_s = 0.0
         self._lag_due = 0.0
         self._lag_handle: asyncio.TimerHandle | None = None
@@ -148,10 +149,7 @@ class Runtime:
             return
         self.draining = True
         log.info("draining: %d connection(s) open", len(self._tasks))
-        for listener in self._listeners:
-            self._loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+        self._acceptor.close()
         self.api._start_draining()
         self._maybe_finish()
 
@@ -168,8 +166,7 @@ class Runtime:
             self._lag_handle.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        for listener in self._listeners:
-            listener.close()
+        self._acceptor.close()
         # An ack still queued must reach the master, or it would hand the
         # connection to someone else after this worker began reading it.
         self.channel.flush_before_exit(_FLUSH_AT_EXIT_S)
@@ -248,31 +245,8 @@ class Runtime:
             listener.close()
             log.error("the master sent a Listen fd that is not a listening stream socket; ignoring it")
             return
-        if self.draining:
-            listener.close()
-            return
         listener.setblocking(False)
-        self._listeners.append(listener)
-        self._loop.add_reader(listener.fileno(), self._accept, listener)
-
-    def _accept(self, listener: socket.socket) -> None:
-        # Shared accept: several workers wake for one connection; losers get EAGAIN.
-        while not self.draining:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s; pausing accept for 0.1 s", exc)
-                self._loop.remove_reader(listener.fileno())
-                self._loop.call_later(0.1, self._resume_accept, listener)
-                return
-            self.accepted += 1
-            self._serve(sock)
-
-    def _resume_accept(self, listener: socket.socket) -> None:
-        if listener in self._listeners:
-            self._loop.add_reader(listener.fileno(), self._accept, listener)
+        self._acceptor.add(listener)
 
     # Connections
 
@@ -344,7 +318,7 @@ class Runtime:
             "handed_off": self.handed_off,
             "acked": self.acked,
             "refused": self.refused,
-            "accepted": self.accepted,
+            "accepted": self._acceptor.accepted,
             "active": len(self._tasks),
             "handled": self.handled,
             "draining": self.draining,
