@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared import protocol
+from shared import eventloop, protocol
 from shared.channel import socketpair
 from tests.conftest import fd_table_full
 from worker.app import classify
@@ -154,6 +154,84 @@ def test_a_custom_server_reports_no_load(loop: asyncio.AbstractEventLoop) -> Non
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 0)
         runtime.drain()  # the server's iteration ends, and with it the server
         loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+
+
+def open_sockets() -> int:
+    """Sockets among this process's fds (uvloop keeps a spare fd on /dev/null, opened when first needed)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, gone by now
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
+    return count
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def either_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """Each event loop the worker may run on: they close a stream's socket differently."""
+    loop = eventloop.loop_factory(request.param)()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "streams", "close on a thread"])
+def test_a_custom_server_connection_is_handled_once_the_app_is_done_with_it(
+    either_loop: asyncio.AbstractEventLoop, ending: str
+) -> None:
+    """``handled`` means finished, for a custom server too: counted when the app lets go of the socket.
+
+    asyncio's transport closes the socket it was given; uvloop's detaches it
+    and closes the fd itself. Either way it counts once.
+    """
+    loop = either_loop
+    holding: list[socket.socket] = []
+    release = asyncio.Event()
+
+    async def finish(sock: socket.socket) -> None:
+        if ending == "streams":
+            reader, writer = await asyncio.open_connection(sock=sock)
+            await reader.readline()
+            await release.wait()
+            writer.write(b"bye\n")
+            writer.close()
+            await writer.wait_closed()
+            return
+        loop = asyncio.get_running_loop()
+        await loop.sock_recv(sock, 100)
+        await release.wait()
+        await loop.sock_sendall(sock, b"bye\n")
+        if ending == "close":
+            sock.close()
+        else:
+            await loop.run_in_executor(None, sock.close)
+
+    async def serve(worker: Any) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            async for sock, _ in worker.connections():
+                holding.append(sock)
+                tasks.create_task(finish(sock))
+
+    with running(loop, serve) as (runtime, master_end), connections(1) as conns:
+        ((master_copy, client),) = conns
+        loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
+        before = open_sockets()
+        hand_off(master_end, [master_copy.fileno()])
+        client.sendall(b"hi\n")
+
+        async def until(predicate: Callable[[], object]) -> None:
+            while not predicate():
+                await asyncio.sleep(0)  # let the worker's callbacks and the app run
+
+        loop.run_until_complete(asyncio.wait_for(until(lambda: holding), 10))
+        assert runtime.handled == 0  # the app holds it: not finished
+        release.set()
+        loop.run_until_complete(asyncio.wait_for(until(lambda: runtime.handled), 10))
+        assert open_sockets() == before  # the worker's copy is closed
+        master_copy.close()
+        client.settimeout(10)
+        assert client.recv(100) == b"bye\n" and client.recv(100) == b""
+        runtime.drain()  # the server's iteration ends, and with it the server
+        loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+        assert runtime.handled == 1
 
 
 def test_a_draining_worker_refuses_the_whole_handoff(loop: asyncio.AbstractEventLoop) -> None:

@@ -81,7 +81,9 @@ class Worker:
         """Yield ``(sock, addr)`` for each accepted connection, until draining.
 
         Each socket is non-blocking and already acknowledged to the master; the
-        caller owns it and must close it.
+        caller owns it and must close it. Its close (``close()``, a ``with``
+        block, or the close of asyncio streams opened on it) is when the
+        worker counts it as handled; a socket dropped unclosed never is.
         """
         if self._on_serving is not None:
             self._on_serving()

@@ -11,6 +11,10 @@ fd ownership:
   ack it at once, before the app reads a byte (as Node does), and wrap it in a
   socket object that the connection's task closes when the handler returns.
   The master closes its own copy when the ack arrives.
+- A custom server's connections (handed off or accepted) are the app's to
+  close. The socket it gets counts the connection as handled when it lets go
+  of its fd: ``close()`` (asyncio's transports call it), or ``detach()``
+  (uvloop's transports detach the socket and close the fd themselves).
 - While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
@@ -29,7 +33,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -79,6 +85,7 @@ class Runtime:
     ) -> None:
         self.worker_id = worker_id
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._threads = threads
         self._app: App | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -254,9 +261,10 @@ class Runtime:
         app = self._app
         assert app is not None
         if app.kind is HandlerKind.SERVER:
-            sock.setblocking(False)
-            self.api._deliver_connection(sock, _peer(sock))
-            self.handled += 1
+            conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
+            conn._on_finished = self._on_app_connection_finished
+            conn.setblocking(False)
+            self.api._deliver_connection(conn, _peer(conn))
             return
         future: asyncio.Future[Any]
         if app.kind is HandlerKind.STREAMS:
@@ -267,6 +275,15 @@ class Runtime:
             future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock)
         self._tasks.add(future)
         future.add_done_callback(self._on_connection_done)
+
+    def _on_app_connection_finished(self) -> None:
+        # The app may close a connection on one of its own threads; the
+        # counters are the loop's.
+        if threading.get_ident() == self._loop_thread:
+            self.handled += 1
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
+                self._loop.call_soon_threadsafe(self._on_app_connection_finished)
 
     def _on_connection_done(self, future: asyncio.Future[Any]) -> None:
         self._tasks.discard(future)
@@ -324,6 +341,42 @@ class Runtime:
             "draining": self.draining,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
         }
+
+
+class _AppConnection(socket.socket):
+    """A connection given to a custom server: letting go of it counts it as handled, once.
+
+    The app owns the socket, so its end is seen only here: a ``close()``
+    (directly, by a ``with`` block, or by asyncio's transport when streams
+    wrapped around it close) or a ``detach()`` (uvloop's transport detaches
+    the socket and closes the fd itself; so may an app that takes the fd).
+    A socket dropped without either is never counted.
+    """
+
+    __slots__ = ("_on_finished",)
+
+    _on_finished: Callable[[], None] | None
+
+    # Counted once the socket has let go of its fd: a count the loop sees never
+    # comes before the close.
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._finished()
+
+    def detach(self) -> int:
+        try:
+            return super().detach()
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        # Copies made by dup() have no callback: only the one given to the app counts.
+        on_finished = getattr(self, "_on_finished", None)
+        if on_finished is not None:
+            self._on_finished = None
+            on_finished()
 
 
 class _EndingWriter(asyncio.StreamWriter):
