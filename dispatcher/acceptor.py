@@ -17,23 +17,23 @@ Accepting pauses, by removing the listeners from the loop, in two cases:
   resource; retrying at once would spin, so accepting resumes after
   ``overload_pause_s``. One log line per episode, not per retry.
 Any other accept error concerns one connection (a client that went away)
-and is skipped.
+and is skipped (``shared.accept_errors``, which the workers' accept loop
+follows too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
+from shared.accept_errors import is_overload
 
 log = logging.getLogger(__name__)
 
-_OVERLOAD = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Connections accepted per wake-up before the loop gets a turn.
 _BATCH = 64
 # socket._accept: accept4() returning the bare fd, no socket object.
@@ -130,7 +130,7 @@ class Acceptor:
                 break
             except OSError as exc:
                 self.errors += 1
-                if exc.errno in _OVERLOAD:
+                if is_overload(exc):
                     self._pause_overload(exc)
                     break
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.

@@ -10,9 +10,9 @@ from dispatcher.config import DEFAULT_BIND, Config, default_workers
 from dispatcher.listeners import BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
 from shared import cpu_sched, eventloop, logs
+from shared.app_spec import AppLoadError, split_spec
 from shared.exitcodes import ExitCode
 from shared.protocol import MAX_FDS
-from worker.app import AppLoadError, split_spec
 
 EPILOG = """\
 handlers (--app MODULE:ATTRIBUTE):

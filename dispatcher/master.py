@@ -56,7 +56,7 @@ from dispatcher.supervisor import Supervisor
 from dispatcher.worker_process import WorkerEvents, WorkerProcess, spawn
 from shared import eventloop, protocol
 from shared.exitcodes import ExitCode
-from worker.process import prctl_available
+from shared.prctl_extra import prctl_available
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ fd ownership:
   message that does not decode is closed here, before the owner hears of the
   error. MSG_CTRUNC means the kernel dropped descriptors that did not fit; the
   ones that did fit are closed here too.
-- ``send(message, fd)`` takes ownership of ``fd``: it is closed once the
-  datagram has gone (the receiver then holds its own copy) or when the
-  channel closes with it still queued.
+- ``send(message, fd)`` takes ownership of ``fd``: it is closed exactly once,
+  when the datagram has gone (the receiver then holds its own copy) or when
+  it cannot go: the channel closes with it still queued, or
+  ``flush_before_exit`` fails or runs out of time before it.
 - ``send_handoff`` is the hot path and takes no ownership: the master keeps
   its copies of the connections until the worker acks, whatever happens here.
 - A hand-off whose fds the kernel could not all install (MSG_CTRUNC: the
@@ -37,6 +38,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 
 from shared import protocol
@@ -325,25 +327,37 @@ class Channel:
                 self._on_ack(*ack)
 
     def flush_before_exit(self, timeout_s: float) -> None:
-        """Send what is still queued, blocking up to ``timeout_s`` (the process is ending)."""
+        """Send what is still queued, blocking up to ``timeout_s`` in all (the process is ending).
+
+        Every queued fd is closed, sent or not. If a send fails (time is up,
+        the peer is gone) the rest is dropped and the channel is closed but
+        for its socket, as ``close()`` would leave it; ``on_closed`` is not
+        called.
+        """
         if self.closed or not self._outbox:
             return
         if self._writing:
             self._loop.remove_writer(self._fileno)
             self._writing = False
-        self._sock.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
         try:
             while self._outbox:
                 data, fd = self._outbox.popleft()
-                if fd is None:
-                    self._sock.send(data)
-                else:
-                    self._sock.sendmsg(
-                        (data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,))),)
-                    )
-                    close_fds((fd,))
-        except OSError:
-            pass
+                try:
+                    # Once time is up, a timeout of 0 still sends what fits
+                    # without blocking; the rest fails with EAGAIN.
+                    self._sock.settimeout(max(deadline - time.monotonic(), 0.0))
+                    if fd is None:
+                        self._sock.send(data)
+                    else:
+                        self._sock.sendmsg(
+                            (data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (fd,))),)
+                        )
+                finally:
+                    if fd is not None:
+                        close_fds((fd,))
+        except OSError as exc:
+            self._stop_io(f"write error at exit: {exc}")
         finally:
             self._sock.setblocking(False)
 

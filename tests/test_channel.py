@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import errno
 import gc
 import os
 import socket
@@ -168,6 +170,62 @@ def test_send_owns_and_closes_its_fd_and_queues_when_full(loop: asyncio.Abstract
     assert sender.backlog == 0
     sender.close()
     receiver.close()
+    assert open_fds() == before
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+@pytest.mark.parametrize("outcome", ["sent", "timed out", "peer gone"])
+def test_flush_before_exit_closes_each_fd_it_was_given_once(
+    loop: asyncio.AbstractEventLoop, outcome: str
+) -> None:
+    """Sent, timed out or refused by a peer that is gone: every queued fd is closed, and only once."""
+    before = open_fds()
+    a, b = socketpair()
+    a.setblocking(False)
+    # A full socket buffer, so what the channel is given waits in its outbox.
+    filler = protocol.encode(Ping(0))
+    fillers = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            a.send(filler)
+            fillers += 1
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed)
+    given = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)]
+    for fd in given:
+        channel.send(Listen(), fd)
+    assert channel.backlog == 3
+    if outcome == "sent":
+        for _ in range(fillers):
+            b.recv(protocol.MAX_MESSAGE_BYTES)
+    elif outcome == "peer gone":
+        b.close()
+    channel.flush_before_exit(0.05)
+    assert [fd for fd in given if is_open(fd)] == []
+    assert channel.backlog == 0
+    # Nothing more can go out after a failure.
+    assert channel.closed is (outcome != "sent")
+    if outcome == "sent":
+        b.settimeout(10)
+        for _ in given:
+            data, fds, _, _ = socket.recv_fds(b, protocol.MAX_MESSAGE_BYTES, 1)
+            assert protocol.decode(data) == Listen() and len(fds) == 1
+            os.close(fds[0])  # the receiver's own copy
+    # The numbers are free again: whatever takes them must survive the channel's close.
+    reused = [os.open("/dev/null", os.O_RDONLY) for _ in given]
+    channel.close()
+    assert all(is_open(fd) for fd in reused)
+    for fd in reused:
+        os.close(fd)
+    b.close()
     assert open_fds() == before
 
 

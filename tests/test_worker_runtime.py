@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared import protocol
+from shared import eventloop, protocol
 from shared.channel import socketpair
 from tests.conftest import fd_table_full
 from worker.app import classify
@@ -33,17 +34,37 @@ async def streams_answer_and_close(reader: asyncio.StreamReader, writer: asyncio
     await writer.wait_closed()
 
 
-def next_ack(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
-    """The first ack the worker sent (after its hello and ready), running its loop meanwhile."""
+def next_message(
+    loop: asyncio.AbstractEventLoop, master_end: socket.socket, kind: type[protocol.Message]
+) -> protocol.Message:
+    """The first message of ``kind`` the worker sent after its hello and ready, running its loop meanwhile."""
     master_end.setblocking(False)
 
     async def read() -> protocol.Message:
         while True:
             message = protocol.decode(await loop.sock_recv(master_end, protocol.MAX_MESSAGE_BYTES))
-            if isinstance(message, protocol.Ack):
+            if isinstance(message, kind):
                 return message
 
     return loop.run_until_complete(asyncio.wait_for(read(), 10))
+
+
+def next_ack(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
+    """The first ack the worker sent (after its hello and ready), running its loop meanwhile."""
+    return next_message(loop, master_end, protocol.Ack)
+
+
+def still_answers(loop: asyncio.AbstractEventLoop, master_end: socket.socket) -> protocol.Message:
+    """Ping the worker and return its pong."""
+    master_end.send(protocol.encode(protocol.Ping(7)))
+    return next_message(loop, master_end, protocol.Pong)
+
+
+def escaped(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
+    """What reaches the loop's exception handler from now on (an error no callback caught)."""
+    caught: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: caught.append(context))
+    return caught
 
 
 @pytest.fixture
@@ -135,6 +156,84 @@ def test_a_custom_server_reports_no_load(loop: asyncio.AbstractEventLoop) -> Non
         loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
 
 
+def open_sockets() -> int:
+    """Sockets among this process's fds (uvloop keeps a spare fd on /dev/null, opened when first needed)."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, gone by now
+            count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
+    return count
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def either_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """Each event loop the worker may run on: they close a stream's socket differently."""
+    loop = eventloop.loop_factory(request.param)()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "streams", "close on a thread"])
+def test_a_custom_server_connection_is_handled_once_the_app_is_done_with_it(
+    either_loop: asyncio.AbstractEventLoop, ending: str
+) -> None:
+    """``handled`` means finished, for a custom server too: counted when the app lets go of the socket.
+
+    asyncio's transport closes the socket it was given; uvloop's detaches it
+    and closes the fd itself. Either way it counts once.
+    """
+    loop = either_loop
+    holding: list[socket.socket] = []
+    release = asyncio.Event()
+
+    async def finish(sock: socket.socket) -> None:
+        if ending == "streams":
+            reader, writer = await asyncio.open_connection(sock=sock)
+            await reader.readline()
+            await release.wait()
+            writer.write(b"bye\n")
+            writer.close()
+            await writer.wait_closed()
+            return
+        loop = asyncio.get_running_loop()
+        await loop.sock_recv(sock, 100)
+        await release.wait()
+        await loop.sock_sendall(sock, b"bye\n")
+        if ending == "close":
+            sock.close()
+        else:
+            await loop.run_in_executor(None, sock.close)
+
+    async def serve(worker: Any) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            async for sock, _ in worker.connections():
+                holding.append(sock)
+                tasks.create_task(finish(sock))
+
+    with running(loop, serve) as (runtime, master_end), connections(1) as conns:
+        ((master_copy, client),) = conns
+        loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
+        before = open_sockets()
+        hand_off(master_end, [master_copy.fileno()])
+        client.sendall(b"hi\n")
+
+        async def until(predicate: Callable[[], object]) -> None:
+            while not predicate():
+                await asyncio.sleep(0)  # let the worker's callbacks and the app run
+
+        loop.run_until_complete(asyncio.wait_for(until(lambda: holding), 10))
+        assert runtime.handled == 0  # the app holds it: not finished
+        release.set()
+        loop.run_until_complete(asyncio.wait_for(until(lambda: runtime.handled), 10))
+        assert open_sockets() == before  # the worker's copy is closed
+        master_copy.close()
+        client.settimeout(10)
+        assert client.recv(100) == b"bye\n" and client.recv(100) == b""
+        runtime.drain()  # the server's iteration ends, and with it the server
+        loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+        assert runtime.handled == 1
+
+
 def test_a_draining_worker_refuses_the_whole_handoff(loop: asyncio.AbstractEventLoop) -> None:
     with running(loop, streams_answer) as (runtime, master_end), connections(3) as conns:
         runtime.drain()
@@ -171,13 +270,71 @@ def test_a_handoff_beyond_the_fd_limit_is_refused_whole_and_the_worker_drains(
             hand_off(master_end, masters)
 
             async def handled() -> None:
-                while not runtime.handed:
+                while not runtime.handed_off:
                     await asyncio.sleep(0)  # let the channel's reader run
 
             loop.run_until_complete(asyncio.wait_for(handled(), 10))
         # One refusal naming all three, though one fd did arrive.
         assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), False)
         assert runtime.draining
-        assert (runtime.handed, runtime.acked, runtime.refused) == (3, 0, 3)
+        assert (runtime.handed_off, runtime.acked, runtime.refused) == (3, 0, 3)
         # The fd that did arrive was closed: the connections are the master's alone.
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_message_handler_that_raises_is_logged_and_the_others_still_run(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[Any] = []
+
+    def broken_handler(payload: Any) -> None:
+        raise RuntimeError("broken on purpose")
+
+    with running(loop, streams_answer) as (runtime, master_end):
+        errors = escaped(loop)
+        runtime.api.on_message(broken_handler)
+        runtime.api.on_message(got.append)
+        master_end.send(protocol.encode(protocol.UserMessage({"n": 1})))
+
+        async def delivered() -> None:
+            while not got:
+                await asyncio.sleep(0)  # let the channel's reader run
+
+        loop.run_until_complete(asyncio.wait_for(delivered(), 10))
+        assert got == [{"n": 1}]
+        (record,) = [r for r in caplog.records if r.exc_info]
+        assert "broken_handler" in record.getMessage() and record.name == "worker.api"
+        assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+        assert isinstance(still_answers(loop, master_end), protocol.Pong)
+        assert errors == []
+
+
+def send_with_fd(master_end: socket.socket, message: protocol.Message, fd: int) -> None:
+    master_end.sendmsg(
+        [protocol.encode(message)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    )
+
+
+@pytest.mark.parametrize("what", ["pipe", "connected socket"])
+def test_a_listen_fd_that_is_no_listening_socket_is_closed_and_the_worker_goes_on(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, what: str
+) -> None:
+    with running(loop, streams_answer) as (runtime, master_end):
+        errors = escaped(loop)
+        before = len(os.listdir("/proc/self/fd"))
+        if what == "pipe":
+            ours, other = os.pipe()
+        else:
+            left, right = socket.socketpair()
+            ours, other = left.detach(), right.detach()
+        send_with_fd(master_end, protocol.Listen(), ours)
+        os.close(ours)
+        os.close(other)
+        # Messages are read in order: the pong comes once the Listen was dealt with.
+        pong = still_answers(loop, master_end)
+        assert isinstance(pong, protocol.Pong) and "handed_off" in pong.stats
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert errors == []
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "Listen" in record.getMessage() and "\n" not in record.getMessage()
+        assert not runtime.draining

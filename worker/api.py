@@ -13,12 +13,15 @@ Ordinary handlers can reach the same object through ``worker.current()``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shared.protocol import UserMessage
+
+log = logging.getLogger(__name__)
 
 Address = Any
 MessageHandler = Callable[[Any], None]
@@ -78,7 +81,9 @@ class Worker:
         """Yield ``(sock, addr)`` for each accepted connection, until draining.
 
         Each socket is non-blocking and already acknowledged to the master; the
-        caller owns it and must close it.
+        caller owns it and must close it. Its close (``close()``, a ``with``
+        block, or the close of asyncio streams opened on it) is when the
+        worker counts it as handled; a socket dropped unclosed never is.
         """
         if self._on_serving is not None:
             self._on_serving()
@@ -97,7 +102,11 @@ class Worker:
         self._send(UserMessage(payload))
 
     def on_message(self, handler: MessageHandler) -> None:
-        """Call ``handler(payload)`` for each message the master sends this worker."""
+        """Call ``handler(payload)`` for each message the master sends this worker.
+
+        Handlers run on the event loop, in the order they were added. One that
+        raises is logged with its traceback and the others still run.
+        """
         self._message_handlers.append(handler)
 
     # Used by the runtime.
@@ -106,12 +115,25 @@ class Worker:
         self._incoming.put_nowait((sock, addr))
 
     def _deliver_message(self, payload: Any) -> None:
+        # One handler's bug must not cost the others their message, nor
+        # surface in the channel's reader as if the channel had failed.
         for handler in list(self._message_handlers):
-            handler(payload)
+            try:
+                handler(payload)
+            except Exception:
+                log.exception("message handler %s raised", _describe(handler))
 
     def _start_draining(self) -> None:
         self._draining.set()
         self._incoming.put_nowait(None)
+
+
+def _describe(handler: MessageHandler) -> str:
+    name = getattr(handler, "__qualname__", None)
+    module = getattr(handler, "__module__", None)
+    if name is None:
+        return repr(handler)
+    return f"{module}.{name}" if module else str(name)
 
 
 def current() -> Worker:

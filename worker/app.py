@@ -1,5 +1,9 @@
 """Finding the application from a ``module:attribute`` spec, and what kind it is.
 
+The spec's syntax is checked by ``shared.app_spec`` (the master checks it too,
+before starting anything); importing the module and telling the kind apart
+happen here, in the worker, and fail with the same ``AppLoadError``.
+
 Three kinds, told apart by the object itself:
 
 - ``async def handler(reader, writer)``: asyncio streams, the signature of
@@ -21,9 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-
-class AppLoadError(Exception):
-    """The app spec cannot be turned into a handler; the message says why in one line."""
+from shared.app_spec import AppLoadError, split_spec
 
 
 class HandlerKind(enum.Enum):
@@ -37,24 +39,6 @@ class App:
     spec: str
     kind: HandlerKind
     handler: Callable[..., Any]
-
-
-def split_spec(spec: str) -> tuple[str, str]:
-    """Return ``(module, attribute)`` of a ``module:attribute`` spec.
-
-    Raises:
-        AppLoadError: the spec is not of that form.
-    """
-    module, sep, attr = spec.partition(":")
-    if not sep:
-        raise AppLoadError(f"app spec {spec!r} has no colon: expected 'module:attribute'")
-    if not module or not attr:
-        raise AppLoadError(f"app spec {spec!r} is incomplete: expected 'module:attribute'")
-    if not all(part.isidentifier() for part in module.split(".")):
-        raise AppLoadError(f"app spec {spec!r}: {module!r} is not a module name")
-    if not all(part.isidentifier() for part in attr.split(".")):
-        raise AppLoadError(f"app spec {spec!r}: {attr!r} is not an attribute name")
-    return module, attr
 
 
 def _is_async(obj: object) -> bool:

@@ -16,12 +16,13 @@ import socket
 import sys
 
 from shared import cpu_sched, eventloop, logs, protocol
+from shared.app_spec import AppLoadError
 from shared.exitcodes import ExitCode
 from worker import process
-from worker.app import AppLoadError, load
+from worker.app import load
 from worker.runtime import Runtime
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 
 class _BootArgumentParser(argparse.ArgumentParser):

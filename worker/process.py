@@ -10,18 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from types import ModuleType
+
+from shared.prctl_extra import prctl_module
 
 log = logging.getLogger(__name__)
-
-
-def _prctl() -> ModuleType | None:
-    try:
-        import prctl
-    except ImportError:
-        return None
-    module: ModuleType = prctl
-    return module
 
 
 def bind_to_master(master_pid: int) -> bool:
@@ -31,7 +23,7 @@ def bind_to_master(master_pid: int) -> bool:
     that died between our fork and the ``prctl`` call would otherwise leave us
     orphaned with no signal coming.
     """
-    prctl = _prctl()
+    prctl = prctl_module()
     if prctl is not None:
         prctl.set_pdeathsig(signal.SIGKILL)
     return os.getppid() == master_pid
@@ -39,17 +31,13 @@ def bind_to_master(master_pid: int) -> bool:
 
 def set_title(title: str) -> bool:
     """Set the process title shown by ps and top; return whether it could be."""
-    prctl = _prctl()
+    prctl = prctl_module()
     if prctl is None:
         return False
     prctl.set_proctitle(title)
     # The kernel's comm name (top, /proc/PID/comm) holds 15 bytes.
     prctl.set_name(title.removeprefix("dispatcher: ")[:15])
     return True
-
-
-def prctl_available() -> bool:
-    return _prctl() is not None
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:

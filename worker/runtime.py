@@ -11,10 +11,15 @@ fd ownership:
   ack it at once, before the app reads a byte (as Node does), and wrap it in a
   socket object that the connection's task closes when the handler returns.
   The master closes its own copy when the ack arrives.
+- A custom server's connections (handed off or accepted) are the app's to
+  close. The socket it gets counts the connection as handled when it lets go
+  of its fd: ``close()`` (asyncio's transports call it), or ``detach()``
+  (uvloop's transports detach the socket and close the fd themselves).
 - While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
-  we accept on ourselves; it is closed when draining starts. Connections it
+  we accept on ourselves (``worker.acceptor``); it is closed when draining
+  starts, or at once if it is not a listening stream socket. Connections it
   accepts are ours alone and are never acked.
 - If the master goes away (EOF on the channel), the process exits at once;
   the kernel closes whatever it held.
@@ -28,7 +33,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,7 +45,6 @@ from shared.exitcodes import ExitCode
 from shared.protocol import (
     Drain,
     Error,
-    Handoff,
     Hello,
     Listen,
     Message,
@@ -48,9 +54,10 @@ from shared.protocol import (
     UserMessage,
 )
 from worker import api
+from worker.acceptor import Acceptor
 from worker.app import App, HandlerKind
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 _STREAM_LIMIT = 64 * 1024
 # How long an exiting worker may block sending what it still has queued.
@@ -78,17 +85,18 @@ class Runtime:
     ) -> None:
         self.worker_id = worker_id
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._threads = threads
         self._app: App | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._listeners: list[socket.socket] = []
+        self._acceptor = Acceptor(loop, self._serve)
         self._done: asyncio.Future[ExitCode] = loop.create_future()
         self._server_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self.draining = False
         self.ready = False
         self.started = time.monotonic()
-        self.handed = self.acked = self.refused = self.handled = self.accepted = 0
+        self.handed_off = self.acked = self.refused = self.handled = 0
         self.loop_lag_s = 0.0
         self._lag_due = 0.0
         self._lag_handle: asyncio.TimerHandle | None = None
@@ -148,10 +156,7 @@ class Runtime:
             return
         self.draining = True
         log.info("draining: %d connection(s) open", len(self._tasks))
-        for listener in self._listeners:
-            self._loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+        self._acceptor.close()
         self.api._start_draining()
         self._maybe_finish()
 
@@ -168,8 +173,7 @@ class Runtime:
             self._lag_handle.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        for listener in self._listeners:
-            listener.close()
+        self._acceptor.close()
         # An ack still queued must reach the master, or it would hand the
         # connection to someone else after this worker began reading it.
         self.channel.flush_before_exit(_FLUSH_AT_EXIT_S)
@@ -186,9 +190,9 @@ class Runtime:
             self._done.set_result(ExitCode.MASTER_GONE)
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
+        # No Handoff case: the channel gives every hand-off to on_handoff, and
+        # one whose fds do not match its ids is a protocol error there.
         match message:
-            case Handoff(conn_ids):
-                self._on_handoff(conn_ids, fds)
             case Listen():
                 self._on_listen(fds[0])
             case Ping(seq):
@@ -207,7 +211,7 @@ class Runtime:
 
     def _on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
         count = len(conn_ids)
-        self.handed += count
+        self.handed_off += count
         if -1 in fds:
             # The kernel dropped fds: we are out of descriptors. Refuse (the
             # master gives the connections to another worker) and make way
@@ -235,32 +239,21 @@ class Runtime:
             self._serve(sock)
 
     def _on_listen(self, fd: int) -> None:
-        listener = socket.socket(fileno=fd)
-        if self.draining:
+        try:
+            listener = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)  # a failed socket() leaves the fd to us
+            log.error("the master sent a Listen fd that is not a socket (%s); ignoring it", exc.strerror)
+            return
+        # accept() on anything else fails at once every time the loop wakes.
+        if listener.type != socket.SOCK_STREAM or not listener.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
             listener.close()
+            log.error("the master sent a Listen fd that is not a listening stream socket; ignoring it")
             return
         listener.setblocking(False)
-        self._listeners.append(listener)
-        self._loop.add_reader(listener.fileno(), self._accept, listener)
-
-    def _accept(self, listener: socket.socket) -> None:
-        # Shared accept: several workers wake for one connection; losers get EAGAIN.
-        while not self.draining:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s; pausing accept for 0.1 s", exc)
-                self._loop.remove_reader(listener.fileno())
-                self._loop.call_later(0.1, self._resume_accept, listener)
-                return
-            self.accepted += 1
-            self._serve(sock)
-
-    def _resume_accept(self, listener: socket.socket) -> None:
-        if listener in self._listeners:
-            self._loop.add_reader(listener.fileno(), self._accept, listener)
+        self._acceptor.add(listener)
 
     # Connections
 
@@ -268,9 +261,10 @@ class Runtime:
         app = self._app
         assert app is not None
         if app.kind is HandlerKind.SERVER:
-            sock.setblocking(False)
-            self.api._deliver_connection(sock, _peer(sock))
-            self.handled += 1
+            conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
+            conn._on_finished = self._on_app_connection_finished
+            conn.setblocking(False)
+            self.api._deliver_connection(conn, _peer(conn))
             return
         future: asyncio.Future[Any]
         if app.kind is HandlerKind.STREAMS:
@@ -281,6 +275,15 @@ class Runtime:
             future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock)
         self._tasks.add(future)
         future.add_done_callback(self._on_connection_done)
+
+    def _on_app_connection_finished(self) -> None:
+        # The app may close a connection on one of its own threads; the
+        # counters are the loop's.
+        if threading.get_ident() == self._loop_thread:
+            self.handled += 1
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
+                self._loop.call_soon_threadsafe(self._on_app_connection_finished)
 
     def _on_connection_done(self, future: asyncio.Future[Any]) -> None:
         self._tasks.discard(future)
@@ -329,15 +332,51 @@ class Runtime:
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
-            "handed": self.handed,
+            "handed_off": self.handed_off,
             "acked": self.acked,
             "refused": self.refused,
-            "accepted": self.accepted,
+            "accepted": self._acceptor.accepted,
             "active": len(self._tasks),
             "handled": self.handled,
             "draining": self.draining,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
         }
+
+
+class _AppConnection(socket.socket):
+    """A connection given to a custom server: letting go of it counts it as handled, once.
+
+    The app owns the socket, so its end is seen only here: a ``close()``
+    (directly, by a ``with`` block, or by asyncio's transport when streams
+    wrapped around it close) or a ``detach()`` (uvloop's transport detaches
+    the socket and closes the fd itself; so may an app that takes the fd).
+    A socket dropped without either is never counted.
+    """
+
+    __slots__ = ("_on_finished",)
+
+    _on_finished: Callable[[], None] | None
+
+    # Counted once the socket has let go of its fd: a count the loop sees never
+    # comes before the close.
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._finished()
+
+    def detach(self) -> int:
+        try:
+            return super().detach()
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        # Copies made by dup() have no callback: only the one given to the app counts.
+        on_finished = getattr(self, "_on_finished", None)
+        if on_finished is not None:
+            self._on_finished = None
+            on_finished()
 
 
 class _EndingWriter(asyncio.StreamWriter):

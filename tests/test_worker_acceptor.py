@@ -1,0 +1,142 @@
+"""The worker's accept loop on real listening sockets: which errors pause it and which it skips.
+
+The kernel rarely produces ECONNABORTED or EMFILE on demand, so a real
+listener is wrapped to raise a given error before it accepts for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from worker.acceptor import Acceptor
+
+
+class Failing:
+    """A real listening socket whose first ``times`` accepts raise ``OSError(code)``."""
+
+    def __init__(self, code: int, times: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.code = code
+        self.left = times
+        #: When each accept was tried (monotonic clock).
+        self.calls: list[float] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls.append(time.monotonic())
+        if self.left:
+            self.left -= 1
+            raise OSError(self.code, os.strerror(self.code))
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def accept_one(loop: asyncio.AbstractEventLoop, listener: Failing, pause_s: float) -> Acceptor:
+    """Connect a client to ``listener`` and wait until an acceptor on it passes the connection on."""
+    got: list[socket.socket] = []
+    acceptor = Acceptor(loop, got.append, overload_pause_s=pause_s)
+    with socket.create_connection(listener.sock.getsockname(), timeout=10):
+        acceptor.add(listener)
+
+        async def accepted() -> None:
+            while not got:
+                await asyncio.sleep(0)  # let the loop's reader callbacks run
+
+        try:
+            loop.run_until_complete(asyncio.wait_for(accepted(), 10))
+        finally:
+            for sock in got:
+                sock.close()
+    assert len(got) == 1
+    return acceptor
+
+
+@pytest.mark.parametrize("code", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM],
+                         ids=errno.errorcode.get)
+def test_an_error_of_one_client_is_skipped_without_pausing(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    """That client is gone; the next connection is accepted in the same wake-up, as the master does."""
+    before = open_fds()
+    listener = Failing(code, times=1)
+    # A pause would outlast the wait: only no pause at all passes.
+    acceptor = accept_one(loop, listener, pause_s=3600)
+    assert len(listener.calls) >= 2
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    acceptor.close()
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM],
+                         ids=errno.errorcode.get)
+def test_an_overload_pauses_accepting_with_one_log_line_per_episode(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    """Out of a resource, accepting again at once would spin: each retry waits the pause out."""
+    caplog.set_level(logging.INFO, logger="worker.acceptor")
+    before = open_fds()
+    listener = Failing(code, times=3)
+    pause_s = 0.05
+    acceptor = accept_one(loop, listener, pause_s)
+    # Three failures, then the connection: each try after a failure came a
+    # pause later (less a margin: a loop may run a timer a clock tick early).
+    tries = listener.calls[:4]
+    assert all(later - earlier >= pause_s - 1e-3 for earlier, later in itertools.pairwise(tries))
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.acceptor"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"accept failed: {os.strerror(code)}")
+    assert lines[1] == "accepting again after 3 pause(s)"
+    acceptor.close()
+    assert open_fds() == before
+
+
+def test_an_overload_pauses_every_listener(loop: asyncio.AbstractEventLoop) -> None:
+    """Out of fds is out of fds on every listener: none of them is retried before the pause ends."""
+    before = open_fds()
+    failing, other = Failing(errno.EMFILE, times=1), Failing(errno.EMFILE, times=0)
+    pause_s = 0.2
+    got: list[socket.socket] = []
+    acceptor = Acceptor(loop, got.append, overload_pause_s=pause_s)
+    acceptor.add(failing)
+    acceptor.add(other)
+
+    async def until(predicate: Callable[[], object]) -> None:
+        while not predicate():
+            await asyncio.sleep(0)  # let the loop's reader callbacks run
+
+    with socket.create_connection(failing.sock.getsockname(), timeout=10):
+        loop.run_until_complete(asyncio.wait_for(until(lambda: failing.calls), 10))
+    # The other listener's client arrives once the pause has begun.
+    with socket.create_connection(other.sock.getsockname(), timeout=10):
+        loop.run_until_complete(asyncio.wait_for(until(lambda: len(got) == 2), 10))
+    assert other.calls[0] - failing.calls[0] >= pause_s - 1e-3
+    for sock in got:
+        sock.close()
+    acceptor.close()
+    assert open_fds() == before
