@@ -26,6 +26,7 @@ from dispatcher.control_protocol import (
     encode,
 )
 from dispatcher.rundir import ControlError, is_listening, pid_alive, runtime_dir, socket_pid
+from dispatcher.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from rich.console import JustifyMethod
@@ -176,7 +177,7 @@ def _console() -> Any:
     return Console(width=wide, highlight=False, soft_wrap=False)
 
 
-def print_status(snapshot: dict[str, Any]) -> None:
+def print_status(snapshot: Snapshot) -> None:
     """Print the master line and a ``pm2 ls``-like table of workers."""
     from rich.table import Table
     from rich.text import Text
@@ -222,7 +223,7 @@ def print_status(snapshot: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_stats(snapshot: dict[str, Any]) -> None:
+def print_stats(snapshot: Snapshot) -> None:
     """Print every field of the snapshot: the master's, then one column per worker."""
     from rich.table import Table
     from rich.text import Text
