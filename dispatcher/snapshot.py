@@ -55,7 +55,9 @@ class DrainingFigures(TypedDict):
     active: int
 
 
-class MasterFigures(TypedDict):
+class MasterFigures(DistributionFigures):
+    """The master's figures: what it is, and what its distribution counted."""
+
     pid: int
     version: str
     app: str
@@ -67,15 +69,6 @@ class MasterFigures(TypedDict):
     workers_wanted: int
     reloading: bool
     stopping: bool
-    accepted: int
-    accept_errors: int
-    accept_rate: float
-    pending: int
-    in_flight: int
-    handed_off: int
-    handoff_messages: int
-    redispatched: int
-    expired: int
     rss_bytes: int | None
     cpu_percent: float | None
     open_fds: int | None
@@ -173,15 +166,7 @@ def take_snapshot(
         "workers_wanted": len(supervisor.slots),
         "reloading": reloading,
         "stopping": supervisor.stopping,
-        "accepted": distribution["accepted"],
-        "accept_errors": distribution["accept_errors"],
-        "accept_rate": distribution["accept_rate"],
-        "pending": distribution["pending"],
-        "in_flight": distribution["in_flight"],
-        "handed_off": distribution["handed_off"],
-        "handoff_messages": distribution["handoff_messages"],
-        "redispatched": distribution["redispatched"],
-        "expired": distribution["expired"],
+        **distribution,
         "rss_bytes": sample.get("rss_bytes"),
         "cpu_percent": sample.get("cpu_percent"),
         "open_fds": sample.get("open_fds"),

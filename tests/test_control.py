@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import psutil
 import pytest
@@ -25,6 +25,7 @@ import pytest
 from dispatcher.control import ControlServer
 from dispatcher.control_protocol import MAX_REQUEST_BYTES, LineReader, TooLong
 from dispatcher.rundir import ControlError
+from dispatcher.snapshot import MasterFigures, Snapshot, WorkerFigures
 from tests.conftest import READY, ROOT, Server, wait_for
 
 APP = "tests.apps.handlers:pid"
@@ -128,6 +129,10 @@ def test_status_table_shows_every_worker(server_factory: type[Server], tmp_path:
     for w in workers:
         assert set(w) >= WORKER_KEYS, set(w) ^ WORKER_KEYS
         assert w["state"] == "ready"
+    # What travels is exactly the typed snapshot the client, metrics and the lab read.
+    assert set(snapshot) == set(Snapshot.__annotations__)
+    assert set(snapshot["master"]) == set(get_type_hints(MasterFigures))
+    assert all(set(w) == set(WorkerFigures.__annotations__) for w in workers)
 
 
 def test_stats_lists_every_field(server_factory: type[Server], tmp_path: Path) -> None:
