@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per worker (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=_positive_int, default=Config.window, metavar="W",
+        "--window", type=int, default=Config.window, metavar="W",
         help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
         "1 is Node's behaviour). Workers ack on receipt, so the window only fills while a "
         "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "

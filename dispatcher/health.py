@@ -68,7 +68,7 @@ class Pinged(Protocol):
     returncode: int | None
 
 
-W = TypeVar("W", bound=Pinged)
+_Worker = TypeVar("_Worker", bound=Pinged)
 
 
 class Health:
@@ -89,7 +89,7 @@ class Health:
         worker.pulse.armed = True
         worker.pulse.last_heard = time.monotonic() if now is None else now
 
-    def tick(self, workers: Iterable[W], now: float | None = None) -> list[tuple[W, float]]:
+    def tick(self, workers: Iterable[_Worker], now: float | None = None) -> list[tuple[_Worker, float]]:
         """Ping who needs it; return each worker newly found silent too long, with for how long."""
         now = time.monotonic() if now is None else now
         silent_ones = []

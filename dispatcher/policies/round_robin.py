@@ -82,7 +82,11 @@ class RoundRobin(Policy):
             # loads are noise (a figure is taken as connections arrive and is
             # stale once they end), and it is plain turns.
             estimate = self._estimate
-            limit = min(map(estimate.__getitem__, free)) + _SLACK
+            least = estimate[free[0]]
+            for candidate in free:
+                if estimate[candidate] < least:
+                    least = estimate[candidate]
+            limit = least + _SLACK
             for key in free:
                 if estimate[key] <= limit:
                     break
