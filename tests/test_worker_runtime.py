@@ -16,7 +16,7 @@ import pytest
 
 from shared import protocol
 from shared.channel import socketpair
-from tests.conftest import fd_table_full
+from tests.helpers import fd_table_full
 from worker.app import classify
 from worker.runtime import Runtime
 
