@@ -296,8 +296,9 @@ class Server:
         """
         while True:
             try:
+                # A Unix socket's laddr is its path; an accepted one has its listener's.
                 held = [c for c in psutil.Process(self.pid).net_connections("unix")
-                        if c.laddr == self.control_path]
+                        if isinstance(c.laddr, str) and c.laddr == self.control_path]
             except psutil.Error:
                 return  # gone: what it held went with it
             if len(held) <= 1:  # the listening socket only
