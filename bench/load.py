@@ -120,9 +120,17 @@ class Load:
     def stop(self) -> None:
         """Stop and join the client threads (each within ``JOIN_TIMEOUT_S``)."""
         self._stop.set()
+        self.join()
+
+    def join(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
+        """Wait (each thread up to ``timeout``) for the load to end; return whether it has.
+
+        Without ``stop()``, it ends at its bound: ``max_requests`` or ``max_seconds``.
+        """
         for thread in self._threads:
             if thread.ident is not None:
-                thread.join(JOIN_TIMEOUT_S)
+                thread.join(timeout)
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _run(self) -> None:
         while not self._stop.is_set() and time.monotonic() < self._deadline:

@@ -1,4 +1,4 @@
-"""Helpers of the tests alone: waiting on another process's state, apps written by a test, a full fd table.
+"""Test-only helpers: waiting on another process's state, rewritable apps, clients held open, a full fd table.
 
 The dispatcher under test and the load client are ``bench.server`` and
 ``bench.load``, which the benchmark lab uses too.
@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from bench.server import HOST
 
 
 def app_env(folder: Path) -> dict[str, str]:
@@ -33,6 +36,20 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def clients(port: int, count: int, line: bytes = b"hi\n") -> Iterator[list[socket.socket]]:
+    """``count`` connections to 127.0.0.1:``port``, each sent ``line``, held open for the block."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection((HOST, port), timeout=10))
+            socks[-1].sendall(line)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @contextlib.contextmanager

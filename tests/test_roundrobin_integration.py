@@ -16,7 +16,7 @@ import pytest
 from bench.load import ask, read_all
 from bench.server import Server
 from dispatcher.ctl import request
-from tests.helpers import wait_for
+from tests.helpers import clients, wait_for
 
 APP = "tests.apps.handlers:pid"
 SLOW = "tests.apps.handlers:slow"
@@ -47,23 +47,15 @@ def test_unacked_handoff_of_killed_worker_is_redispatched(
     # Round-robin: the next connection goes to the other worker, the one after to victim.
     assert ask(server.port).split()[1] == str(survivor)
     os.kill(victim, signal.SIGSTOP)
-    clients = []
-    try:
-        # Window 1 (Node): victim takes one and cannot ack, the rest go to the
-        # survivor. Window 8: turns alternate while both have room, so victim
-        # takes the first and the third.
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    # Window 1 (Node): victim takes one and cannot ack, the rest go to the
+    # survivor. Window 8: turns alternate while both have room, so victim
+    # takes the first and the third.
+    with clients(server.port, 3) as socks:
         # Kill it only once the master has handed it connections it cannot ack.
         wait_for(lambda: master_status(path)["in_flight"] == stuck and master_status(path)["accepted"] == 5,
                  10, "hand-offs stuck at the stopped worker")
         os.kill(victim, signal.SIGKILL)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert set(answers) == {str(survivor)}
     server.wait_line(rf"pid {victim}\) killed by SIGKILL .*{stuck} un-acked connection\(s\) re-dispatched")
 
@@ -129,20 +121,12 @@ def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server],
     server = server_factory("--app", APP, "--control", str(path), "--window", "1", workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
-    clients = []
-    try:
-        for _ in range(2):  # one hand-off un-acked, one waiting in the master's queue
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    with clients(server.port, 2) as socks:  # one hand-off un-acked, one waiting in the master's queue
         wait_for(lambda: master_status(path)["in_flight"] == 1 and master_status(path)["pending"] == 1,
                  10, "one hand-off un-acked, one connection queued")
         os.kill(only, signal.SIGKILL)
         server.wait_line(r"no worker is ready: 2 connection\(s\) wait")
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert len(set(answers)) == 1 and answers[0] != str(only)
 
 
@@ -150,18 +134,10 @@ def test_pending_queue_full_pauses_accepting_and_loses_nothing(server_factory: t
     server = server_factory("--app", APP, "--max-pending", "2", "--window", "1", workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
-    clients = []
-    try:
-        for _ in range(6):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    with clients(server.port, 6) as socks:
         server.wait_line(r"pending queue full \(2 connections\); accepting paused")
         os.kill(only, signal.SIGCONT)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert answers == [str(only)] * 6
 
 
@@ -175,13 +151,8 @@ def test_accept_emfile_pauses_without_spinning_or_crashing(server_factory: type[
     _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
     # Room for three accepted connections; the rest hit EMFILE.
     resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (open_now + 3, hard))
-    clients = []
-    try:
-        cpu_before = sum(_cpu(server.pid))
-        for _ in range(8):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    cpu_before = sum(_cpu(server.pid))
+    with clients(server.port, 8) as socks:
         server.wait_line(r"accept failed: Too many open files; pausing accepts")
         started = time.monotonic()
         time.sleep(1.0)  # measuring that nothing spins over a second is the point here
@@ -189,10 +160,7 @@ def test_accept_emfile_pauses_without_spinning_or_crashing(server_factory: type[
         assert cpu_used < 0.5 * (time.monotonic() - started), "the master spins on EMFILE"
         resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (hard, hard))
         os.kill(only, signal.SIGCONT)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert answers == [str(only)] * 8
     assert server.proc.poll() is None
 
