@@ -56,6 +56,8 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
 #: How long ``stop`` lets a SIGTERM'd master take before it is killed.
 STOP_TIMEOUT_S = 15.0
+#: How long a failed ``ready`` waits for the master to exit, for its exit code.
+EXIT_GRACE_S = 1.0
 #: How often ``start`` looks for the control socket (a file appearing is no event to wait on).
 SOCKET_POLL_S = 0.02
 
@@ -284,7 +286,8 @@ class Server:
             snapshot: Snapshot = self.request("ready", timeout_s=timeout + READY_SLACK_S,
                                               timeout=round(timeout, 3))
         except CtlError as exc:
-            raise self._failure(str(exc)) from None
+            # A master that refuses because it is stopping exits a moment later: say with what.
+            raise self._failure(str(exc), exit_grace_s=EXIT_GRACE_S) from None
         return snapshot
 
     def _wait_control_closed(self, deadline: float) -> None:
@@ -314,11 +317,18 @@ class Server:
         except OSError:
             return False
 
-    def _failure(self, what: str) -> StartError:
-        code = self.proc.poll()
+    def _failure(self, what: str, exit_grace_s: float = 0.0) -> StartError:
+        """The error, with the exit code if it exits within ``exit_grace_s``, and the log so far."""
+        try:
+            code: int | None = self.proc.wait(exit_grace_s)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is not None:
             self._reader.join(5.0)  # the whole log, to the end
             what = f"{what}; it exited with code {code}"
+        else:
+            with contextlib.suppress(TimeoutError):
+                self.sync_log()
         return StartError(f"server {self.pid} {what}; log:\n{self.log}")
 
     def request(self, cmd: str, timeout_s: float = TIMEOUT_S, **args: Any) -> Any:
