@@ -138,10 +138,10 @@ class Load:
                 if self._begun >= self.max_requests:
                     return
                 self._begun += 1
-            outcome = self._one()
+            request = self._one()
             with self._changed:
-                self.requests.append(outcome)
-                self._succeeded += outcome.ok
+                self.requests.append(request)
+                self._succeeded += request.ok
                 self._changed.notify_all()
 
     def _one(self) -> Request:

@@ -4,10 +4,10 @@ A cell starts ``python -m dispatcher`` for the workload's app and worker
 count (``bench.server``), takes the master's snapshot through its control
 socket, reads the CPU time of the master and of each worker from ``/proc``,
 runs the load (wrk, or the burst client for W4), reads the CPU times again,
-waits for the workers' counters to settle and takes the snapshot again. The per-worker
-share is the difference of ``handled`` (connections each worker finished,
-as the dispatcher counts them), so it is the same figure for every policy,
-whoever accepted the connection.
+waits for the workers' counters to settle and takes the snapshot again.
+The per-worker share is the difference of ``handled`` (connections each
+worker finished, as the dispatcher counts them), so it is the same figure
+for every policy, whoever accepted the connection.
 
 The per-worker counters (``handled``, ``active``) reach the master in each
 worker's pong, once per ping interval, so a snapshot taken just after a load
