@@ -47,19 +47,17 @@ and wrk's output and the server logs as ``.raw`` (not committed). Unless
 ``bench/results/latest.md``, ``throughput.png``, ``latency.png``,
 ``w4-balance.png``.
 
-Two more modes run instead of the matrix (``bench.controlplane``,
-``bench.profile``; ``--duration``, ``--connections`` and ``--threads`` apply):
+Two modes run instead of the matrix (``--duration``, ``--connections`` and
+``--threads`` apply):
 
-- ``--control-plane``: W1 under round-robin, ``plain`` (pings off, no
-  control socket, no metrics) against ``control`` (pings every second,
-  metrics served and scraped once a second by a thread), alternately; the
-  throughput difference is checked against the goal (control at most 2 %
-  slower); ``--repeats`` pairs. Written to ``bench/results/control-<UTC timestamp>.md``.
-- ``--profile``: one W1 round-robin run with py-spy sampling the master
-  (``--profile-mode native|python|gil``, ``--profile-rate``,
-  ``--profile-top``); the top functions by own time, with an "of busy"
-  column that leaves the event loop's wait out. py-spy is not a
-  dependency: ``.venv/bin/pip install py-spy``. Written to
+- ``--control-plane`` (``bench.controlplane``): W1 under round-robin,
+  pings off and no control socket against pings every second and /metrics
+  scraped every second, ``--repeats`` pairs; the goal is control at most
+  2 % slower. Report: ``bench/results/control-<UTC timestamp>.md``.
+- ``--profile`` (``bench.profile``): one W1 round-robin run with py-spy
+  sampling the master (``--profile-mode native|python|gil``); the top
+  functions by own time, and their share of the time not spent waiting.
+  py-spy is not a dependency: ``.venv/bin/pip install py-spy``. Report:
   ``bench/results/profile-<UTC timestamp>.md``.
 
 Every server is ``bench.server.Server``: port 0, readiness and the port

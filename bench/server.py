@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from signal import Signals
 from types import TracebackType
 from typing import Any
 
@@ -393,7 +394,7 @@ class Server:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: Signals) -> None:
         os.kill(self.pid, sig)
 
     def wait(self, timeout: float = 10.0) -> int:
@@ -404,14 +405,7 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL the master and every worker it ever had, by PID; idempotent."""
-        self.worker_pids()
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        self._end_workers(report=False)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.exit_code = self.proc.wait(5.0)
-        self._close()
+        self._end(signal.SIGKILL, 5.0)
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL the master and any worker left.
@@ -419,30 +413,31 @@ class Server:
         Returns:
             The master's exit code (None if even SIGKILL did not end it within 5 s).
         """
+        return self._end(signal.SIGTERM, timeout)
+
+    def _end(self, sig: Signals, timeout: float) -> int | None:
         self.worker_pids()
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, sig)
         try:
             self.exit_code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            print(f"  master {self.pid} still running {timeout:g} s after SIGTERM: killing", file=sys.stderr)
+            print(f"  master {self.pid} still running {timeout:g} s after {sig.name}: killing",
+                  file=sys.stderr)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.exit_code = self.proc.wait(5.0)
-        self._end_workers(report=True)
-        self._close()
-        return self.exit_code
-
-    def _end_workers(self, report: bool) -> None:
         for process in self._seen.values():
             # psutil checks the process's creation time first: a reused pid is left alone.
             with contextlib.suppress(psutil.Error):
                 if process.is_running():
-                    if report:
+                    if sig is signal.SIGTERM:  # a graceful stop ends its workers first
                         print(f"  worker {process.pid} outlived the master: killing", file=sys.stderr)
                     process.kill()
+        self._close()
+        return self.exit_code
 
     def _close(self) -> None:
         self._reader.join(5.0)
