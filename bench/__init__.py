@@ -1,4 +1,6 @@
 """The benchmark lab (``python -m bench.lab``), its apps and clients, and the micro-benchmarks.
 
-A package so that workers can import the lab's handlers as ``bench.apps:NAME``.
+``bench.server`` (the dispatcher under test) and ``bench.load`` (the load
+client) serve the tests too. A package so that workers can import the
+lab's handlers as ``bench.apps:NAME``.
 """

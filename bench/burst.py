@@ -17,74 +17,71 @@ import re
 import time
 from dataclasses import dataclass, field
 
-HOST = "127.0.0.1"
+from bench.load import Request, http_error, http_get
+from bench.server import HOST
+
 #: Upper bound on one burst, whatever the caller asks for.
 MAX_CONNECTIONS = 2000
-_STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
-_WORKER = re.compile(rb"worker (\d+) pid (\d+)")
+_WORKER = re.compile(r"worker (\d+) pid (\d+)")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One connection: when it ended, and either who answered or why it failed."""
-
-    latency_s: float
-    worker_id: int | None = None
-    error: str | None = None
+def worker_id(answer: str) -> int | None:
+    """The worker id a ``bench.apps`` answer names (``worker 3 pid 1234``), or None."""
+    who = _WORKER.search(answer)
+    return int(who.group(1)) if who else None
 
 
 @dataclass
 class BurstResult:
     connections: int
-    wall_s: float
-    outcomes: list[Outcome] = field(default_factory=list)
+    #: When the burst began (``time.monotonic``): each request's latency is counted from it.
+    started_at: float
+    requests: list[Request] = field(default_factory=list)
 
     @property
-    def ok(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.error is None]
+    def ok(self) -> list[Request]:
+        return [r for r in self.requests if r.ok]
 
     @property
     def failed(self) -> int:
         return self.connections - len(self.ok)
 
     @property
+    def wall_s(self) -> float:
+        """From the start to the last answer."""
+        return max((r.done_at - self.started_at for r in self.requests), default=0.0)
+
+    def latencies_ms(self) -> list[float]:
+        """Of the requests that succeeded."""
+        return [(r.done_at - self.started_at) * 1e3 for r in self.ok]
+
+    @property
     def errors(self) -> collections.Counter[str]:
-        return collections.Counter(o.error for o in self.outcomes if o.error is not None)
+        return collections.Counter(r.error for r in self.requests if not r.ok)
 
     def per_worker(self) -> dict[int, int]:
         """Connections answered, per worker id."""
-        counts: collections.Counter[int] = collections.Counter(
-            o.worker_id for o in self.ok if o.worker_id is not None
-        )
-        return dict(sorted(counts.items()))
+        counts = collections.Counter(worker_id(r.answer) for r in self.ok)
+        return dict(sorted((k, v) for k, v in counts.items() if k is not None))
 
 
-async def _one(port: int, path: str, started: float, timeout_s: float) -> Outcome:
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+async def _one(port: int, path: str, timeout_s: float) -> Request:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(request)
+            writer.write(http_get(port, path))
             await writer.drain()
-            answer = await reader.read(-1)  # to EOF: the server closes after one answer
+            answer = (await reader.read(-1)).decode(errors="replace")  # to EOF: one answer, then close
     except TimeoutError:
-        return Outcome(time.monotonic() - started, error="timeout")
+        return Request(time.monotonic(), error="timeout")
     except OSError as exc:
-        return Outcome(time.monotonic() - started, error=type(exc).__name__)
+        return Request(time.monotonic(), error=type(exc).__name__)
     finally:
         if writer is not None:
             writer.close()
-    latency = time.monotonic() - started
-    status = _STATUS.match(answer)
-    if status is None:
-        return Outcome(latency, error="no HTTP answer" if answer else "empty answer")
-    if status.group(1) != b"200":
-        return Outcome(latency, error=f"HTTP {status.group(1).decode()}")
-    who = _WORKER.search(answer)
-    if who is None:
-        return Outcome(latency, error="no worker in the answer")
-    return Outcome(latency, worker_id=int(who.group(1)))
+    error = http_error(answer) or ("" if worker_id(answer) is not None else "no worker in the answer")
+    return Request(time.monotonic(), answer, error)
 
 
 async def burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0) -> BurstResult:
@@ -97,28 +94,27 @@ async def burst(port: int, connections: int, path: str = "/", timeout_s: float =
             the burst as a whole ends 5 s later at most.
 
     Returns:
-        Every connection's outcome (cancelled ones as ``timeout``), and the
-        wall time from the start to the last answer.
+        Every connection's request (cancelled ones failed as ``timeout``).
 
     Raises:
         ValueError: ``connections`` out of range.
     """
     if not 1 <= connections <= MAX_CONNECTIONS:
         raise ValueError(f"connections must be 1 to {MAX_CONNECTIONS}, not {connections}")
-    started = time.monotonic()
-    tasks = [asyncio.create_task(_one(port, path, started, timeout_s)) for _ in range(connections)]
+    result = BurstResult(connections, time.monotonic())
+    tasks = [asyncio.create_task(_one(port, path, timeout_s)) for _ in range(connections)]
     done, pending = await asyncio.wait(tasks, timeout=timeout_s + 5.0)
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=5.0)
-    outcomes: list[Outcome] = []
     for task in done:
         exc = task.exception()
-        outcomes.append(task.result() if exc is None else Outcome(0.0, error=type(exc).__name__))
-    outcomes += [Outcome(time.monotonic() - started, error="timeout") for _ in pending]
-    wall = max((o.latency_s for o in outcomes), default=0.0)
-    return BurstResult(connections=connections, wall_s=wall, outcomes=outcomes)
+        result.requests.append(
+            task.result() if exc is None else Request(result.started_at, error=type(exc).__name__)
+        )
+    result.requests += [Request(time.monotonic(), error="timeout") for _ in pending]
+    return result
 
 
 def run_burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0) -> BurstResult:

@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.lab                  # the full run of `make bench` (about 6 minutes)
     .venv/bin/python -m bench.lab --quick          # 2 s runs, 1 repeat: about a minute
     .venv/bin/python -m bench.lab --workloads W1,W4 --policies round-robin,shared --repeats 5
-    .venv/bin/python -m bench.lab --control-plane  # the control plane's cost (bench/wrk_bench.py)
+    .venv/bin/python -m bench.lab --control-plane  # what pings and metrics cost the hand-off
+    .venv/bin/python -m bench.lab --profile        # py-spy on the master under W1
 
 The matrix is the policies (round-robin, shared, reuseport) times the
 workloads:
@@ -46,38 +47,59 @@ and wrk's output and the server logs as ``.raw`` (not committed). Unless
 ``bench/results/latest.md``, ``throughput.png``, ``latency.png``,
 ``w4-balance.png``.
 
-Only 127.0.0.1 is ever targeted. Every wait has a time limit, and every
-process started is stopped by PID when its cell ends, on errors and on
-Ctrl-C (or TERM) too.
+Two modes run instead of the matrix (``--duration``, ``--connections`` and
+``--threads`` apply):
+
+- ``--control-plane`` (``bench.controlplane``): W1 under round-robin,
+  pings off and no control socket against pings every second and /metrics
+  scraped every second, ``--repeats`` pairs; the goal is control at most
+  2 % slower. Report: ``bench/results/control-<UTC timestamp>.md``.
+- ``--profile`` (``bench.profile``): one W1 round-robin run with py-spy
+  sampling the master (``--profile-mode native|python|gil``); the top
+  functions by own time, and their share of the time not spent waiting.
+  py-spy is not a dependency: ``.venv/bin/pip install py-spy``. Report:
+  ``bench/results/profile-<UTC timestamp>.md``.
+
+Every server is ``bench.server.Server``: port 0, readiness and the port
+from its control socket (``ready``). Only 127.0.0.1 is ever targeted.
+Every wait has a time limit, and every process started is stopped by PID
+when its run ends, on errors and on Ctrl-C (or TERM) too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
+import functools
 import json
 import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-from bench import plots, report, wrk_bench
-from bench.harness import CtlError
-from bench.matrix import Cell, Settings, Workload, load_description, run_cell, workloads
+from bench import controlplane, plots, proc, profile, report, wrk
+from bench.matrix import (
+    POLICIES,
+    RUN_ERRORS,
+    WORKLOADS,
+    Cell,
+    Settings,
+    Workload,
+    load_description,
+    run_cell,
+    workloads,
+)
 from bench.rolling import LOAD_AFTER_S, LOAD_BEFORE_S, RELOAD_TIMEOUT_S, ReloadRun, run_reload
+from bench.server import ROOT
+from bench.stats import DASH
 
-ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ("round-robin", "shared", "reuseport")
-WORKLOADS = ("W1", "W2", "W3", "W4")
 #: The apps of the rolling-reload run: the trivial handler the matrix uses, and the lab's own.
 RELOAD_APPS = ("examples.hello:handler",)
 #: What a cell costs beyond its load, for the time estimate: start, settle the counters, stop.
@@ -90,8 +112,8 @@ MICRO_COMMAND = (
 )
 #: A 1-minute load average above this per core before the start earns a warning.
 BUSY_LOAD_PER_CORE = 0.5
-#: What a cell may raise and still let the lab go on to the next one.
-CELL_ERRORS = (OSError, RuntimeError, ValueError, CtlError, subprocess.SubprocessError)
+
+Result = TypeVar("Result")
 
 
 def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -139,15 +161,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="copy the report and plots to the fixed names (default: yes, unless --quick)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
                         help="folder for the results (default bench/results)")
-    parser.add_argument("--control-plane", action="store_true",
-                        help="run bench/wrk_bench.py --control-plane (with --duration and --repeats) instead")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--control-plane", action="store_true",
+                       help="instead of the matrix: W1 under round-robin with pings off and no control "
+                       "socket (plain) against pings every 1 s and /metrics scraped every second (control), "
+                       "alternately, --repeats times; report in bench/results/control-STAMP.md")
+    modes.add_argument("--profile", action="store_true",
+                       help="instead of the matrix: one W1 round-robin run with py-spy sampling the master "
+                       "(py-spy is not a dependency: pip install py-spy); report in "
+                       "bench/results/profile-STAMP.md")
+    parser.add_argument("--profile-rate", type=int, default=250,
+                        help="--profile: py-spy samples/s (default %(default)s)")
+    parser.add_argument("--profile-mode", choices=profile.MODES, default="native",
+                        help="--profile: native: C frames and syscalls too; python: Python frames only; gil: "
+                        "only samples holding the GIL, i.e. Python work (default %(default)s)")
+    parser.add_argument("--profile-top", type=int, default=15,
+                        help="--profile: functions to list (default %(default)s)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (2 if args.quick else 5)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.latest = (not args.quick) if args.latest is None else args.latest
     args.reload_policies = args.reload_policies or args.policies
     for name in ("duration", "repeats", "connections", "threads", "burst_connections", "burst_workers",
-                 "reload_workers", "reload_clients"):
+                 "reload_workers", "reload_clients", "profile_rate", "profile_top"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads > args.connections:
@@ -159,19 +195,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-def _timestamp() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def _python() -> str:
-    python = Path(sys.executable)
-    return str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else str(python)
 
 
 def _cell_line(cell: Cell, elapsed_s: float) -> str:
@@ -195,7 +218,17 @@ def _loadavg(load: tuple[float, float, float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
-def run_all(args: argparse.Namespace, settings: Settings, chosen: list[Workload], control_dir: Path,
+def _attempt(results: Results, what: str, run: Callable[[], Result]) -> Result | None:
+    """``run()``; a failure the lab can go on after is printed, noted in ``results`` and gives None."""
+    try:
+        return run()
+    except RUN_ERRORS as exc:
+        print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
+        results.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def run_all(args: argparse.Namespace, settings: Settings, chosen: list[Workload], work_dir: Path,
             results: Results) -> None:
     """Run the matrix, then the reloads, appending to ``results`` as they finish."""
     steps = [(r, w, p) for r in range(args.repeats) for w in chosen for p in args.policies]
@@ -210,23 +243,18 @@ def run_all(args: argparse.Namespace, settings: Settings, chosen: list[Workload]
     for n, (repeat, workload, policy) in enumerate(steps, 1):
         print(f"[{n}/{total}] {workload.key} {policy} (repeat {repeat + 1}) ...", end=" ", flush=True)
         started = time.monotonic()
-        try:
-            cell = run_cell(settings, workload, policy, repeat, control_dir)
-        except CELL_ERRORS as exc:
-            print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
-            what = f"{workload.key} {policy} repeat {repeat + 1}"
-            results.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        cell = _attempt(results, f"{workload.key} {policy} repeat {repeat + 1}",
+                        functools.partial(run_cell, settings, workload, policy, repeat, work_dir))
+        if cell is None:
             continue
         results.cells.append(cell)
         print(_cell_line(cell, time.monotonic() - started), flush=True)
     for n, (repeat, app, policy) in enumerate(reloads, len(steps) + 1):
         print(f"[{n}/{total}] reload {app} {policy} (repeat {repeat + 1}) ...", end=" ", flush=True)
-        try:
-            run = run_reload(policy, args.reload_workers, args.reload_clients, control_dir, app=app)
-        except CELL_ERRORS as exc:
-            print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
-            what = f"reload {app} {policy} repeat {repeat + 1}"
-            results.failures.append(f"{what}: {type(exc).__name__}: {exc}")
+        run = _attempt(results, f"reload {app} {policy} repeat {repeat + 1}",
+                       functools.partial(run_reload, policy, args.reload_workers, args.reload_clients,
+                                         app=app))
+        if run is None:
             continue
         results.reloads.append(run)
         failures = ", ".join(f"{k} x{v}" for k, v in run.failures.items())
@@ -239,7 +267,7 @@ def _about(args: argparse.Namespace, settings: Settings) -> str:
     return (
         f"{args.repeats} repeat(s); in each, for each workload, each policy in turn "
         f"({', '.join(args.policies)}), a fresh dispatcher per run; wrk runs {args.duration} s "
-        f"(-t{settings.threads} -c{settings.connections}). Cells: median (min{wrk_bench.DASH}max) over the "
+        f"(-t{settings.threads} -c{settings.connections}). Cells: median (min{DASH}max) over the "
         "repeats. Per-worker share and Jain's index ((sum x)^2 / (n sum x^2)) are over the connections "
         "each worker handled, from the dispatcher's `handled` counters (control socket `status` before "
         "and after; on W2 that is the 16 keep-alive connections, not requests). master µs/conn = the "
@@ -255,25 +283,23 @@ def _about(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def _commands(args: argparse.Namespace, settings: Settings, chosen: Sequence[Workload]) -> list[str]:
-    python = _python()
+    python = report.python()
     lines = ["```", "# the lab itself", shlex.join([python, "-m", "bench.lab", *sys.argv[1:]]), ""]
-    control = ("--control", "DIR/N.sock")
     for w in chosen:
-        server = wrk_bench.server_command(w.workers, "POLICY", control, app=w.app)
-        lines += [f"# {w.key}: {w.title}", shlex.join([python, *server[1:]])]
+        server = report.server_command("--app", w.app, "--policy", "POLICY", workers=w.workers)
+        lines += [f"# {w.key}: {w.title}", server]
         if settings.round_robin_args:
             lines.append(f"#   round-robin adds: {shlex.join(settings.round_robin_args)}")
         lines += [load_description(settings, w), ""]
     if args.reload:
         for app in RELOAD_APPS:
-            server = wrk_bench.server_command(args.reload_workers, "POLICY", control, app=app)
-            lines.append(f"# rolling reload ({app})")
-            lines.append(shlex.join([python, *server[1:]]))
+            server = report.server_command("--app", app, "--policy", "POLICY", workers=args.reload_workers)
+            lines += [f"# rolling reload ({app})", server]
         lines += [
-            f"#   load: bench.rolling.Load(PORT, clients={args.reload_clients}): threads, each a new "
+            f"#   load: bench.load.Load(PORT, clients={args.reload_clients}, path='/'): threads, each a new "
             "connection per request (GET / with Connection: close, read to EOF, 200 expected)",
             f"#   after {LOAD_BEFORE_S:g} s of load: dispatcher.ctl.request('DIR/N.sock', 'reload', "
-            f"timeout_s={RELOAD_TIMEOUT_S:g}), i.e. `{python} -m dispatcher ctl --control DIR/N.sock "
+            f"timeout_s={RELOAD_TIMEOUT_S:g}), i.e. `{python} -m dispatcher ctl --control DIR/ctl.sock "
             f"reload`; then {LOAD_AFTER_S:g} s more",
             "",
         ]
@@ -289,7 +315,7 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
     base = out / f"lab-{stamp}"
     cells = results.cells
     ran = [w for w in chosen if any(c.workload == w.key for c in cells)]
-    subtitle = f"{report.cpu_model()}, {report._probe(['nproc'])} cores; {args.repeats} repeat(s)"
+    subtitle = f"{proc.cpu_model()}, {proc.probe(['nproc'])} cores; {args.repeats} repeat(s)"
     pngs: dict[str, Path] = {}
     if ran:
         pngs["throughput"] = Path(f"{base}-throughput.png")
@@ -336,8 +362,8 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
                 f"{args.reload_workers} workers, {args.reload_clients} client threads (a new connection per "
                 f"request); `reload` is sent after {LOAD_BEFORE_S:g} s of load and the load goes on "
                 f"{LOAD_AFTER_S:g} s after the answer. \"during\" is between sending `reload` and its answer "
-                "(the master answers once every worker was replaced). Medians (min" + wrk_bench.DASH
-                + "max) over the repeats; failures summed.",
+                f"(the master answers once every worker was replaced). Medians (min{DASH}max) over the "
+                "repeats; failures summed.",
                 "",
                 report.reload_table(results.reloads),
             ]
@@ -347,15 +373,16 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
             "",
             "## Machine",
             "",
-            *report.machine(settings.wrk),
+            *proc.machine(settings.wrk),
             f"- lab wall time: {elapsed_s / 60:.1f} min; load average (1, 5, 15 min) at the start "
             f"{_loadavg(results.load_at_start)}, at the end {_loadavg(os.getloadavg())} (other work "
             "on the machine shows here)",
             "",
             "## Commands",
             "",
-            "From the repository root. PORT is the one the server logs (`listening on 127.0.0.1:PORT`), "
-            "DIR a private temporary directory, POLICY each policy in turn.",
+            "From the repository root. DIR is a private temporary directory, PORT the one "
+            f"`{report.python()} -m dispatcher ctl --control DIR/ctl.sock ready` reports (it answers once "
+            "every worker is ready), POLICY each policy in turn.",
             "",
             *_commands(args, settings, chosen),
             "",
@@ -407,41 +434,55 @@ def _json(args: argparse.Namespace, results: Results) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.control_plane:
-        return wrk_bench.main(["--control-plane", "--duration", str(args.duration), "--repeats",
-                               str(args.repeats), "--out", str(args.out)])
-    wrk = wrk_bench.find_wrk()
-    if wrk is None:
+    wrk_path = wrk.find()
+    if wrk_path is None:
         return 2
+    sampler = None
+    if args.profile:
+        py_spy = profile.find_py_spy()
+        if py_spy is None:
+            return 2
+        sampler = profile.Sampler(py_spy, args.profile_rate, args.profile_mode, args.profile_top)
     settings = Settings(
-        wrk=wrk, duration_s=args.duration, connections=args.connections, threads=args.threads,
+        wrk=wrk_path, duration_s=args.duration, connections=args.connections, threads=args.threads,
         burst_connections=args.burst_connections, burst_wait_ms=args.burst_wait_ms,
         burst_workers=args.burst_workers, round_robin_args=tuple(args.round_robin_args),
         locality=args.locality,
     )
-    chosen = [w for key, w in workloads(settings).items() if key in args.workloads]
     cores = os.cpu_count() or 1
     if os.getloadavg()[0] > BUSY_LOAD_PER_CORE * cores:
         print(f"warning: the machine is busy (load average {_loadavg(os.getloadavg())} on {cores} "
               "cores): the figures will be noisy", file=sys.stderr)
-    stamp = _timestamp()
-    results = Results()
-    started = time.monotonic()
-    # TERM and HUP unwind like Ctrl-C, so the current cell's server is stopped too. INT is set
+    stamp = report.timestamp()
+    # TERM and HUP unwind like Ctrl-C, so the current run's server is stopped too. INT is set
     # explicitly as well: a shell starts background jobs with INT ignored.
     previous = {
         sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
-    control_dir = Path(tempfile.mkdtemp(prefix="dispatcher-lab-"))  # 0700
     try:
-        run_all(args, settings, chosen, control_dir, results)
+        if args.control_plane:
+            return controlplane.run(settings, args.repeats, args.out, stamp)
+        if sampler is not None:
+            return profile.run(settings, sampler, args.out, stamp)
+        return run_lab(args, settings, stamp)
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def run_lab(args: argparse.Namespace, settings: Settings, stamp: str) -> int:
+    """The matrix and the reloads: run, write the report, print the table; return the exit status."""
+    chosen = [w for key, w in workloads(settings).items() if key in args.workloads]
+    results = Results()
+    started = time.monotonic()
+    work_dir = Path(tempfile.mkdtemp(prefix="dispatcher-lab-"))  # 0700
+    try:
+        run_all(args, settings, chosen, work_dir, results)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     if not results.cells and not results.reloads:
         print("every run failed; nothing written", file=sys.stderr)
         return 1
@@ -450,8 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print()
     print("\n".join(report.headline(results.cells, results.reloads)))
-    print(f"\nwrote {_rel(path)} (and .json, .raw, plots)"
-          + (f"; latest copies in {_rel(args.out)}/" if args.latest else ""))
+    print(f"\nwrote {report.relative(path)} (and .json, .raw, plots)"
+          + (f"; latest copies in {report.relative(args.out)}/" if args.latest else ""))
     return 1 if results.failures else 0
 
 

@@ -1,39 +1,54 @@
 """The lab's workloads, and one cell of the matrix: a policy under a workload, on a fresh dispatcher.
 
 A cell starts ``python -m dispatcher`` for the workload's app and worker
-count, takes the master's snapshot through its control socket, reads the
-CPU time of the master and of each worker from ``/proc/PID/stat``, runs the
-load (wrk, or the burst client for W4), reads the CPU times again, waits for
-the workers' counters to settle and takes the snapshot again. The per-worker
-share is the difference of ``handled`` (connections each worker finished,
-as the dispatcher counts them), so it is the same figure for every policy,
-whoever accepted the connection.
+count (``bench.server``), takes the master's snapshot through its control
+socket, reads the CPU time of the master and of each worker from ``/proc``,
+runs the load (wrk, or the burst client for W4), reads the CPU times again,
+waits for the workers' counters to settle and takes the snapshot again.
+The per-worker share is the difference of ``handled`` (connections each
+worker finished, as the dispatcher counts them), so it is the same figure
+for every policy, whoever accepted the connection.
+
+The per-worker counters (``handled``, ``active``) reach the master in each
+worker's pong, once per ping interval, so a snapshot taken just after a load
+stops lags behind it; ``settled_status`` waits, bounded, for a snapshot that
+is known to be fresh.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import wrk
 from bench.apps import LOCALITY_DIR_ENV
 from bench.burst import BurstResult, run_burst
-from bench.harness import LabServer
-from bench.wrk_bench import HOST, WrkResult, cpu_seconds, parse_wrk
+from bench.proc import cpu_of, process_cpu_s
+from bench.server import Server, Snapshot
+from bench.stats import jain_index, percentile
+from dispatcher.ctl import CtlError
 
-#: Slack given to wrk beyond its duration before it is killed.
-WRK_SLACK_S = 30.0
+POLICIES = ("round-robin", "shared", "reuseport")
+#: What a run may raise and still let the lab go on to the next one (StartError is a RuntimeError).
+RUN_ERRORS = (OSError, RuntimeError, ValueError, CtlError, subprocess.SubprocessError)
 #: W2's handler with ``Settings.locality``: the trivial answer, counting same-CPU requests.
 LOCALITY_APP = "bench.apps:locality"
 #: Bound on waiting for the workers' locality counts to cover every request wrk counted.
 LOCALITY_TIMEOUT_S = 3.0
+#: The dispatcher's default ping interval: workers report their counters this often.
+PING_INTERVAL_S = 1.0
+#: A snapshot taken this long after the load stopped holds a pong sent after it.
+SETTLE_AFTER_S = PING_INTERVAL_S + 0.25
+#: Pause between two status requests while waiting for the counters to settle.
+SETTLE_POLL_S = 0.25
+#: Bound on waiting for settled counters.
+SETTLE_TIMEOUT_S = 8.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,9 @@ class Settings:
     locality: bool = False
 
 
+WORKLOADS = ("W1", "W2", "W3", "W4")
+
+
 def workloads(settings: Settings) -> dict[str, Workload]:
     """The four workloads, by key, in run order."""
     return {
@@ -97,11 +115,14 @@ def workloads(settings: Settings) -> dict[str, Workload]:
 
 
 def wrk_command(settings: Settings, workload: Workload, port: int | str) -> list[str]:
-    close = ["-H", "Connection: close"] if workload.close else []
-    return [
-        settings.wrk, f"-t{settings.threads}", f"-c{settings.connections}", f"-d{settings.duration_s}s",
-        *close, "--latency", f"http://{HOST}:{port}{workload.path}",
-    ]
+    return wrk.command(settings.wrk, port, workload.path, settings.duration_s, settings.connections,
+                       settings.threads, close=workload.close)
+
+
+def server_args(settings: Settings, workload: Workload, policy: str) -> list[str]:
+    """The dispatcher's arguments for ``workload`` under ``policy`` (bar ``--workers`` and ``--bind``)."""
+    extra = settings.round_robin_args if policy == "round-robin" else ()
+    return ["--app", workload.app, "--policy", policy, *extra]
 
 
 def load_description(settings: Settings, workload: Workload, port: int | str = "PORT") -> str:
@@ -174,49 +195,6 @@ class Cell:
         return self.master_cpu_s * 1e6 / self.connections if self.connections else float("nan")
 
 
-def jain_index(counts: Sequence[float]) -> float:
-    """Jain's fairness index, (sum x)^2 / (n * sum x^2): 1 when even, 1/n when one takes all.
-
-    NaN for no workers or nothing counted.
-    """
-    squares = sum(x * x for x in counts)
-    if not counts or squares == 0:
-        return float("nan")
-    return sum(counts) ** 2 / (len(counts) * squares)
-
-
-#: Per-thread run time in ns (CONFIG_SCHED_INFO); else only /proc/PID/stat's clock ticks.
-_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU time of process ``pid`` so far (user + system, all its threads), in seconds.
-
-    The sum of each thread's ``/proc/PID/task/TID/schedstat`` run time, in
-    nanoseconds: the same time ``/proc/PID/stat`` gives as utime + stime, but
-    not rounded to clock ticks (10 ms), which matters for short runs such as
-    W4's burst. Falls back to ``/proc/PID/stat`` where schedstat is missing.
-    Threads that exited are not counted: the master and the workers run
-    their event loop in the main thread.
-
-    Raises:
-        OSError: the process is gone.
-    """
-    if not _SCHEDSTAT:
-        return cpu_seconds(pid)
-    total_ns = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the thread just exited
-            total_ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-    return total_ns / 1e9
-
-
-def _cpu_or_zero(pid: int) -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return process_cpu_s(pid)
-    return 0.0
-
-
 def read_locality(directory: Path, requests: int, timeout_s: float = LOCALITY_TIMEOUT_S
                   ) -> dict[int, tuple[int, int]]:
     """The ``LOCALITY_APP`` counts the workers wrote to ``directory``, by worker id.
@@ -238,48 +216,6 @@ def read_locality(directory: Path, requests: int, timeout_s: float = LOCALITY_TI
         time.sleep(0.05)
 
 
-def _run_wrk(settings: Settings, workload: Workload, port: int) -> tuple[WrkResult, str]:
-    proc = subprocess.Popen(
-        wrk_command(settings, workload, port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=settings.duration_s + WRK_SLACK_S)
-    finally:
-        if proc.poll() is None:  # late, or interrupted
-            proc.kill()
-            proc.wait(5.0)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{out}{err}")
-    return parse_wrk(out), out + err
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: str | None) -> Iterator[None]:
-    """Set (or, with None, leave alone) environment variable ``name`` for a process started inside."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank; NaN if empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, round(q * len(ordered) + 0.5))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 def _burst_summary(result: BurstResult) -> str:
     counts = " ".join(f"{k}:{v}" for k, v in result.per_worker().items())
     errors = ", ".join(f"{k} x{v}" for k, v in result.errors.most_common()) or "none"
@@ -289,60 +225,88 @@ def _burst_summary(result: BurstResult) -> str:
     )
 
 
-def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, control_dir: Path) -> Cell:
+def settled_status(server: Server, load_stopped_at: float) -> tuple[Snapshot, bool]:
+    """A snapshot whose worker counters include everything up to ``load_stopped_at``.
+
+    Waits until a pong sent after that moment must have arrived, then until
+    no worker has a connection open and ``handled`` stopped moving between
+    two snapshots (connections still in the kernel's queues when the load
+    stopped get served too). The counters arrive with the pongs and there is
+    nothing to wait on but the next snapshot, hence polling, bounded by
+    ``SETTLE_TIMEOUT_S``.
+
+    Returns:
+        (snapshot, settled): settled is False when the bound was reached.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    time.sleep(max(0.0, load_stopped_at + SETTLE_AFTER_S - time.monotonic()))
+    previous: list[tuple[int, int]] | None = None
+    while True:
+        snapshot = server.status()
+        workers = snapshot["workers"]
+        counts = [(int(w["id"]), int(w["handled"])) for w in workers]
+        idle = all(int(w["active"]) == 0 for w in workers) and not snapshot.get("draining")
+        if idle and counts == previous:
+            return snapshot, True
+        if time.monotonic() >= deadline:
+            return snapshot, False
+        previous = counts
+        time.sleep(SETTLE_POLL_S)
+
+
+def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, work_dir: Path) -> Cell:
     """Run ``workload`` under ``policy`` once, on a fresh dispatcher that is stopped afterwards.
 
+    Parameters:
+        work_dir: a private directory for the locality counts.
+
     Raises:
-        RuntimeError, TimeoutError: the server did not start, or wrk failed.
+        StartError: the server did not get ready.
+        RuntimeError, subprocess.SubprocessError: wrk failed.
         CtlError: the control socket did not answer.
     """
-    extra = settings.round_robin_args if policy == "round-robin" else ()
-    lab = LabServer(workload.app, policy, workload.workers, control_dir, extra)
     client: dict[int, int] = {}
     locality: dict[int, tuple[int, int]] = {}
-    counts_dir = Path(tempfile.mkdtemp(dir=control_dir)) if workload.app == LOCALITY_APP else None
-    with _environ(LOCALITY_DIR_ENV, str(counts_dir) if counts_dir else None), lab:
-        before = lab.status()
+    counts_dir = Path(tempfile.mkdtemp(dir=work_dir)) if workload.app == LOCALITY_APP else None
+    env = {LOCALITY_DIR_ENV: str(counts_dir)} if counts_dir else {}
+    server = Server(*server_args(settings, workload, policy), workers=workload.workers, env=env)
+    with server:
+        before = server.ready_snapshot
         pids = {int(w["id"]): int(w["pid"]) for w in before["workers"] if w["pid"]}
-        master_before = process_cpu_s(lab.pid)
-        workers_before = {wid: _cpu_or_zero(pid) for wid, pid in pids.items()}
+        master_before, workers_before = process_cpu_s(server.pid), cpu_of(pids)
         burst: BurstResult | None = None
         if workload.burst:
-            burst = run_burst(lab.port, settings.burst_connections, workload.path, settings.burst_timeout_s)
+            burst = run_burst(server.port, settings.burst_connections, workload.path,
+                              settings.burst_timeout_s)
             output = _burst_summary(burst)
         else:
-            wrk, output = _run_wrk(settings, workload, lab.port)
+            result, output = wrk.run(wrk_command(settings, workload, server.port), settings.duration_s)
             if counts_dir is not None:
-                locality = read_locality(counts_dir, wrk.requests)
+                locality = read_locality(counts_dir, result.requests)
         stopped = time.monotonic()
-        master_after = process_cpu_s(lab.pid)
-        workers_after = {wid: _cpu_or_zero(pid) for wid, pid in pids.items()}
-        after, settled = lab.settled_status(stopped)
+        master_after, workers_after = process_cpu_s(server.pid), cpu_of(pids)
+        after, settled = settled_status(server, stopped)
     handled_before = {int(w["id"]): int(w["handled"]) for w in before["workers"]}
     handled = {
         int(w["id"]): int(w["handled"]) - handled_before.get(int(w["id"]), 0) for w in after["workers"]
     }
     if burst is not None:
-        latencies_ms = [o.latency_s * 1e3 for o in burst.ok]
-        requests, errors = len(burst.ok), burst.failed
+        latencies_ms = burst.latencies_ms()
+        requests, errors = len(latencies_ms), burst.failed
         rate = requests / burst.wall_s if burst.wall_s > 0 else float("nan")
-        p50, p99 = _percentile(latencies_ms, 0.50), _percentile(latencies_ms, 0.99)
+        p50, p99 = percentile(latencies_ms, 0.50), percentile(latencies_ms, 0.99)
         detail = ", ".join(f"{k} x{v}" for k, v in burst.errors.most_common())
         client = burst.per_worker()
     else:
-        requests, errors, rate = wrk.requests, wrk.errors, wrk.requests_per_s
-        p50, p99 = wrk.p50_ms, wrk.p99_ms
-        details = [f"{kind} {n}" for kind, n in wrk.socket_errors.items() if n]
-        if wrk.non_2xx:
-            details.append(f"non-2xx {wrk.non_2xx}")
-        detail = ", ".join(details)
+        requests, errors, rate = result.requests, result.errors, result.requests_per_s
+        p50, p99, detail = result.p50_ms, result.p99_ms, result.error_detail
     return Cell(
-        workload=workload.key, policy=policy, repeat=repeat, port=lab.port,
+        workload=workload.key, policy=policy, repeat=repeat, port=server.port,
         requests=requests, requests_per_s=rate, p50_ms=p50, p99_ms=p99, errors=errors, error_detail=detail,
         handled=handled, master_cpu_s=master_after - master_before,
         workers_cpu_s={wid: workers_after[wid] - workers_before[wid] for wid in pids},
         master_rss_bytes=after["master"].get("rss_bytes"),
         workers_rss_bytes=[int(w["rss_bytes"]) for w in after["workers"] if w.get("rss_bytes")],
-        client_per_worker=client, locality=locality, settled=settled, load_output=output, server_log=lab.log,
-        exit_code=lab.exit_code,
+        client_per_worker=client, locality=locality, settled=settled, load_output=output,
+        server_log=server.log, exit_code=server.exit_code,
     )

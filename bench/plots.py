@@ -25,18 +25,18 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from bench.matrix import Cell, Workload
+from bench.stats import bounds
 
 COLORS = {"round-robin": "#1f77b4", "shared": "#ff7f0e", "reuseport": "#2ca02c"}
 DPI = 110
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, float]:
-    """(median, median - min, max - median) of the finite values; NaNs if none."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
+    """(median, median - min, max - median) of the finite values, for a bar and its error bar."""
+    mid, low, high = bounds(values)
+    if math.isnan(mid):
         return math.nan, 0.0, 0.0
-    mid = statistics.median(finite)
-    return mid, mid - min(finite), max(finite) - mid
+    return mid, mid - low, high - mid
 
 
 def _bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[Sequence[float]]]],

@@ -1,28 +1,48 @@
-"""The lab's Markdown: tables of medians (min-max), the headline figures, the machine.
+"""The lab's Markdown: tables of medians (min-max), the headline figures; report names and paths.
 
 Pure functions of the results (``Cell``, ``ReloadRun``): nothing here runs
-or measures anything, apart from ``machine`` reading what the machine is.
+or measures anything.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
+import datetime
 import math
-import platform
+import shlex
 import statistics
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from bench.matrix import Cell, Workload
+from bench.matrix import POLICIES, Cell, Workload
 from bench.rolling import ReloadRun
-from bench.wrk_bench import median, spread
+from bench.server import ROOT, command
+from bench.stats import median, spread
 
-#: Bound on the small commands that describe the machine.
-PROBE_TIMEOUT_S = 10.0
 MIB = 1024 * 1024
+
+
+def timestamp() -> str:
+    """Now in UTC, as report file names carry it (``20261122T074643Z``)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def relative(path: Path) -> str:
+    """``path`` from the repository root when it is inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def python() -> str:
+    """This interpreter, as the reports' commands name it (``.venv/bin/python``)."""
+    return relative(Path(sys.executable))
+
+
+def server_command(*args: str, workers: int) -> str:
+    """The master's command line as a report gives it: the control socket is ``DIR/ctl.sock``."""
+    control = () if "--control" in args else ("--control", "DIR/ctl.sock")
+    return shlex.join([python(), *command(*args, *control, workers=workers)[1:]])
+
+
 def rank_shares(cells: Sequence[Cell]) -> list[float]:
     """Median share of the busiest, second busiest, ... worker over ``cells``, in percent."""
     ranked = [c.shares for c in cells if c.shares]
@@ -30,6 +50,12 @@ def rank_shares(cells: Sequence[Cell]) -> list[float]:
         return []
     ranks = min(len(s) for s in ranked)
     return [100 * statistics.median(s[i] for s in ranked) for i in range(ranks)]
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: ``header``, its rule, then one line per row."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 
 
 def select(cells: Sequence[Cell], workload: str, policy: str) -> list[Cell]:
@@ -40,13 +66,10 @@ def summary_table(cells: Sequence[Cell], workloads: Sequence[Workload], policies
     """One row per workload and policy: medians (min-max) over the repeats."""
     # Only runs with bench.apps:locality count same-CPU requests.
     locality = any(c.locality for c in cells)
-    rows = [
-        "| workload | policy | req/s | p50 ms | p99 ms | per-worker share %, busiest first | Jain "
-        "| busiest % | master µs/conn | RSS MiB master / worker | errors |"
-        + (" same CPU % |" if locality else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-        + (" --- |" if locality else ""),
-    ]
+    header = ["workload", "policy", "req/s", "p50 ms", "p99 ms", "per-worker share %, busiest first", "Jain",
+              "busiest %", "master µs/conn", "RSS MiB master / worker", "errors",
+              *(["same CPU %"] if locality else [])]
+    rows: list[list[str]] = []
     for workload in workloads:
         for policy in policies:
             mine = select(cells, workload.key, policy)
@@ -56,20 +79,20 @@ def summary_table(cells: Sequence[Cell], workloads: Sequence[Workload], policies
             master_rss = median(c.master_rss_bytes / MIB for c in mine if c.master_rss_bytes)
             worker_rss = median(r / MIB for c in mine for r in c.workers_rss_bytes)
             errors = sum(c.errors for c in mine)
-            rows.append(
-                f"| {workload.key} | {policy} "
-                f"| {spread((c.requests_per_s for c in mine), '.0f')} "
-                f"| {spread((c.p50_ms for c in mine), '.2f')} "
-                f"| {spread((c.p99_ms for c in mine), '.2f')} "
-                f"| {shares} "
-                f"| {spread((c.jain for c in mine), '.3f')} "
-                f"| {spread((100 * c.busiest_share for c in mine), '.0f')} "
-                f"| {spread((c.master_us_per_conn for c in mine), '.1f')} "
-                f"| {master_rss:.1f} / {worker_rss:.1f} "
-                f"| {errors} in {len(mine)} run{'s' if len(mine) > 1 else ''} |"
-                + (f" {spread((100 * c.same_cpu_share for c in mine), '.0f')} |" if locality else "")
-            )
-    return "\n".join(rows)
+            rows.append([
+                workload.key, policy,
+                spread((c.requests_per_s for c in mine), ".0f"),
+                spread((c.p50_ms for c in mine), ".2f"),
+                spread((c.p99_ms for c in mine), ".2f"),
+                shares,
+                spread((c.jain for c in mine), ".3f"),
+                spread((100 * c.busiest_share for c in mine), ".0f"),
+                spread((c.master_us_per_conn for c in mine), ".1f"),
+                f"{master_rss:.1f} / {worker_rss:.1f}",
+                f"{errors} in {len(mine)} run{'s' if len(mine) > 1 else ''}",
+                *([spread((100 * c.same_cpu_share for c in mine), ".0f")] if locality else []),
+            ])
+    return table(header, rows)
 
 
 def _ratio(cells: Sequence[Cell], workload: str, num: str, den: str,
@@ -101,8 +124,7 @@ def headline(cells: Sequence[Cell], runs: Sequence[ReloadRun]) -> list[str]:
                 + (f" (reuseport/shared {_ratio(cells, key, 'reuseport', 'shared', rps)})"
                    if has(key, "reuseport") else "")
             )
-    counted = [p for p in ("round-robin", "shared", "reuseport")
-               if any(c.locality for c in select(cells, "W2", p))]
+    counted = [p for p in POLICIES if any(c.locality for c in select(cells, "W2", p))]
     if counted:
         lines.append(
             "- W2 requests served on the CPU that received them (the client thread's, on loopback): "
@@ -117,7 +139,7 @@ def headline(cells: Sequence[Cell], runs: Sequence[ReloadRun]) -> list[str]:
             line += f", reuseport {median(c.p99_ms for c in select(cells, 'W3', 'reuseport')):.2f} ms"
         ratio = _ratio(cells, "W3", "round-robin", "shared", rps)
         lines.append(f"{line}; throughput ratio round-robin/shared {ratio}")
-    w4 = [p for p in ("round-robin", "shared", "reuseport") if has("W4", p)]
+    w4 = [p for p in POLICIES if has("W4", p)]
     if w4:
         lines.append(
             "- W4 (burst) Jain index: "
@@ -152,30 +174,20 @@ def headline(cells: Sequence[Cell], runs: Sequence[ReloadRun]) -> list[str]:
 
 def w4_table(cells: Sequence[Cell], policies: Sequence[str]) -> str:
     """Every W4 run: connections per worker id, from the dispatcher and from the client."""
-    rows = [
-        "| policy | repeat | connections per worker id (dispatcher's `handled`) | Jain "
-        "| client's count agrees | failed | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for policy in policies:
         for c in sorted(select(cells, "W4", policy), key=lambda c: c.repeat):
             counts = " ".join(str(c.handled[k]) for k in sorted(c.handled))
             client = {k: v for k, v in c.client_per_worker.items() if v}
             agrees = "yes" if client == {k: v for k, v in c.handled.items() if v} else f"no: {client}"
             wall = c.requests / c.requests_per_s if c.requests_per_s > 0 else float("nan")
-            rows.append(
-                f"| {policy} | {c.repeat + 1} | {counts} | {c.jain:.3f} | {agrees} | {c.errors} "
-                f"| {wall:.2f} |"
-            )
-    return "\n".join(rows)
+            rows.append([policy, c.repeat + 1, counts, f"{c.jain:.3f}", agrees, c.errors, f"{wall:.2f}"])
+    return table(["policy", "repeat", "connections per worker id (dispatcher's `handled`)", "Jain",
+                  "client's count agrees", "failed", "wall s"], rows)
 
 
 def reload_table(runs: Sequence[ReloadRun]) -> str:
-    rows = [
-        "| app | policy | reload s | served during | failed during | failed, whole run | req/s before "
-        "| req/s during | workers replaced | failures |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for app in dict.fromkeys(r.app for r in runs):
         for policy in dict.fromkeys(r.policy for r in runs if r.app == app):
             mine = [r for r in runs if r.app == app and r.policy == policy]
@@ -184,31 +196,26 @@ def reload_table(runs: Sequence[ReloadRun]) -> str:
                 for kind, n in r.failures.items():
                     failures[kind] = failures.get(kind, 0) + n
             answers = {r.answer for r in mine if r.answer.startswith("failed")}
-            rows.append(
-                f"| {app} | {policy} "
-                f"| {spread((r.reload_s for r in mine), '.2f')} "
-                f"| {spread((float(r.served_during) for r in mine), '.0f')} "
-                f"| {spread((float(r.failed_during) for r in mine), '.0f')} "
-                f"| {spread((float(r.failed_total) for r in mine), '.0f')} "
-                f"| {spread((r.rate_before for r in mine), '.0f')} "
-                f"| {spread((r.rate_during for r in mine), '.0f')} "
-                f"| {spread((float(r.replaced) for r in mine), '.0f')} of {mine[0].workers} "
-                f"| {', '.join(f'{k} x{n}' for k, n in failures.items()) or '-'}"
-                f"{'; ' + '; '.join(sorted(answers)) if answers else ''} |"
-            )
-    return "\n".join(rows)
+            rows.append([
+                app, policy,
+                spread((r.reload_s for r in mine), ".2f"),
+                spread((float(r.served_during) for r in mine), ".0f"),
+                spread((float(r.failed_during) for r in mine), ".0f"),
+                spread((float(r.failed_total) for r in mine), ".0f"),
+                spread((r.rate_before for r in mine), ".0f"),
+                spread((r.rate_during for r in mine), ".0f"),
+                f"{spread((float(r.replaced) for r in mine), '.0f')} of {mine[0].workers}",
+                (", ".join(f"{k} x{n}" for k, n in failures.items()) or "-")
+                + ("; " + "; ".join(sorted(answers)) if answers else ""),
+            ])
+    return table(["app", "policy", "reload s", "served during", "failed during", "failed, whole run",
+                  "req/s before", "req/s during", "workers replaced", "failures"], rows)
 
 
 def runs_table(cells: Sequence[Cell]) -> str:
     """Every cell, in the order it ran."""
     locality = any(c.locality for c in cells)
-    rows = [
-        "| # | workload | policy | repeat | requests | req/s | p50 ms | p99 ms | handled per worker id "
-        "| master CPU ms | workers CPU ms | settled | errors | exit |"
-        + (" requests per worker id (same CPU %) |" if locality else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-        + (" --- |" if locality else ""),
-    ]
+    rows = []
     for n, c in enumerate(cells, 1):
         counted = " ".join(
             f"{served} ({100 * same / served if served else 0:.0f})"
@@ -217,43 +224,11 @@ def runs_table(cells: Sequence[Cell]) -> str:
         handled = " ".join(str(c.handled[k]) for k in sorted(c.handled))
         workers_cpu = " ".join(f"{1e3 * c.workers_cpu_s[k]:.0f}" for k in sorted(c.workers_cpu_s))
         errors = f"{c.errors} ({c.error_detail})" if c.error_detail else str(c.errors)
-        rows.append(
-            f"| {n} | {c.workload} | {c.policy} | {c.repeat + 1} | {c.requests} | {c.requests_per_s:.0f} "
-            f"| {c.p50_ms:.2f} | {c.p99_ms:.2f} | {handled} | {1e3 * c.master_cpu_s:.1f} | {workers_cpu} "
-            f"| {'yes' if c.settled else 'NO'} | {errors} | {c.exit_code} |"
-            + (f" {counted or '-'} |" if locality else "")
-        )
-    return "\n".join(rows)
-
-
-def _probe(command: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"n/a ({exc})"
-    text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[0] if text else "n/a"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine(wrk: str) -> list[str]:
-    """The machine, as Markdown bullets: cores, CPU model, kernel, Python, wrk, the loop."""
-    loop = "uvloop" if _importable("uvloop") else "asyncio"
-    return [
-        f"- cores (`nproc`): {_probe(['nproc'])}; CPU: {cpu_model()}",
-        f"- kernel (`uname -r`): {_probe(['uname', '-r'])}",
-        f"- Python: {platform.python_version()} ({platform.python_implementation()}, {sys.executable})",
-        f"- wrk: {_probe([wrk, '--version'])}",
-        f"- event loop of the master and workers (`--loop auto`): {loop}",
-    ]
-
-
-def _importable(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+        rows.append([
+            n, c.workload, c.policy, c.repeat + 1, c.requests, f"{c.requests_per_s:.0f}", f"{c.p50_ms:.2f}",
+            f"{c.p99_ms:.2f}", handled, f"{1e3 * c.master_cpu_s:.1f}", workers_cpu,
+            "yes" if c.settled else "NO", errors, c.exit_code, *([counted or "-"] if locality else []),
+        ])
+    return table(["#", "workload", "policy", "repeat", "requests", "req/s", "p50 ms", "p99 ms",
+                  "handled per worker id", "master CPU ms", "workers CPU ms", "settled", "errors", "exit",
+                  *(["requests per worker id (same CPU %)"] if locality else [])], rows)

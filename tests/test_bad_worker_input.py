@@ -6,9 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.load import ask
+from bench.server import Server
 from shared import protocol
 from shared.protocol import Handoff, Hello, Ping, Pong, Ready, UserMessage
-from tests.conftest import Server, ask, wait_for
+from tests.helpers import wait_for
 
 BAD_FRAMES = [
     ("raw", "ff00"),                                          # unknown type
@@ -25,7 +27,7 @@ BAD_FRAMES = [
 
 @pytest.mark.parametrize(("kind", "frame"), BAD_FRAMES)
 def test_bad_frame_gets_worker_replaced(server_factory: type[Server], kind: str, frame: str) -> None:
-    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start()
     fds_before = server.fd_count()
     culprit = ask(server.port, f"{kind} {frame}\n".encode()).strip()
     server.wait_line(rf"pid {culprit}\): .*; replacing it")
@@ -54,7 +56,7 @@ frames = st.one_of(
 def test_any_frame_from_a_worker_leaves_the_master_serving(
     server_factory: type[Server], frame: bytes, with_fd: bool
 ) -> None:
-    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start()
     try:
         fds_before = server.fd_count()
         culprit = ask(server.port, f"{'fd' if with_fd else 'raw'} {frame.hex()}\n".encode()).strip()
@@ -67,4 +69,4 @@ def test_any_frame_from_a_worker_leaves_the_master_serving(
         wait_for(lambda: server.fd_count() == fds_before, 10, f"master back to {fds_before} fds")
         assert "Traceback" not in server.log
     finally:
-        server.kill_all()
+        server.kill()

@@ -20,7 +20,7 @@ import pytest
 from bench.apps import LOCALITY_DIR_ENV
 from bench.matrix import LOCALITY_APP, Cell, Workload, read_locality
 from bench.report import headline, runs_table, summary_table
-from tests.conftest import Server
+from bench.server import Server
 
 REQUESTS = 50
 CPUS = sorted(os.sched_getaffinity(0))
@@ -55,7 +55,7 @@ def test_locality_counts_requests_served_on_the_cpu_that_sent_them(
     server_factory: type[Server], tmp_path: Path, pinned_client: None, apart: bool
 ) -> None:
     server = server_factory("--app", LOCALITY_APP, workers=1, env={LOCALITY_DIR_ENV: str(tmp_path)})
-    server.start(ready=1)
+    server.start()
     (worker_pid,) = server.worker_pids()
     os.sched_setaffinity(worker_pid, {CPUS[0]})
     os.sched_setaffinity(0, {CPUS[1] if apart else CPUS[0]})

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from shared import protocol
 from shared.channel import PEER_CLOSED, Channel, socketpair
 from shared.protocol import Handoff, Listen, Message, Ping
-from tests.conftest import fd_table_full
+from tests.helpers import fd_table_full
 
 
 def open_fds() -> int:

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from bench.server import ROOT
 from dispatcher.cli import config_from_args
 from dispatcher.config import Config
 from shared import protocol
-from tests.conftest import ROOT
 
 
 def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:

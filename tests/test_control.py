@@ -22,11 +22,12 @@ from typing import Any, get_type_hints
 import psutil
 import pytest
 
+from bench.server import ROOT, Server
 from dispatcher.control import ControlServer
 from dispatcher.control_protocol import MAX_REQUEST_BYTES, LineReader, TooLong
 from dispatcher.rundir import ControlError
 from dispatcher.snapshot import MasterFigures, Snapshot, WorkerFigures
-from tests.conftest import READY, ROOT, Server, wait_for
+from tests.helpers import wait_for
 
 APP = "tests.apps.handlers:pid"
 WORKER_KEYS = {
@@ -36,33 +37,19 @@ WORKER_KEYS = {
 }
 
 
-STARTED = re.compile(
-    r"listening on (?P<address>\S+)|control socket at (?P<control>\S+)|worker \d+ \(pid \d+\) ready"
-)
-
-
-def start(server_factory: type[Server], path: Path | str, workers: int = 2, app: str = APP,
-          env: dict[str, str] | None = None, control: bool = True) -> Server:
-    """Start a master with its control socket at ``path``; wait until it and its workers are up.
-
-    The listening, control socket and ready lines are waited for in any order.
-    """
-    extra = ["--control", str(path)] if control else []
-    server = server_factory("--app", app, *extra, workers=workers, env=env)
-    socket_path, ready = "", 0
-    while not (server.address and socket_path and ready == workers):
-        match = server.wait_line(STARTED, timeout=15)
-        if match["address"]:
-            server.address = match["address"]
-            server.port = int(server.address.rsplit(":", 1)[1])
-        elif match["control"]:
-            socket_path = match["control"]
-        else:
-            ready += 1
-    if control:
-        assert socket_path == str(path)
-    server.worker_pids()  # remembered, so the fixture kills them even if they outlive the master
+def start(server_factory: type[Server], path: Path | str, workers: int = 2, app: str = APP) -> Server:
+    """Start a master with its control socket at ``path``; wait until its workers are ready."""
+    server = server_factory("--app", app, "--control", str(path), workers=workers).start()
+    assert f"control socket at {path}\n" in server.log
     return server
+
+
+def start_at_default_path(server_factory: type[Server], runtime_dir: Path) -> Server:
+    """Start a master with no ``--control``: its socket is the default, in ``runtime_dir``."""
+    server = server_factory("--app", APP, workers=1, env={"XDG_RUNTIME_DIR": str(runtime_dir)},
+                            private_control=False)
+    server.control_path = str(runtime_dir / "dispatcher" / f"{server.pid}.sock")
+    return server.start()
 
 
 def ctl(path: Path | str | None, *args: str,
@@ -158,7 +145,7 @@ def test_scale_up_then_down(server_factory: type[Server], tmp_path: Path) -> Non
     done = ctl(path, "scale", "4")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "scaled to 4 worker(s): 2 added, 0 removed"
-    new_ids = {int(server.wait_line(READY).group(1)) for _ in range(2)}
+    new_ids = {w["id"] for w in server.wait_ready()["workers"]} - {0, 1}
     assert new_ids == {2, 3}
     workers = ctl_json(path, "status")["workers"]
     assert [w["id"] for w in workers] == [0, 1, 2, 3]
@@ -367,7 +354,7 @@ def test_client_finds_the_only_running_master(server_factory: type[Server], tmp_
     directory.mkdir(mode=0o700)
     dead = _stale_socket(directory / "999999999.sock")  # no such process
     reused = _stale_socket(directory / f"{os.getpid()}.sock")  # a live pid, nobody listening
-    first = start(server_factory, "", workers=1, env=env, control=False)
+    first = start_at_default_path(server_factory, tmp_path)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert (directory / f"{first.pid}.sock").is_socket()
     assert not dead.exists()  # removed by the master on its way in
@@ -376,7 +363,7 @@ def test_client_finds_the_only_running_master(server_factory: type[Server], tmp_
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["master"]["pid"] == first.pid
 
-    second = start(server_factory, "", workers=1, env=env, control=False)
+    second = start_at_default_path(server_factory, tmp_path)
     done = ctl(None, "status", env=env)
     assert done.returncode == 1
     assert "several dispatchers are running" in done.stderr

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
+from bench.load import ask
+from bench.server import Server
 from shared import cpu_sched
-from tests.conftest import Server, ask
 
 APP = "tests.apps.handlers:pid"
 
@@ -24,7 +25,7 @@ def policy_of(pid: int) -> int:
 def test_master_runs_under_the_chosen_policy_and_workers_under_the_default(
     server_factory: type[Server], args: tuple[str, ...], expected: int
 ) -> None:
-    server = server_factory("--app", APP, *args, workers=2).start(ready=2)
+    server = server_factory("--app", APP, *args, workers=2).start()
     assert policy_of(server.pid) == expected
     # Workers are started after the master switched, and do not inherit it.
     assert [policy_of(pid) for pid in server.worker_pids()] == [os.SCHED_OTHER] * 2
@@ -34,7 +35,7 @@ def test_master_runs_under_the_chosen_policy_and_workers_under_the_default(
 
 
 def test_workers_restarted_later_do_not_inherit_it(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=1).start(ready=1)
+    server = server_factory("--app", APP, workers=1).start()
     (first,) = server.worker_pids()
     os.kill(first, 9)
     server.wait_line(r"worker 0 \(pid \d+\) ready")
@@ -44,7 +45,7 @@ def test_workers_restarted_later_do_not_inherit_it(server_factory: type[Server])
 
 
 def test_shared_accept_leaves_the_master_alone(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, "--policy", "shared", workers=1).start(ready=1)
+    server = server_factory("--app", APP, "--policy", "shared", workers=1).start()
     assert policy_of(server.pid) == os.SCHED_OTHER
 
 

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.load import ask, read_all
+from bench.server import Server
 from dispatcher.ctl import request
-from tests.conftest import Server, ask, read_all
 
 
 def poll(path: Path, check: Any, timeout: float = 10.0) -> dict[str, Any]:
@@ -30,7 +31,7 @@ def test_blocked_event_loop_gets_worker_replaced(server_factory: type[Server], t
     server = server_factory(
         "--app", "tests.apps.handlers:block", "--ping-interval", "0.2", "--ping-timeout", "1",
         "--control", str(tmp_path / "c.sock"), workers=2,
-    ).start(ready=2)
+    ).start()
     blocker = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     blocker.sendall(b"block 30\n")
     match = server.wait_line(r"worker (\d) \(pid (\d+)\) is unresponsive: no pong for ([\d.]+) s",
@@ -52,7 +53,7 @@ def test_connection_behind_blocked_worker_is_served_elsewhere(
     server = server_factory(
         "--app", "tests.apps.handlers:block", "--ping-interval", "0.2", "--ping-timeout", "1",
         "--control", str(tmp_path / "c.sock"), workers=2,
-    ).start(ready=2)
+    ).start()
     first = ask(server.port, b"ok\n").split()[1]  # the other worker is next in line
     second = ask(server.port, b"ok\n").split()[1]
     assert first != second
@@ -77,7 +78,7 @@ def test_stats_add_up(server_factory: type[Server], tmp_path: Path) -> None:
     server = server_factory(
         "--app", "tests.apps.handlers:hold", "--ping-interval", "0.1", "--control", str(path),
         workers=2,
-    ).start(ready=2)
+    ).start()
     for _ in range(10):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.recv(100)
@@ -110,7 +111,7 @@ def test_stats_add_up(server_factory: type[Server], tmp_path: Path) -> None:
 def test_counters_survive_restart(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     server = server_factory("--app", "tests.apps.handlers:pid", "--ping-interval", "0.1",
-                            "--control", str(path), workers=1).start(ready=1)
+                            "--control", str(path), workers=1).start()
     for _ in range(5):
         ask(server.port)
     poll(path, lambda s: s["workers"][0]["handled"] == 5)
@@ -128,7 +129,7 @@ def test_handoff_waits_for_a_channel_full_of_messages(server_factory: type[Serve
     """A channel full of unread messages puts the hand-off back in line; nobody is replaced."""
     path = tmp_path / "c.sock"
     server = server_factory("--app", "tests.apps.handlers:pid", "--control", str(path),
-                            "--ping-interval", "0", workers=1).start(ready=1)
+                            "--ping-interval", "0", workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)  # it reads nothing: its channel fills up
     try:

@@ -14,14 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT, Server, ask, read_all, wait_for
+from bench.load import ask, read_all
+from bench.server import ROOT, Server
+from tests.helpers import wait_for
 
 APP = "tests.apps.handlers:pid"
 
 
 @pytest.mark.parametrize("policy", ["shared", "reuseport"])
 def test_workers_accept_themselves_under_policy(server_factory: type[Server], policy: str) -> None:
-    server = server_factory("--app", APP, "--policy", policy, workers=2).start(ready=2)
+    server = server_factory("--app", APP, "--policy", policy, workers=2).start()
     pids = set(server.worker_pids())
     answers = [ask(server.port) for _ in range(30)]
     assert {a.split()[1] for a in answers} <= {str(p) for p in pids}
@@ -38,20 +40,20 @@ def test_workers_accept_themselves_under_policy(server_factory: type[Server], po
 
 def test_blocking_handler_runs_on_threads(server_factory: type[Server]) -> None:
     server = server_factory("--app", "tests.apps.handlers:blocking", "--threads", "2",
-                            workers=2).start(ready=2)
+                            workers=2).start()
     answers = collections.Counter(ask(server.port).split()[1] for _ in range(10))
     assert sorted(answers.values()) == [5, 5]
 
 
 def test_custom_server_iterates_connections(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "tests.apps.handlers:serve", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.handlers:serve", workers=2).start()
     answers = [ask(server.port).split() for _ in range(4)]
     assert all(a[2] == "custom" for a in answers)
     assert len({a[1] for a in answers}) == 2
 
 
 def test_example_app_speaks_http(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "examples.hello:handler", workers=2).start(ready=2)
+    server = server_factory("--app", "examples.hello:handler", workers=2).start()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         bodies = []
@@ -95,7 +97,7 @@ def test_app_spec_error_stops_master_with_clear_line(
 
 
 def test_graceful_stop_lets_slow_request_finish(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start()
     client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     client.sendall(b"sleep 1.5\n")
     wait_for(lambda: any(_established(pid) for pid in server.worker_pids()), 5, "request in flight")
@@ -111,7 +113,7 @@ def test_graceful_stop_lets_slow_request_finish(server_factory: type[Server]) ->
 
 def test_graceful_stop_kills_after_timeout(server_factory: type[Server]) -> None:
     server = server_factory("--app", "tests.apps.handlers:slow", "--graceful-timeout", "0.5",
-                            workers=1).start(ready=1)
+                            workers=1).start()
     client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     client.sendall(b"sleep 30\n")
     wait_for(lambda: any(_established(pid) for pid in server.worker_pids()), 5, "request in flight")
@@ -141,7 +143,7 @@ def test_workers_die_with_master_sigkill(
         # A module that fails to import shadows python-prctl, as if it were not installed.
         (tmp_path / "prctl.py").write_text("raise ImportError('hidden by the test')\n")
         env["PYTHONPATH"] = f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"
-    server = server_factory("--app", APP, workers=3, env=env).start(ready=3)
+    server = server_factory("--app", APP, workers=3, env=env).start()
     assert server.log.count("python-prctl is not installed") == (0 if with_prctl else 1)
     workers = server.worker_pids()
     assert len(workers) == 3
@@ -153,14 +155,14 @@ def test_workers_die_with_master_sigkill(
 
 def test_worker_process_title(server_factory: type[Server]) -> None:
     pytest.importorskip("prctl")
-    server = server_factory("--app", APP, workers=1).start(ready=1)
+    server = server_factory("--app", APP, workers=1).start()
     (pid,) = server.worker_pids()
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     assert cmdline.startswith(f"dispatcher: worker 0 {APP}")
 
 
 def test_crashed_worker_is_restarted(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=1).start(ready=1)
+    server = server_factory("--app", APP, workers=1).start()
     (first,) = server.worker_pids()
     os.kill(first, signal.SIGKILL)
     server.wait_line(r"worker 0 restarts in 0\.1 s")
@@ -171,8 +173,9 @@ def test_crashed_worker_is_restarted(server_factory: type[Server]) -> None:
 def test_unix_and_ipv6_binds(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "d.sock"
     server = server_factory("--app", APP, "--bind", "[::1]:0", "--bind", f"unix:{path}",
-                            workers=1, bind=None).start(ready=1)
+                            workers=1, bind=None).start()
     ipv6_port = int(server.address.rsplit(":", 1)[1])
+    assert server.addresses == [server.address, f"unix:{path}"]
     assert f"listening on unix:{path}" in server.log
     assert ask(ipv6_port, host="::1").split()[0] == "0"
     with socket.socket(socket.AF_UNIX) as sock:
@@ -186,8 +189,9 @@ def test_unix_and_ipv6_binds(server_factory: type[Server], tmp_path: Path) -> No
 
 
 def test_web_concurrency_sets_worker_count(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=0, env={"WEB_CONCURRENCY": "3"}).start(ready=3)
+    server = server_factory("--app", APP, workers=0, env={"WEB_CONCURRENCY": "3"}).start()
     assert "3 worker(s)" in server.log
+    assert len(server.ready_snapshot["workers"]) == 3
 
 
 def test_bind_error_is_one_clear_line(server_factory: type[Server]) -> None:
@@ -213,8 +217,7 @@ def test_help_explains_options() -> None:
 def test_json_log_lines_name_master_or_worker(server_factory: type[Server]) -> None:
     import json
 
-    server = server_factory("--app", APP, "--log-format", "json", "--control", "none",
-                            workers=2)
+    server = server_factory("--app", APP, "--log-format", "json", workers=2)
     server.wait_line(r'"message": "worker 1 \(pid \d+\) ready"')
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
@@ -229,7 +232,7 @@ def test_json_log_lines_name_master_or_worker(server_factory: type[Server]) -> N
 def test_example_answers_a_new_connections_first_request_while_draining(
     server_factory: type[Server],
 ) -> None:
-    server = server_factory("--app", "examples.hello:handler", workers=1).start(ready=1)
+    server = server_factory("--app", "examples.hello:handler", workers=1).start()
     (pid,) = server.worker_pids()
     fresh = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import threading
@@ -18,13 +17,14 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.load import ask
+from bench.server import Server
 from dispatcher.lifecycle import WorkerState
 from dispatcher.listeners import BindError
 from dispatcher.metrics import MetricsServer
-from tests.conftest import Server, ask, wait_for
+from tests.helpers import wait_for
 
 APP = "tests.apps.handlers:pid"
-METRICS_AT = re.compile(r"metrics at http://(\S+)/metrics")
 PER_WORKER_COUNTERS = [
     "dispatcher_worker_handed_off", "dispatcher_worker_acked", "dispatcher_worker_refused",
     "dispatcher_worker_handled", "dispatcher_worker_accepted", "dispatcher_worker_restarts",
@@ -78,11 +78,10 @@ def scrape_until(address: str, done: Callable[[Families], bool], timeout: float,
 
 def start_metrics(server_factory: type[Server], workers: int) -> tuple[Server, str]:
     server = server_factory("--app", APP, "--metrics", "127.0.0.1:0", "--ping-interval", "0.2",
-                            "--control", "none", workers=workers).start(ready=workers)
-    # Logged before the workers are started, so it is in the log by now.
-    match = METRICS_AT.search(server.log)
-    assert match, server.log
-    return server, match.group(1)
+                            workers=workers).start()
+    address = server.metrics_address()
+    assert f"metrics at http://{address}/metrics" in server.log
+    return server, address
 
 
 def test_metrics_per_worker_series_and_counts(server_factory: type[Server]) -> None:

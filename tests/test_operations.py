@@ -18,9 +18,10 @@ from typing import Any
 import psutil
 import pytest
 
+from bench.load import Load, ask
+from bench.server import Server
 from dispatcher.ctl import CtlError, request
-from tests.conftest import Server, app_env, ask, wait_for
-from tests.load import Load
+from tests.helpers import app_env, wait_for
 
 APP = "tests.apps.handlers:pid"
 
@@ -36,7 +37,7 @@ def pids(path: Path) -> set[int]:
 
 def test_rolling_reload_under_load_loses_nothing(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=4).start(ready=4)
+    server = server_factory("--app", APP, "--control", str(path), workers=4).start()
     with Load(server.port, clients=4, max_seconds=60) as load:
         load.wait_requests(200)
         for _ in range(3):
@@ -54,7 +55,7 @@ def test_rolling_reload_under_load_loses_nothing(server_factory: type[Server], t
 
 def test_sighup_reloads(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start()
     before = pids(path)
     server.signal(signal.SIGHUP)
     server.wait_line(r"reload: 2 worker\(s\) replaced")
@@ -66,7 +67,7 @@ def test_reload_of_a_broken_app_keeps_old_workers(server_factory: type[Server], 
     app.write_text("from tests.apps.handlers import pid as handler\n")
     path = tmp_path / "c.sock"
     server = server_factory("--app", "reloadme:handler", "--control", str(path), workers=2,
-                            env=app_env(tmp_path)).start(ready=2)
+                            env=app_env(tmp_path)).start()
     before = pids(path)
     app.write_text("raise RuntimeError('the new release is broken')\n")
     with Load(server.port, clients=2, max_seconds=30) as load:
@@ -84,7 +85,7 @@ def test_reload_of_a_broken_app_keeps_old_workers(server_factory: type[Server], 
 
 def test_scale_up_and_down_under_load(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start()
     with Load(server.port, clients=4, max_seconds=60) as load:
         load.wait_requests(100)
         assert request(str(path), "scale", workers=6)["added"] == 4
@@ -99,7 +100,7 @@ def test_scale_up_and_down_under_load(server_factory: type[Server], tmp_path: Pa
 
 def test_ttin_ttou_add_and_remove_a_worker(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=1).start(ready=1)
+    server = server_factory("--app", APP, "--control", str(path), workers=1).start()
     server.signal(signal.SIGTTIN)
     server.wait_line(r"worker 1 \(pid \d+\) ready")
     assert len(status(path)["workers"]) == 2
@@ -114,7 +115,7 @@ def test_ttin_ttou_add_and_remove_a_worker(server_factory: type[Server], tmp_pat
 def test_max_requests_recycles_around_the_limit(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     server = server_factory("--app", APP, "--control", str(path), "--max-requests", "50",
-                            "--max-requests-jitter", "10", workers=2).start(ready=2)
+                            "--max-requests-jitter", "10", workers=2).start()
     with Load(server.port, clients=4, max_seconds=60) as load:
         for _ in range(6):  # each worker recycled three times, the new ones too
             server.wait_line(r"ready, replacing pid \d+ \(served", timeout=20)
@@ -130,7 +131,7 @@ def test_max_requests_recycles_around_the_limit(server_factory: type[Server], tm
 def test_max_memory_recycles_a_leaking_worker(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     server = server_factory("--app", "tests.apps.handlers:hog", "--control", str(path),
-                            "--max-memory", "150M", "--ping-interval", "0.2", workers=1).start(ready=1)
+                            "--max-memory", "150M", "--ping-interval", "0.2", workers=1).start()
     leaky = int(ask(server.port, b"hog 200\n").split()[1])
     server.wait_line(rf"pid {leaky}\) uses [\d.]+ MiB \(max-memory 150.0 MiB\); replacing it")
     server.wait_line(rf"ready, replacing pid {leaky}")
@@ -139,7 +140,7 @@ def test_max_memory_recycles_a_leaking_worker(server_factory: type[Server], tmp_
 
 
 def test_sigquit_stops_fast(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start()
     client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     client.sendall(b"sleep 30\n")
     wait_for(lambda: _busy(server), 5, "request in flight")
@@ -151,7 +152,7 @@ def test_sigquit_stops_fast(server_factory: type[Server]) -> None:
 
 
 def test_second_sigint_escalates_to_fast(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start(ready=2)
+    server = server_factory("--app", "tests.apps.handlers:slow", workers=2).start()
     client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     client.sendall(b"sleep 30\n")
     wait_for(lambda: _busy(server), 5, "request in flight")
@@ -188,7 +189,7 @@ def test_systemd_socket_activation(server_factory: type[Server]) -> None:
         "os.execv(sys.executable, [sys.executable, '-m', 'dispatcher', *sys.argv[1:]])"
     )]
     server = server_factory("--app", APP, workers=2, bind=None, launcher=launcher, pass_fds=(fd,))
-    server.start(ready=2)
+    server.start()
     listener.close()  # only the server holds it now
     assert server.address == f"127.0.0.1:{port}"
     assert {ask(port).split()[1] for _ in range(4)} == {str(p) for p in server.worker_pids()}
@@ -203,7 +204,7 @@ def test_bind_fd_adopts_a_listening_socket(server_factory: type[Server]) -> None
     listener.listen()
     port = listener.getsockname()[1]
     server = server_factory("--app", APP, workers=1, bind=f"fd://{listener.fileno()}",
-                            pass_fds=(listener.fileno(),)).start(ready=1)
+                            pass_fds=(listener.fileno(),)).start()
     listener.close()
     assert ask(port, host="::1").split()[0] == "0"
     server.signal(signal.SIGTERM)
@@ -231,7 +232,7 @@ def public_app_dir() -> Iterator[Path]:
 def test_workers_run_as_nobody(server_factory: type[Server], public_app_dir: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     server = server_factory("--app", "whoami:handler", "--user", "nobody", workers=2,
-                            env={"PYTHONPATH": str(public_app_dir)}).start(ready=2)
+                            env={"PYTHONPATH": str(public_app_dir)}).start()
     for pid in server.worker_pids():
         process = psutil.Process(pid)
         assert process.uids().real == process.uids().effective == nobody.pw_uid

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.load import ask
+from bench.server import Server
 from dispatcher.ctl import CtlError, request
 from shared import protocol
 from shared.channel import Channel, socketpair
 from shared.protocol import Ping, Pong
-from tests.conftest import Server, app_env, ask
+from tests.helpers import app_env
 
 
 def test_reload_to_a_custom_server_that_fails_before_serving(server_factory: type[Server],
@@ -23,7 +25,7 @@ def test_reload_to_a_custom_server_that_fails_before_serving(server_factory: typ
     app.write_text("from tests.apps.handlers import serve\n")
     path = tmp_path / "c.sock"
     server = server_factory("--app", "customapp:serve", "--control", str(path), workers=2,
-                            env=app_env(tmp_path)).start(ready=2)
+                            env=app_env(tmp_path)).start()
     before = {w["pid"] for w in request(str(path), "status")["workers"]}
     app.write_text("async def serve(me):\n    raise RuntimeError('cannot reach the database')\n")
     with pytest.raises(CtlError, match=r"reload failed: .*raised RuntimeError: cannot reach the database"):
@@ -36,7 +38,7 @@ def test_bad_pong_figures_are_ignored_and_the_slot_restarts(server_factory: type
                                                            tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     server = server_factory("--app", "tests.apps.evil:handler", "--control", str(path),
-                            workers=1).start(ready=1)
+                            workers=1).start()
     bad = protocol.encode(Pong(0, {"handled": "x", "active": None, "accepted": 1e300, "acked": True}))
     culprit = int(ask(server.port, f"raw {bad.hex()}\n".encode()))
     os.kill(culprit, signal.SIGKILL)
@@ -47,7 +49,7 @@ def test_bad_pong_figures_are_ignored_and_the_slot_restarts(server_factory: type
 
 
 def test_connections_do_not_leak_into_a_handlers_children(server_factory: type[Server]) -> None:
-    server = server_factory("--app", "tests.apps.handlers:inherit", workers=1).start(ready=1)
+    server = server_factory("--app", "tests.apps.handlers:inherit", workers=1).start()
     assert ask(server.port).split()[2] == "False"
     (pid,) = server.worker_pids()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -63,9 +65,9 @@ def test_the_same_inherited_fd_twice_is_one_listener(server_factory: type[Server
     listener.listen()
     port, fd = listener.getsockname()[1], listener.fileno()
     server = server_factory("--app", "tests.apps.handlers:pid", "--bind", f"fd://{fd}", workers=1,
-                            bind=f"fd://{fd}", pass_fds=(fd,)).start(ready=1)
+                            bind=f"fd://{fd}", pass_fds=(fd,)).start()
     listener.close()
-    assert server.log.count("listening on") == 1
+    assert server.log.count("listening on") == 1 and server.addresses == [f"127.0.0.1:{port}"]
     assert ask(port).split()[0] == "0"
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
@@ -74,7 +76,7 @@ def test_the_same_inherited_fd_twice_is_one_listener(server_factory: type[Server
 def test_slow_import_is_not_a_ping_timeout(server_factory: type[Server]) -> None:
     server = server_factory("--app", "tests.apps.slowboot:handler", "--ping-interval", "0.2",
                             "--ping-timeout", "1", workers=1, env={"SLOWBOOT_SECONDS": "2"})
-    server.start(ready=1)
+    server.start()
     assert "unresponsive" not in server.log
     assert ask(server.port).split()[0] == "0"
 
@@ -90,7 +92,7 @@ def test_replaced_worker_gets_the_graceful_timeout_and_no_more(server_factory: t
                                                               tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     server = server_factory("--app", "tests.apps.handlers:hold", "--control", str(path),
-                            "--graceful-timeout", "1", workers=1).start(ready=1)
+                            "--graceful-timeout", "1", workers=1).start()
     held = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     old = int(held.recv(100).split()[1])
     assert request(str(path), "reload", timeout_s=30) == {"reloaded": 1}

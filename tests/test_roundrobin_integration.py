@@ -13,15 +13,17 @@ from typing import Any
 
 import pytest
 
+from bench.load import ask, read_all
+from bench.server import Server
 from dispatcher.ctl import request
-from tests.conftest import Server, ask, read_all, wait_for
+from tests.helpers import clients, wait_for
 
 APP = "tests.apps.handlers:pid"
 SLOW = "tests.apps.handlers:slow"
 
 
 def test_forty_connections_to_four_workers_ten_each(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=4).start(ready=4)
+    server = server_factory("--app", APP, workers=4).start()
     served = collections.Counter(ask(server.port).split()[1] for _ in range(40))
     assert len(served) == 4
     assert set(served.values()) == {10}
@@ -39,29 +41,21 @@ def test_unacked_handoff_of_killed_worker_is_redispatched(
     path = tmp_path / "c.sock"
     server = server_factory(
         "--app", APP, "--control", str(path), "--window", str(window), workers=2
-    ).start(ready=2)
+    ).start()
     victim = int(ask(server.port).split()[1])  # the oldest free worker after this is the other one
     survivor = next(pid for pid in server.worker_pids() if pid != victim)
     # Round-robin: the next connection goes to the other worker, the one after to victim.
     assert ask(server.port).split()[1] == str(survivor)
     os.kill(victim, signal.SIGSTOP)
-    clients = []
-    try:
-        # Window 1 (Node): victim takes one and cannot ack, the rest go to the
-        # survivor. Window 8: turns alternate while both have room, so victim
-        # takes the first and the third.
-        for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    # Window 1 (Node): victim takes one and cannot ack, the rest go to the
+    # survivor. Window 8: turns alternate while both have room, so victim
+    # takes the first and the third.
+    with clients(server.port, 3) as socks:
         # Kill it only once the master has handed it connections it cannot ack.
         wait_for(lambda: master_status(path)["in_flight"] == stuck and master_status(path)["accepted"] == 5,
                  10, "hand-offs stuck at the stopped worker")
         os.kill(victim, signal.SIGKILL)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert set(answers) == {str(survivor)}
     server.wait_line(rf"pid {victim}\) killed by SIGKILL .*{stuck} un-acked connection\(s\) re-dispatched")
 
@@ -70,7 +64,7 @@ def test_connections_accepted_together_travel_in_one_handoff_per_worker(
     server_factory: type[Server], tmp_path: Path
 ) -> None:
     path = tmp_path / "c.sock"
-    server = server_factory("--app", APP, "--control", str(path), workers=2).start(ready=2)
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start()
     before = master_status(path)
     clients = []
     # With the master stopped, six clients complete their handshakes in the
@@ -96,7 +90,7 @@ def test_connections_accepted_together_travel_in_one_handoff_per_worker(
 
 
 def test_refused_handoff_goes_to_another_worker(server_factory: type[Server]) -> None:
-    server = server_factory("--app", SLOW, workers=2).start(ready=2)
+    server = server_factory("--app", SLOW, workers=2).start()
     # Hold a slow request on one worker so that, once draining, it stays alive refusing.
     holder = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     holder.sendall(b"sleep 3\n")
@@ -124,62 +118,41 @@ def _active(pid: int) -> bool:
 def test_connection_waits_while_no_worker_is_alive(server_factory: type[Server], tmp_path: Path) -> None:
     path = tmp_path / "c.sock"
     # Window 1 (Node): the stopped worker holds one hand-off, the next connection waits.
-    server = server_factory("--app", APP, "--control", str(path), "--window", "1", workers=1).start(ready=1)
+    server = server_factory("--app", APP, "--control", str(path), "--window", "1", workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
-    clients = []
-    try:
-        for _ in range(2):  # one hand-off un-acked, one waiting in the master's queue
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    with clients(server.port, 2) as socks:  # one hand-off un-acked, one waiting in the master's queue
         wait_for(lambda: master_status(path)["in_flight"] == 1 and master_status(path)["pending"] == 1,
                  10, "one hand-off un-acked, one connection queued")
         os.kill(only, signal.SIGKILL)
         server.wait_line(r"no worker is ready: 2 connection\(s\) wait")
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert len(set(answers)) == 1 and answers[0] != str(only)
 
 
 def test_pending_queue_full_pauses_accepting_and_loses_nothing(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, "--max-pending", "2", "--window", "1", workers=1).start(ready=1)
+    server = server_factory("--app", APP, "--max-pending", "2", "--window", "1", workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
-    clients = []
-    try:
-        for _ in range(6):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    with clients(server.port, 6) as socks:
         server.wait_line(r"pending queue full \(2 connections\); accepting paused")
         os.kill(only, signal.SIGCONT)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert answers == [str(only)] * 6
 
 
 def test_accept_emfile_pauses_without_spinning_or_crashing(server_factory: type[Server]) -> None:
     import resource
 
-    server = server_factory("--app", APP, workers=1).start(ready=1)
+    server = server_factory("--app", APP, workers=1).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     open_now = server.fd_count()
     _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
     # Room for three accepted connections; the rest hit EMFILE.
     resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (open_now + 3, hard))
-    clients = []
-    try:
-        cpu_before = sum(_cpu(server.pid))
-        for _ in range(8):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-            sock.sendall(b"hi\n")
-            clients.append(sock)
+    cpu_before = sum(_cpu(server.pid))
+    with clients(server.port, 8) as socks:
         server.wait_line(r"accept failed: Too many open files; pausing accepts")
         started = time.monotonic()
         time.sleep(1.0)  # measuring that nothing spins over a second is the point here
@@ -187,10 +160,7 @@ def test_accept_emfile_pauses_without_spinning_or_crashing(server_factory: type[
         assert cpu_used < 0.5 * (time.monotonic() - started), "the master spins on EMFILE"
         resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (hard, hard))
         os.kill(only, signal.SIGCONT)
-        answers = [read_all(sock).split()[1] for sock in clients]
-    finally:
-        for sock in clients:
-            sock.close()
+        answers = [read_all(sock).split()[1] for sock in socks]
     assert answers == [str(only)] * 8
     assert server.proc.poll() is None
 
@@ -203,7 +173,7 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def test_master_fd_count_is_stable_after_2000_connections(server_factory: type[Server]) -> None:
-    server = server_factory("--app", APP, workers=2).start(ready=2)
+    server = server_factory("--app", APP, workers=2).start()
     ask(server.port)
     before = server.fd_count()
     with ThreadPoolExecutor(8) as pool:
@@ -216,7 +186,7 @@ def test_master_fd_count_is_stable_after_2000_connections(server_factory: type[S
 
 @pytest.mark.parametrize("window", ["1", "4"])
 def test_window_setting_serves_concurrent_clients(server_factory: type[Server], window: str) -> None:
-    server = server_factory("--app", APP, "--window", window, workers=2).start(ready=2)
+    server = server_factory("--app", APP, "--window", window, workers=2).start()
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: ask(server.port), range(200)))
     assert len({a.split()[1] for a in answers}) == 2
@@ -225,7 +195,7 @@ def test_window_setting_serves_concurrent_clients(server_factory: type[Server], 
 def test_connection_waiting_too_long_is_closed(server_factory: type[Server]) -> None:
     server = server_factory(
         "--app", APP, "--pending-timeout", "0.5", "--window", "1", workers=1
-    ).start(ready=1)
+    ).start()
     (only,) = server.worker_pids()
     os.kill(only, signal.SIGSTOP)
     try:

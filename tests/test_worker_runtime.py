@@ -17,7 +17,7 @@ import pytest
 
 from shared import eventloop, protocol
 from shared.channel import socketpair
-from tests.conftest import fd_table_full
+from tests.helpers import fd_table_full
 from worker.app import classify
 from worker.runtime import Runtime
 
