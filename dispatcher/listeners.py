@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_BACKLOG = 2048
 
@@ -82,10 +82,15 @@ class Listener:
     sock: socket.socket
     #: The path to unlink on close, for a Unix socket this process created.
     owned_path: str | None = None
+    #: The bound address, with the real port when port 0 was asked for. Read
+    #: once, when bound: a snapshot taken while stopping must not ask the
+    #: kernel about a socket already closed.
+    address: str = field(init=False, default="")
 
-    @property
-    def address(self) -> str:
-        """The bound address, with the real port when port 0 was asked for."""
+    def __post_init__(self) -> None:
+        self.address = self._bound_address()
+
+    def _bound_address(self) -> str:
         if self.spec.is_unix:
             return f"unix:{self.spec.path}"
         if self.sock.family == socket.AF_UNIX:

@@ -103,6 +103,9 @@ def test_graceful_stop_lets_slow_request_finish(server_factory: type[Server]) ->
     wait_for(lambda: any(_established(pid) for pid in server.worker_pids()), 5, "request in flight")
     server.signal(signal.SIGTERM)
     server.wait_line("SIGTERM: stopping gracefully")
+    # Its listeners are closed now; it still says where it was listening.
+    master = server.status()["master"]
+    assert master["stopping"] is True and master["listening"] == [server.address]
     answer = read_all(client)
     client.close()
     assert answer.split()[0] in {"0", "1"}
