@@ -47,8 +47,9 @@ from typing import Any
 
 import psutil
 
-from dispatcher.control import is_listening
 from dispatcher.ctl import READY_SLACK_S, TIMEOUT_S, CtlError, request
+from dispatcher.rundir import is_listening
+from dispatcher.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The only address the lab and the tests bind and load.
@@ -61,9 +62,6 @@ STOP_TIMEOUT_S = 15.0
 EXIT_GRACE_S = 1.0
 #: How often ``start`` looks for the control socket (a file appearing is no event to wait on).
 SOCKET_POLL_S = 0.02
-
-#: The master's status, as ``dispatcher ctl --json status`` prints it.
-Snapshot = dict[str, Any]
 
 
 class StartError(RuntimeError):
@@ -128,7 +126,7 @@ class Server:
         self.addresses: list[str] = []
         self.address = ""
         self.port = 0
-        self.ready_snapshot: Snapshot = {}
+        self.ready_snapshot: Snapshot
         #: The master's exit code, once ``wait``, ``stop`` or ``kill`` saw it.
         self.exit_code: int | None = None
         self._seen: dict[int, psutil.Process] = {}
