@@ -22,12 +22,14 @@ import pytest
 
 from dispatcher.config import Config
 from dispatcher.health import Health, Pulse
-from dispatcher.lifecycle import Event, Life, WorkerState
+from dispatcher.lifecycle import Life, WorkerState
 from dispatcher.messages import Mailbox
 from dispatcher.recycling import Recycling
 from dispatcher.scheduler import Lane
+from dispatcher.slots import Replaced, Slot
 from dispatcher.supervisor import Supervisor
-from shared.exitcodes import ExitCode, describe
+from dispatcher.worker_process import WorkerProcess
+from shared.exitcodes import ExitCode
 from shared.protocol import Drain, Error, Hello, Listen, Pong, Ready, UserMessage
 
 S = WorkerState
@@ -57,33 +59,25 @@ class StandInSampler:
         return {} if self.rss_bytes is None else {"rss_bytes": self.rss_bytes}
 
 
-class StandIn:
-    """What the supervisor uses of a ``WorkerProcess``, with no process behind it."""
+class StandIn(WorkerProcess):
+    """A ``WorkerProcess`` with no process behind it: signals are recorded, the exit is the test's."""
 
     def __init__(self, worker_id: int, key: int, events: Any, max_requests: int) -> None:
+        # Not WorkerProcess.__init__: there is no process, pidfd or socket to wire.
         self.id = worker_id
         self.key = key
         self.pid = 1000 + key
+        self._events = events
         self.events = events
         self.max_requests = max_requests
         self.started = time.monotonic()
-        self.returncode: int | None = None
+        self.returncode = None
         self.life = Life()
         self.lane = Lane()
         self.pulse = Pulse(last_heard=self.started)
-        self.sampler = StandInSampler()
-        self.channel = StandInChannel()
+        self.sampler = StandInSampler()  # type: ignore[assignment]
+        self.channel = StandInChannel()  # type: ignore[assignment]
         self.signals: list[signal.Signals] = []
-
-    def __repr__(self) -> str:
-        return f"worker {self.id} (pid {self.pid})"
-
-    @property
-    def state(self) -> WorkerState:
-        return self.life.state
-
-    def handle(self, event: Event) -> bool:
-        return self.life.handle(event)
 
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
         if self.returncode is None:
@@ -92,17 +86,6 @@ class StandIn:
     def reap(self) -> int:
         assert self.returncode is not None, "exit() it first"
         return self.returncode
-
-    @property
-    def exit_reason(self) -> str:
-        return "running" if self.returncode is None else describe(self.returncode)
-
-    @property
-    def uptime_s(self) -> float:
-        return time.monotonic() - self.started
-
-    def counts(self) -> dict[str, int]:
-        return {"handed_off": 0, "acked": self.lane.acked, "refused": 0, "handled": 0, "accepted": 0}
 
     # What a test makes happen to it.
 
@@ -348,15 +331,20 @@ def test_stopping_is_idempotent(rig: Callable[..., Rig]) -> None:
     assert worker.state is S.EXITED and worker.signals == [signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]
 
 
-def test_transition_successor_ready_takes_over_and_the_old_one_drains(rig: Callable[..., Rig]) -> None:
-    r = rig()
+def replacing(r: Rig) -> tuple[StandIn, StandIn, Slot, Replaced]:
+    """Slot 0's ready worker, the successor ``replace`` started for it, the slot, and the future."""
     old = r.serving()
     old.ready()
     slot = r.supervisor.slots.get(0)
     assert slot is not None
     replaced = r.supervisor.replace(slot, "reload")
+    return old, r.spawned[-1], slot, replaced
+
+
+def test_transition_successor_ready_takes_over_and_the_old_one_drains(rig: Callable[..., Rig]) -> None:
+    r = rig()
+    old, successor, slot, replaced = replacing(r)
     assert r.supervisor.replace(slot, "reload") is replaced  # one at a time
-    successor = r.spawned[1]
     assert slot.successor is successor and slot.worker is old
     successor.ready()
     assert slot.worker is successor and slot.successor is None
@@ -370,12 +358,7 @@ def test_transition_successor_ready_takes_over_and_the_old_one_drains(rig: Calla
 
 def test_transition_successor_exited_before_ready_keeps_the_old_one_serving(rig: Callable[..., Rig]) -> None:
     r = rig()
-    old = r.serving()
-    old.ready()
-    slot = r.supervisor.slots.get(0)
-    assert slot is not None
-    replaced = r.supervisor.replace(slot, "reload")
-    successor = r.spawned[1]
+    old, successor, slot, replaced = replacing(r)
     r.supervisor.on_message(successor, _error(ExitCode.APP_LOAD_FAILED, "bad code on disk"), [])
     successor.exit(ExitCode.APP_LOAD_FAILED)
     assert replaced.result() == "worker 0 failed to boot: bad code on disk"
