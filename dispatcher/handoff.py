@@ -4,8 +4,9 @@ Node's ``RoundRobinHandle``, done properly. Three parts, wired here:
 ``Acceptor`` accepts in batches, ``Scheduler`` owns every accepted fd until
 a worker acks it (its theory of operation says where each fd is at every
 moment), and the policy (``RoundRobin``) chooses the worker. A ready worker
-is attached to the scheduler; one told to drain, killed, or refusing is
-detached (``remove``); one that exited gives its un-acked connections back
+is attached to the scheduler; one told to drain or killed is detached
+(``remove``), one that refuses a hand-off detaches itself (in the
+scheduler); one that exited gives its un-acked connections back
 (``forget``), which go to the next worker first.
 
 Once a second it closes connections that waited longer than

@@ -17,9 +17,10 @@ happens; it never sets a state itself.
 
 Events come from two sides, and so do errors (h11's two kinds):
 
-- the worker's: ``READY`` (it loaded the app). Said twice, it is the
-  worker's fault: ``WorkerError``, and the worker is replaced. Said after the
-  master told it to drain or stop, it changes nothing.
+- the worker's: ``READY`` (it loaded the app). Said again once it was
+  ready, it is the worker's fault: ``WorkerError``, and the worker is
+  replaced. Said after the master told it to drain or stop before it was
+  ready, it changes nothing (however often).
 - the master's: ``DRAIN`` (told to drain, or it began draining by itself),
   ``STOP`` (signalled to stop), ``EXIT`` (its exit was reaped). These are
   idempotent, as in Supervisor's ``change_state``: draining a draining or
@@ -100,7 +101,7 @@ class Life:
 
     Attributes:
         state: where it is now.
-        said_ready: it has said ready once (a second time is a ``WorkerError``).
+        said_ready: it became ready (saying so again is a ``WorkerError``).
         boot_timed_out: it was stopped because it was not ready in time (its
             exit counts as a failed boot).
         error: the last error the worker reported about itself, if any.
@@ -118,15 +119,15 @@ class Life:
             WorkerError: a second ``READY``; nothing changes.
             TransitionError: the master asked for what cannot happen; nothing changes.
         """
-        if event is Event.READY:
-            if self.said_ready:
-                raise WorkerError("sent ready twice")
-            self.said_ready = True
+        if event is Event.READY and self.said_ready:
+            raise WorkerError("sent ready twice")
         new = _TRANSITIONS.get((self.state, event))
         if new is None:
             raise TransitionError(f"a worker cannot take {event.value} while {self.state.value}")
         changed = new is not self.state
         self.state = new
+        if new is WorkerState.READY:
+            self.said_ready = True
         return changed
 
     @property

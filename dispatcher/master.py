@@ -131,6 +131,10 @@ class Master:
                 return ExitCode.ERROR
             return await self._serve(loop)
         finally:
+            # Also when serving was cut short (an error, a cancelled task): the
+            # distribution stops accepting and its timer, before the listeners go.
+            self.distribution.stop(sweep=False)
+            self.distribution.close()
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
             for listener in self.listeners:
@@ -319,8 +323,13 @@ class Master:
         return await self._reload.run()
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until every worker is ready, up to ``timeout_s``; return whether they are."""
-        return await self._until(self.supervisor.all_ready, time.monotonic() + timeout_s)
+        """Wait until every worker is ready, up to ``timeout_s``; return whether they are.
+
+        A stop that begins meanwhile ends the wait at once (and they are not).
+        """
+        supervisor = self.supervisor
+        await self._until(lambda: supervisor.stopping or supervisor.all_ready(), time.monotonic() + timeout_s)
+        return supervisor.all_ready()
 
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""

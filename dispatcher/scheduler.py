@@ -117,7 +117,8 @@ class Scheduler:
         self._resume_mark = max(0, max_pending - max(1, max_pending // 4))
         #: Set by the acceptor while it is paused because the queue was full.
         self.on_room: Callable[[], None] | None = None
-        #: Called when nothing is pending or in flight (set while stopping).
+        #: Called when nothing is pending or in flight, or no worker is left to
+        #: take what is (set while stopping).
         self.on_settled: Callable[[], None] | None = None
         self.in_flight = 0
         self.handed_off = 0
@@ -354,7 +355,7 @@ class Scheduler:
             self._pending.extendleft(reversed(answered))
             self.redispatched += count
         self._deal_pending()
-        if self.on_settled is not None and not self._pending and not self.in_flight:
+        if self.on_settled is not None and (self.settled or not self._workers):
             self.on_settled()
 
     # Ending

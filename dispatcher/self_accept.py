@@ -77,9 +77,11 @@ class SelfAccept:
             for sock in socks:
                 sock.close()
             raise
+        # Attached first: a send that fails closes the channel at once, and
+        # that removes the worker again.
+        self._keys.add(worker.key)
         for sock in socks:
             worker.channel.send(Listen(), sock.detach())
-        self._keys.add(worker.key)
 
     def remove(self, worker: WorkerProcess) -> bool:
         # It stops accepting when it drains (it closes its sockets then).

@@ -108,7 +108,7 @@ class Supervisor:
         self._on_fatal = on_fatal
         self.slots = Slots(config.workers)
         self.stopping = False
-        #: Set whenever a process becomes ready or exits.
+        #: Set whenever a process becomes ready or exits, the slots change, or the stop begins.
         self.changed = asyncio.Event()
         self._loop_or_none: asyncio.AbstractEventLoop | None = None
         self._next_key = 0
@@ -122,7 +122,6 @@ class Supervisor:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start every slot's worker on ``loop``."""
         self._loop_or_none = loop
-        self.changed = asyncio.Event()
         for slot in self.slots:
             self._start(slot)
 
@@ -203,6 +202,8 @@ class Supervisor:
         except (BindError, OSError) as exc:
             self.kill(worker, f"no listening socket for it: {exc}")
             return
+        if worker.channel.closed:
+            return  # it failed while being given its sockets: its exit restarts the slot
         slot = self.slots.get(worker.id)
         if slot is None or slot.successor is not worker:
             log.info("%r ready", worker)
@@ -418,6 +419,7 @@ class Supervisor:
             removed += 1
         if added or removed:
             log.info("scaled to %d worker(s): %d added, %d removed", workers, added, removed)
+            self.changed.set()
         return added, removed
 
     def _remove(self, slot: Slot) -> None:
@@ -446,6 +448,7 @@ class Supervisor:
 
     def stop_restarts(self) -> None:
         self.stopping = True
+        self.changed.set()
         for slot in self.slots:
             slot.cancel_restart()
             slot.settle_replacement("the master is stopping")

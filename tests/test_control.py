@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -491,3 +492,24 @@ def test_ready_says_how_many_are_ready_when_time_runs_out(server_factory: type[S
     with connect(path) as sock:
         answer = ask(sock, b'{"cmd": "ready", "timeout": "soon"}\n')
     assert answer == {"ok": False, "error": 'ready: "timeout" must be a number of seconds from 0 to 3600'}
+
+
+def test_ready_answers_at_once_when_the_master_begins_to_stop(server_factory: type[Server],
+                                                                tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    server = server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=1,
+                            env={"SLOWBOOT_SECONDS": "30"})
+    wait_for(path.exists, 15, "no control socket")
+    waiting = subprocess.Popen([sys.executable, "-m", "dispatcher.ctl", "--control", str(path),
+                                "--timeout", "60", "ready"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        with connect(path) as sock:  # the master is taking requests, ready's among them
+            assert ask(sock, b'{"cmd": "status"}\n')["ok"]
+        server.signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = waiting.communicate(timeout=20)
+    finally:
+        waiting.kill()
+        waiting.wait(5)
+    assert waiting.returncode == 1 and "ready: the master is stopping" in err
+    assert time.monotonic() - started < 10  # not the 60 s it was ready to wait, nor the graceful 30

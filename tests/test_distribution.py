@@ -33,14 +33,18 @@ def open_fds() -> int:
 
 
 class Events:
+    """As the supervisor: a channel that fails takes its worker out of the distribution."""
+
     def __init__(self) -> None:
         self.faults: list[tuple[WorkerProcess, str]] = []
+        self.distribution: Distribution | None = None
 
     def on_message(self, worker: WorkerProcess, message: Message, fds: list[int]) -> None:
         close_fds(fds)
 
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None:
-        pass
+        assert self.distribution is not None
+        self.distribution.remove(worker)
 
     def on_exit(self, worker: WorkerProcess) -> None:
         pass
@@ -62,6 +66,7 @@ class Rig:
         self.loop = asyncio.new_event_loop()
         self.distribution = distribution
         self.events = Events()
+        self.events.distribution = distribution
         self.listeners: list[Listener] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: list[WorkerProcess] = []
@@ -192,6 +197,18 @@ def test_a_worker_given_no_socket_gets_none_and_nothing_leaks(make_rig: type[Rig
     assert rig.received(worker) == []  # the fixture checks the first copy was closed
 
 
+def test_a_worker_whose_channel_fails_while_given_its_socket_is_not_counted(make_rig: type[Rig]) -> None:
+    rig = self_accept(make_rig, "shared")
+    healthy, gone = rig.worker(), rig.worker()
+    rig.distribution.add(healthy)
+    rig.ends[1].close()  # gone's end: the Listen send fails, its channel closes at once
+    rig.distribution.add(gone)
+    assert gone.channel.closed
+    assert rig.distribution.remove(healthy) is True  # it was the last one left
+    for _, fds in rig.received(healthy):
+        close_fds(fds)
+
+
 def test_an_ack_from_a_worker_that_accepts_itself_is_a_fault(make_rig: type[Rig]) -> None:
     rig = self_accept(make_rig, "shared")
     worker = rig.worker()
@@ -212,6 +229,30 @@ def test_workers_that_accept_themselves_leave_the_master_nothing_to_settle(make_
     rig.loop.run_until_complete(asyncio.wait_for(rig.distribution.settle(), 1))
     assert rig.distribution.close() == 0
     assert set(rig.distribution.figures().values()) == {0}
+
+
+def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> None:
+    handoff = HandOff(Config(app="a:b", window=1))
+    rig = make_rig(handoff)
+    worker = rig.worker()
+    handoff.add(worker)
+    server, client = socket.socketpair()
+    fd = server.detach()
+    handoff.scheduler.submit([fd], 0.0)
+
+    async def refuse_soon() -> None:
+        await asyncio.sleep(0)
+        handoff.on_ack(worker, (fd,), False, 0)  # it began draining by itself
+
+    async def both() -> None:
+        await asyncio.gather(asyncio.wait_for(handoff.settle(), 5), refuse_soon())
+
+    rig.loop.run_until_complete(both())
+    assert handoff.figures()["pending"] == 1  # nobody left to take it
+    for _, fds in rig.received(worker):
+        close_fds(fds)
+    assert handoff.close() == 1
+    client.close()
 
 
 def test_handoff_settles_once_the_last_worker_is_gone(make_rig: type[Rig]) -> None:

@@ -91,6 +91,21 @@ def test_transition_starting_to_ready_remembers_it_said_ready() -> None:
         life.handle(E.READY)
 
 
+def test_transition_draining_before_ready_ignores_ready_however_often() -> None:
+    life = Life()
+    life.handle(E.DRAIN)
+    assert life.handle(E.READY) is False
+    assert life.handle(E.READY) is False  # it never was ready: not "twice"
+    assert life.state is S.DRAINING and not life.said_ready
+
+
+def test_a_refused_transition_changes_nothing() -> None:
+    life = life_in(S.EXITED)
+    with pytest.raises(TransitionError):
+        life.handle(E.READY)
+    assert life.state is S.EXITED and not life.said_ready
+
+
 def test_no_transition_leads_into_backoff() -> None:
     """BACKOFF is a slot's state while its restart waits, never a process's."""
     assert S.BACKOFF not in MOVES.values()

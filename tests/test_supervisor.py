@@ -220,6 +220,7 @@ def test_transition_draining_stays_draining_when_ready_comes_after_a_drain(rig: 
     worker = r.serving()
     r.supervisor.drain(worker)
     worker.ready()
+    worker.ready()  # it was never ready: saying so again is no fault
     assert worker.state is S.DRAINING and worker.signals == []
     assert r.distribution.added == []
     assert worker.channel.sent == [Drain()]
@@ -405,6 +406,37 @@ def test_an_exit_with_nobody_left_says_how_many_connections_wait(
     worker.exit(-signal.SIGKILL)
     assert "3 un-acked connection(s) re-dispatched" in caplog.text
     assert "no worker is ready: 5 connection(s) wait (up to 30 s) for a restart" in caplog.text
+
+
+def test_a_successor_whose_channel_fails_while_given_sockets_takes_over_nothing(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    old, successor, slot, replaced = replacing(r)
+
+    def add_and_fail(worker: StandIn) -> None:
+        # As a Listen send that meets a broken channel: the channel closes at once.
+        worker.channel.closed = True
+        r.supervisor.on_channel_closed(worker, "write error: [Errno 9] Bad file descriptor")
+
+    r.distribution.add = add_and_fail  # type: ignore[method-assign]
+    successor.ready()
+    assert slot.worker is old and old.state is S.READY and old.key not in r.supervisor.slots.retired
+    assert successor.state is S.STOPPING and not replaced.done()
+    successor.exit(-signal.SIGKILL)
+    assert replaced.result() == "worker 0 failed to boot: killed by SIGKILL"
+
+
+def test_ready_waiters_are_woken_by_a_scale_and_by_the_stop(rig: Callable[..., Rig]) -> None:
+    r = rig(workers=2)
+    first, _ = r.spawned
+    first.ready()
+    r.supervisor.changed.clear()
+    r.supervisor.scale(1)  # the one left is ready: all are
+    assert r.supervisor.changed.is_set() and r.supervisor.all_ready()
+    r.supervisor.changed.clear()
+    r.supervisor.stop_restarts()
+    assert r.supervisor.changed.is_set() and not r.supervisor.all_ready()
 
 
 def test_a_worker_that_cannot_be_given_sockets_is_replaced(rig: Callable[..., Rig]) -> None:
