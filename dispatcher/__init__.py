@@ -1,8 +1,7 @@
 """dispatcher: the master side. It accepts connections and hands them to workers."""
 
-__version__ = "0.1.0"
-
 from dispatcher.config import Config
 from dispatcher.master import Master
+from dispatcher.version import __version__
 
 __all__ = ["Config", "Master", "__version__"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dispatcher import __version__, distribution, privileges
+from dispatcher import distribution, privileges
 from dispatcher.config import DEFAULT_BIND, Config, default_workers
 from dispatcher.listeners import BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
+from dispatcher.version import __version__
 from shared import cpu_sched, eventloop, logs
 from shared.app_spec import AppLoadError, split_spec
 from shared.exitcodes import ExitCode

@@ -116,7 +116,7 @@ def _check_args(args: dict[str, Any], cmd: str, allowed: tuple[str, ...]) -> Non
 # The server
 
 #: What a command gives back: the result, and what to do once it is answered.
-Answer = tuple[Any, Callable[[], None] | None]
+CommandResult = tuple[Any, Callable[[], None] | None]
 
 
 class ControlServer:
@@ -130,7 +130,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._connections = 0
-        self._commands: dict[str, Callable[[dict[str, Any]], Answer]] = {
+        self._commands: dict[str, Callable[[dict[str, Any]], CommandResult]] = {
             "status": self._status,
             "stats": self._status,
             "scale": self._scale,
@@ -295,11 +295,11 @@ class ControlServer:
 
     # Commands
 
-    def _status(self, args: dict[str, Any]) -> Answer:
+    def _status(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "status", ())
         return self.operations.snapshot(), None
 
-    def _scale(self, args: dict[str, Any]) -> Answer:
+    def _scale(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "scale", ("workers",))
         workers = _int_arg(args, "workers", "scale")
         if workers > MAX_WORKERS:
@@ -310,7 +310,7 @@ class ControlServer:
             raise RequestError(f"scale: {exc}") from None
         return {"added": added, "removed": removed, "workers": workers}, None
 
-    def _stop(self, args: dict[str, Any]) -> Answer:
+    def _stop(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "stop", ("graceful",))
         graceful = args.get("graceful", True)
         if not isinstance(graceful, bool):
@@ -322,7 +322,7 @@ class ControlServer:
 
         return {"stopping": True}, stop
 
-    def _message(self, args: dict[str, Any]) -> Answer:
+    def _message(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "message", ("payload", "worker"))
         if "payload" not in args:
             raise RequestError('message needs "payload"')
@@ -335,7 +335,7 @@ class ControlServer:
             raise RequestError(f"message: {exc}") from None
         return {"sent": sent}, None
 
-    def _reload(self, args: dict[str, Any]) -> Answer:
+    def _reload(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "reload", ())
 
         async def reload() -> dict[str, Any]:
@@ -346,7 +346,7 @@ class ControlServer:
 
         return reload(), None
 
-    def _ready(self, args: dict[str, Any]) -> Answer:
+    def _ready(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "ready", ("timeout",))
         timeout = args.get("timeout", READY_TIMEOUT_S)
         number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
@@ -368,7 +368,7 @@ class ControlServer:
 
         return ready(), None
 
-    def _messages(self, args: dict[str, Any]) -> Answer:
+    def _messages(self, args: dict[str, Any]) -> CommandResult:
         _check_args(args, "messages", ())
         return list(self.messages), None
 

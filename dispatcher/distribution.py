@@ -4,9 +4,9 @@ As Node's cluster has ``round_robin_handle.js`` and ``shared_handle.js``
 with one shape, the master has two distributions with one shape, and the
 rest of the master never asks which one it has:
 
-- ``HandOff`` (``dispatcher.handoff``, policy ``round-robin``): the master
+- ``MasterAccepts`` (``dispatcher.master_accepts``, policy ``round-robin``): the master
   accepts every connection and hands it to a worker it chooses;
-- ``SelfAccept`` (``dispatcher.self_accept``, policies ``shared`` and
+- ``WorkersAccept`` (``dispatcher.workers_accept``, policies ``shared`` and
   ``reuseport``): each worker accepts on listening sockets of its own.
 
 Both are told the same things in a worker's life: it is ready (``add``), it
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dispatcher.config import Config
-from dispatcher.handoff import HandOff
 from dispatcher.listeners import BindSpec, Listener
-from dispatcher.self_accept import SelfAccept
+from dispatcher.master_accepts import MasterAccepts
 from dispatcher.stats import DistributionFigures
 from dispatcher.worker_process import WorkerProcess
+from dispatcher.workers_accept import ReusePortAccept, SharedAccept, WorkersAccept
 
 #: ``--policy`` names, the default first.
-NAMES = (*HandOff.POLICIES, *SelfAccept.POLICIES)
+NAMES = (*MasterAccepts.POLICIES, *WorkersAccept.POLICIES)
 
 
 class Distribution(Protocol):
@@ -92,8 +92,10 @@ def for_policy(config: Config) -> Distribution:
     Raises:
         ValueError: no policy has that name.
     """
-    if config.policy in HandOff.POLICIES:
-        return HandOff(config)
-    if config.policy in SelfAccept.POLICIES:
-        return SelfAccept(config.policy, config.backlog)
+    if config.policy in MasterAccepts.POLICIES:
+        return MasterAccepts(config)
+    if config.policy == SharedAccept.name:
+        return SharedAccept()
+    if config.policy == ReusePortAccept.name:
+        return ReusePortAccept()
     raise ValueError(f"unknown policy {config.policy!r}; choose from {', '.join(NAMES)}")

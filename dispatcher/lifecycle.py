@@ -9,11 +9,11 @@ happens; it never sets a state itself.
 
 ::
 
-    STARTING --ready--> READY --drain--> DRAINING
-        |                 |                  |
-        +--drain--> DRAINING                 |
-        +-----------------+------stop--------+--> STOPPING
-    every state but EXITED --exit--> EXITED
+    STARTING                  --ready-->         READY
+    STARTING, READY           --drain-->         DRAINING
+    STARTING                  --boot timeout-->  STOPPING
+    STARTING, READY, DRAINING --stop-->          STOPPING
+    every state but EXITED    --exit-->          EXITED
 
 Events come from two sides, and so do errors (h11's two kinds):
 
@@ -22,10 +22,11 @@ Events come from two sides, and so do errors (h11's two kinds):
   replaced. Said after the master told it to drain or stop before it was
   ready, it changes nothing (however often).
 - the master's: ``DRAIN`` (told to drain, or it began draining by itself),
-  ``STOP`` (signalled to stop), ``EXIT`` (its exit was reaped). These are
-  idempotent, as in Supervisor's ``change_state``: draining a draining or
-  stopping process, or stopping a stopping or exited one, changes nothing
-  and says so. Only what cannot happen without a bug in the master (a
+  ``STOP`` (signalled to stop), ``BOOT_TIMEOUT`` (stopped because it was
+  not ready in time: its exit is a failed boot), ``EXIT`` (its exit was
+  reaped). These are idempotent, as in Supervisor's ``change_state``:
+  draining a draining or stopping process, or stopping a stopping or exited
+  one, changes nothing and says so. Only what cannot happen without a bug in the master (a
   process reaped twice) raises ``TransitionError``.
 
 A slot (``dispatcher.slots``) outlives its processes; BACKOFF is the slot's
@@ -58,6 +59,8 @@ class Event(enum.Enum):
     DRAIN = "drain"
     #: The master signalled it to stop.
     STOP = "stop"
+    #: The master stopped it because it was not ready within the boot timeout.
+    BOOT_TIMEOUT = "boot timeout"
     #: Its exit was reaped.
     EXIT = "exit"
 
@@ -80,6 +83,7 @@ _TRANSITIONS: Final[dict[tuple[WorkerState, Event], WorkerState]] = {
     (S.DRAINING, E.STOP): S.STOPPING,
     (S.STOPPING, E.STOP): S.STOPPING,
     (S.EXITED, E.STOP): S.EXITED,
+    (S.STARTING, E.BOOT_TIMEOUT): S.STOPPING,
     (S.STARTING, E.EXIT): S.EXITED,
     (S.READY, E.EXIT): S.EXITED,
     (S.DRAINING, E.EXIT): S.EXITED,
@@ -98,6 +102,9 @@ class WorkerError(Exception):
 @dataclass
 class Life:
     """One process's place in the state machine: the lifecycle's own per-worker state.
+
+    Written only through ``handle`` and ``note_error`` (by the supervisor, which
+    decides when each event happens).
 
     Attributes:
         state: where it is now.
@@ -128,7 +135,13 @@ class Life:
         self.state = new
         if new is WorkerState.READY:
             self.said_ready = True
+        elif event is Event.BOOT_TIMEOUT:
+            self.boot_timed_out = True
         return changed
+
+    def note_error(self, text: str) -> None:
+        """The worker reported ``text`` as what went wrong (the exit line and a failed boot name it)."""
+        self.error = text
 
     @property
     def exited(self) -> bool:

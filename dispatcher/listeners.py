@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The master owns every ``Listener`` socket and closes it on stop (unlinking a
 Unix socket path it created). When workers accept for themselves
-(``dispatcher.self_accept``) they get *copies* (``socket.dup`` or a fresh
+(``dispatcher.workers_accept``) they get *copies* (``socket.dup`` or a fresh
 SO_REUSEPORT socket); those copies are passed over the channel and closed
 by the master as soon as they are sent.
 """

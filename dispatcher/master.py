@@ -3,8 +3,8 @@
 The loop is gunicorn's arbiter, split by concept:
 
 - ``distribution`` (chosen once from ``--policy``): how connections reach
-  workers, the master accepting and handing them off (``handoff``) or the
-  workers accepting for themselves (``self_accept``); it binds the
+  workers, the master accepting and handing them off (``master_accepts``) or the
+  workers accepting for themselves (``workers_accept``); it binds the
   listeners;
 - ``supervisor``: the worker slots, starting, restarting, replacing and
   retiring processes (``lifecycle`` holds the rules, ``recycling`` says when
@@ -42,7 +42,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from dispatcher import __version__
 from dispatcher.config import Config
 from dispatcher.distribution import Distribution, for_policy
 from dispatcher.health import Health
@@ -53,6 +52,7 @@ from dispatcher.reload import Reload
 from dispatcher.snapshot import About, Snapshot, take_snapshot
 from dispatcher.stats import ProcessSampler
 from dispatcher.supervisor import Supervisor
+from dispatcher.version import __version__
 from dispatcher.worker_process import WorkerEvents, WorkerProcess, spawn
 from shared import eventloop, protocol
 from shared.exitcodes import ExitCode

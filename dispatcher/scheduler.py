@@ -83,13 +83,13 @@ class Receiver(Protocol):
     #: Connections after which it is due for recycling (0: never).
     max_requests: int
 
-    def fault(self, reason: str) -> None:
+    def faulted(self, reason: str) -> None:
         """It broke the protocol, or could not be sent to: it must be replaced."""
 
-    def refused(self) -> None:
+    def refused_handoff(self) -> None:
         """It refused a hand-off: it is draining."""
 
-    def reached_limit(self) -> None:
+    def reached_max_requests(self) -> None:
         """Its acks reached ``max_requests``."""
 
 
@@ -240,7 +240,7 @@ class Scheduler:
             # Not sent: the connections are still only ours.
             self.stop_sending(worker)
             if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                worker.fault(f"hand-off could not be sent: {exc}")
+                worker.faulted(f"hand-off could not be sent: {exc}")
             # Otherwise the worker is exiting; its pidfd will say so.
             return False
         lane = worker.lane
@@ -325,11 +325,11 @@ class Scheduler:
         for conn_id in conn_ids:
             if conn_id not in in_flight:
                 self.stop_sending(worker)
-                worker.fault(f"ack for connection {conn_id} it was not given")
+                worker.faulted(f"ack for connection {conn_id} it was not given")
                 return
         if len(conn_ids) > 1 and len(set(conn_ids)) < len(conn_ids):
             self.stop_sending(worker)
-            worker.fault(f"ack naming a connection twice: {conn_ids}")
+            worker.faulted(f"ack naming a connection twice: {conn_ids}")
             return
         # Checked first, so a bad ack changes nothing (not even the order).
         answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]
@@ -342,7 +342,7 @@ class Scheduler:
             lane.acked += count
             self.acked += count
             if before < worker.max_requests <= lane.acked:
-                worker.reached_limit()
+                worker.reached_max_requests()
             self.report_load(worker, load)
             self._policy.ack(worker.key, True, count)
         else:
@@ -350,7 +350,7 @@ class Scheduler:
             self.refused += count
             self._policy.ack(worker.key, False, count)
             self.stop_sending(worker)
-            worker.refused()
+            worker.refused_handoff()
             # First in line again, for another worker.
             self._pending.extendleft(reversed(answered))
             self.redispatched += count

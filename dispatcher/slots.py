@@ -43,8 +43,6 @@ class Slot:
     #: Why ``successor`` was started, and the future that says how it went.
     replacing: str = ""
     replaced: Replaced | None = None
-    #: No recycling before this (monotonic), after a replacement failed to boot.
-    recycle_after: float = 0.0
 
     @property
     def state(self) -> WorkerState:

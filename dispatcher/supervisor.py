@@ -30,10 +30,8 @@ checked without starting any.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -43,7 +41,7 @@ from dispatcher.health import Health
 from dispatcher.lifecycle import Event, WorkerError, WorkerState
 from dispatcher.listeners import BindError
 from dispatcher.messages import Mailbox
-from dispatcher.recycling import RETRY_S, Recycling
+from dispatcher.recycling import Recycling
 from dispatcher.slots import Replaced, Slot, Slots
 from dispatcher.worker_process import WorkerEvents, WorkerProcess
 from shared.channel import PEER_CLOSED, close_fds
@@ -141,7 +139,7 @@ class Supervisor:
             return None
         self._next_key += 1
         try:
-            worker = self._spawn(slot.id, self._next_key, self, self._recycling.limit())
+            worker = self._spawn(slot.id, self._next_key, self, self._recycling.draw_max_requests())
         except OSError as exc:
             log.error("worker %d could not be started: %s", slot.id, exc)
             slot.last_exit = f"spawn failed: {exc}"
@@ -167,7 +165,7 @@ class Supervisor:
         match message:
             case Pong():
                 self._health.on_pong(worker, message)
-                # Keeps the policy's load figure fresh for a worker that is
+                # Keeps the distribution's load figure fresh for a worker that is
                 # sent nothing (acks carry it otherwise).
                 self.distribution.report_load(worker, worker.pulse.figure("active"))
                 self.recycle_if_due(worker)
@@ -179,7 +177,7 @@ class Supervisor:
             case Ready():
                 self._on_ready(worker)
             case Error(code, text):
-                worker.life.error = text
+                worker.life.note_error(text)
                 if code == ExitCode.APP_LOAD_FAILED:
                     log.debug("%r: cannot load app: %s", worker, text)
                 else:
@@ -220,11 +218,11 @@ class Supervisor:
         # Told from inside the distribution: act once it has finished its step.
         self._loop.call_soon(self.kill, worker, reason)
 
-    def on_refused(self, worker: WorkerProcess) -> None:
+    def on_refusal(self, worker: WorkerProcess) -> None:
         if worker.handle(Event.DRAIN):
             log.info("%r refused a hand-off (draining); sending it nothing more", worker)
 
-    def on_limit(self, worker: WorkerProcess) -> None:
+    def on_max_requests(self, worker: WorkerProcess) -> None:
         """Its acks reached its ``max_requests`` (told from inside the distribution)."""
         self._loop.call_soon(self.recycle_if_due, worker)
 
@@ -330,10 +328,9 @@ class Supervisor:
         for worker in self.live():
             if (worker.state is WorkerState.STARTING and not worker.life.boot_timed_out
                     and now - worker.started > limit):
-                worker.life.boot_timed_out = True
                 log.error("%r not ready after %.1f s (boot timeout %g s); killing it",
                           worker, now - worker.started, limit)
-                worker.handle(Event.STOP)
+                worker.handle(Event.BOOT_TIMEOUT)
                 worker.kill(signal.SIGKILL)
 
     def ping(self) -> None:
@@ -374,25 +371,13 @@ class Supervisor:
     def recycle_if_due(self, worker: WorkerProcess) -> None:
         """Replace ``worker`` if it serves its slot and recycling says it is due."""
         slot = self.slots.get(worker.id)
-        if (slot is None or slot.worker is not worker or slot.successor is not None
-                or worker.state is not WorkerState.READY or self.stopping
-                or time.monotonic() < slot.recycle_after):
-            return
-        reason = self._recycling.reason(worker)
-        if reason is None:
-            return
-        log.info("%r %s; replacing it", worker, reason)
-        self.replace(slot, reason).add_done_callback(functools.partial(self._recycled, slot))
-
-    @staticmethod
-    def _recycled(slot: Slot, replaced: Replaced) -> None:
-        if replaced.result() is not None:
-            slot.recycle_after = time.monotonic() + RETRY_S
+        if slot is not None and slot.worker is worker and not self.stopping:
+            self._recycling.recycle_if_due(slot, self.replace)
 
     def recycle_all_due(self) -> None:
-        for slot in self.slots:
-            if slot.worker is not None:
-                self.recycle_if_due(slot.worker)
+        if not self.stopping:
+            for slot in self.slots:
+                self._recycling.recycle_if_due(slot, self.replace)
 
     # Scaling
 

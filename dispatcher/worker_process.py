@@ -50,8 +50,8 @@ class WorkerEvents(Protocol):
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None: ...
     def on_exit(self, worker: WorkerProcess) -> None: ...
     def on_fault(self, worker: WorkerProcess, reason: str) -> None: ...
-    def on_refused(self, worker: WorkerProcess) -> None: ...
-    def on_limit(self, worker: WorkerProcess) -> None: ...
+    def on_refusal(self, worker: WorkerProcess) -> None: ...
+    def on_max_requests(self, worker: WorkerProcess) -> None: ...
 
 
 #: Where a worker's acks go: the hot path, straight to the distribution.
@@ -113,14 +113,14 @@ class WorkerProcess:
 
     # What the distribution learns about it, passed on to whoever started it.
 
-    def fault(self, reason: str) -> None:
+    def faulted(self, reason: str) -> None:
         self._events.on_fault(self, reason)
 
-    def refused(self) -> None:
-        self._events.on_refused(self)
+    def refused_handoff(self) -> None:
+        self._events.on_refusal(self)
 
-    def reached_limit(self) -> None:
-        self._events.on_limit(self)
+    def reached_max_requests(self) -> None:
+        self._events.on_max_requests(self)
 
     def counts(self) -> dict[str, int]:
         """Its counters, to add to its slot's totals when it exits."""

@@ -15,11 +15,11 @@ import pytest
 
 from dispatcher.config import Config
 from dispatcher.distribution import NAMES, Distribution, for_policy
-from dispatcher.handoff import HandOff
 from dispatcher.listeners import BindError, Listener, parse_bind
-from dispatcher.self_accept import SelfAccept
+from dispatcher.master_accepts import MasterAccepts
 from dispatcher.stats import DistributionFigures
 from dispatcher.worker_process import WorkerProcess
+from dispatcher.workers_accept import ReusePortAccept, SharedAccept
 from shared import protocol
 from shared.channel import close_fds, fds_from_ancillary, socketpair
 from shared.protocol import Message
@@ -52,10 +52,10 @@ class Events:
     def on_fault(self, worker: WorkerProcess, reason: str) -> None:
         self.faults.append((worker, reason))
 
-    def on_refused(self, worker: WorkerProcess) -> None:
+    def on_refusal(self, worker: WorkerProcess) -> None:
         pass
 
-    def on_limit(self, worker: WorkerProcess) -> None:
+    def on_max_requests(self, worker: WorkerProcess) -> None:
         pass
 
 
@@ -126,8 +126,8 @@ def make_rig() -> Iterator[type[Rig]]:
     assert open_fds() == before
 
 
-def self_accept(rig_class: type[Rig], policy: str, binds: int = 1) -> Rig:
-    distribution = SelfAccept(policy, backlog=16)
+def workers_accept(rig_class: type[Rig], policy: str, binds: int = 1) -> Rig:
+    distribution = SharedAccept() if policy == "shared" else ReusePortAccept()
     rig = rig_class(distribution)
     rig.listeners = distribution.listen([parse_bind("127.0.0.1:0")] * binds, 16)
     assert distribution.start(rig.loop, rig.listeners) == ()
@@ -136,21 +136,23 @@ def self_accept(rig_class: type[Rig], policy: str, binds: int = 1) -> Rig:
 
 def test_the_policy_name_chooses_the_distribution_once() -> None:
     assert NAMES == ("round-robin", "shared", "reuseport")
-    assert isinstance(for_policy(Config(app="a:b")), HandOff)
-    assert isinstance(for_policy(Config(app="a:b", policy="shared")), SelfAccept)
-    assert isinstance(for_policy(Config(app="a:b", policy="reuseport")), SelfAccept)
+    assert isinstance(for_policy(Config(app="a:b")), MasterAccepts)
+    assert isinstance(for_policy(Config(app="a:b", policy="shared")), SharedAccept)
+    assert isinstance(for_policy(Config(app="a:b", policy="reuseport")), ReusePortAccept)
     with pytest.raises(ValueError, match="unknown policy 'random'"):
         for_policy(Config(app="a:b", policy="random"))
 
 
-@pytest.mark.parametrize("distribution", [HandOff(Config(app="a:b")), SelfAccept("shared", 16)],
-                         ids=["hand-off", "self-accept"])
+@pytest.mark.parametrize("distribution", [MasterAccepts(Config(app="a:b")), SharedAccept()],
+                         ids=["master-accepts", "workers-accept"])
 def test_both_distributions_report_the_same_figures(distribution: Distribution) -> None:
-    assert set(distribution.figures()) == set(DistributionFigures.__annotations__)
+    figures = distribution.figures()
+    assert set(figures) == set(DistributionFigures.__annotations__)
+    assert set(figures.values()) == {0}  # nothing counted before it starts
 
 
 def test_shared_gives_each_ready_worker_a_copy_of_the_listening_socket(make_rig: type[Rig]) -> None:
-    rig = self_accept(make_rig, "shared")
+    rig = workers_accept(make_rig, "shared")
     first, second = rig.worker(), rig.worker()
     rig.distribution.add(first)
     rig.distribution.add(second)
@@ -169,7 +171,7 @@ def test_shared_gives_each_ready_worker_a_copy_of_the_listening_socket(make_rig:
 
 
 def test_reuseport_gives_each_worker_its_own_socket_on_the_port(make_rig: type[Rig]) -> None:
-    rig = self_accept(make_rig, "reuseport")
+    rig = workers_accept(make_rig, "reuseport")
     own = rig.listeners[0].sock
     assert own.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0  # holds the port only
     worker = rig.worker()
@@ -184,12 +186,12 @@ def test_reuseport_gives_each_worker_its_own_socket_on_the_port(make_rig: type[R
 
 def test_reuseport_refuses_unix_binds(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(BindError, match="the reuseport policy needs TCP addresses"):
-        SelfAccept("reuseport", 16).listen([parse_bind(f"unix:{tmp_path}/s.sock")], 16)
+        ReusePortAccept().listen([parse_bind(f"unix:{tmp_path}/s.sock")], 16)
 
 
 @pytest.mark.parametrize("policy", ["shared", "reuseport"])
 def test_a_worker_given_no_socket_gets_none_and_nothing_leaks(make_rig: type[Rig], policy: str) -> None:
-    rig = self_accept(make_rig, policy, binds=2)
+    rig = workers_accept(make_rig, policy, binds=2)
     rig.listeners[1].sock.close()  # the second copy cannot be made
     worker = rig.worker()
     with pytest.raises(OSError):
@@ -198,7 +200,7 @@ def test_a_worker_given_no_socket_gets_none_and_nothing_leaks(make_rig: type[Rig
 
 
 def test_a_worker_whose_channel_fails_while_given_its_socket_is_not_counted(make_rig: type[Rig]) -> None:
-    rig = self_accept(make_rig, "shared")
+    rig = workers_accept(make_rig, "shared")
     healthy, gone = rig.worker(), rig.worker()
     rig.distribution.add(healthy)
     rig.ends[1].close()  # gone's end: the Listen send fails, its channel closes at once
@@ -210,7 +212,7 @@ def test_a_worker_whose_channel_fails_while_given_its_socket_is_not_counted(make
 
 
 def test_an_ack_from_a_worker_that_accepts_itself_is_a_fault(make_rig: type[Rig]) -> None:
-    rig = self_accept(make_rig, "shared")
+    rig = workers_accept(make_rig, "shared")
     worker = rig.worker()
     rig.distribution.add(worker)
     for _, fds in rig.received(worker):
@@ -221,9 +223,8 @@ def test_an_ack_from_a_worker_that_accepts_itself_is_a_fault(make_rig: type[Rig]
 
 
 def test_workers_that_accept_themselves_leave_the_master_nothing_to_settle(make_rig: type[Rig]) -> None:
-    rig = self_accept(make_rig, "shared")
+    rig = workers_accept(make_rig, "shared")
     worker = rig.worker()
-    rig.distribution.report_load(worker, 5)  # steers nothing
     assert rig.distribution.forget(worker) == 0
     rig.distribution.stop(sweep=True)
     rig.loop.run_until_complete(asyncio.wait_for(rig.distribution.settle(), 1))
@@ -232,7 +233,7 @@ def test_workers_that_accept_themselves_leave_the_master_nothing_to_settle(make_
 
 
 def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> None:
-    handoff = HandOff(Config(app="a:b", window=1))
+    handoff = MasterAccepts(Config(app="a:b", window=1))
     rig = make_rig(handoff)
     worker = rig.worker()
     handoff.add(worker)
@@ -256,7 +257,7 @@ def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> No
 
 
 def test_handoff_settles_once_the_last_worker_is_gone(make_rig: type[Rig]) -> None:
-    handoff = HandOff(Config(app="a:b", window=1))
+    handoff = MasterAccepts(Config(app="a:b", window=1))
     rig = make_rig(handoff)
     worker = rig.worker()
     handoff.add(worker)

@@ -19,6 +19,7 @@ MOVES = {
     (S.STARTING, E.READY): S.READY,
     (S.STARTING, E.DRAIN): S.DRAINING,
     (S.STARTING, E.STOP): S.STOPPING,
+    (S.STARTING, E.BOOT_TIMEOUT): S.STOPPING,
     (S.STARTING, E.EXIT): S.EXITED,
     (S.READY, E.DRAIN): S.DRAINING,
     (S.READY, E.STOP): S.STOPPING,
@@ -89,6 +90,15 @@ def test_transition_starting_to_ready_remembers_it_said_ready() -> None:
     assert life.said_ready and life.leaving
     with pytest.raises(WorkerError):
         life.handle(E.READY)
+
+
+def test_transition_starting_to_stopping_on_boot_timeout_marks_a_failed_boot() -> None:
+    life = Life()
+    life.handle(E.BOOT_TIMEOUT)
+    assert life.state is S.STOPPING and life.boot_timed_out
+    stopped = Life()
+    stopped.handle(E.STOP)
+    assert not stopped.boot_timed_out
 
 
 def test_transition_draining_before_ready_ignores_ready_however_often() -> None:

@@ -8,8 +8,8 @@ import signal
 import socket
 
 from dispatcher import Config, Master
-from dispatcher.handoff import HandOff
 from dispatcher.listeners import parse_bind
+from dispatcher.master_accepts import MasterAccepts
 
 
 def test_a_cancelled_serve_leaves_no_timer_acceptor_or_listener_behind() -> None:
@@ -31,7 +31,7 @@ def test_a_cancelled_serve_leaves_no_timer_acceptor_or_listener_behind() -> None
 
         loop.run_until_complete(asyncio.wait_for(serve_then_cancel(), 30))
         distribution = master.distribution
-        assert isinstance(distribution, HandOff)
+        assert isinstance(distribution, MasterAccepts)
         # Its once-a-second timer is cancelled and its acceptor stopped: nothing of the
         # master's keeps running on the caller's loop.
         assert distribution._tick is None

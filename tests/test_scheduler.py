@@ -82,10 +82,10 @@ class Events:
     def on_fault(self, worker: WorkerProcess, reason: str) -> None:
         self.faults.append((worker, reason))
 
-    def on_refused(self, worker: WorkerProcess) -> None:
+    def on_refusal(self, worker: WorkerProcess) -> None:
         self.refusals.append(worker)
 
-    def on_limit(self, worker: WorkerProcess) -> None:
+    def on_max_requests(self, worker: WorkerProcess) -> None:
         self.limits.append(worker)
 
 
@@ -415,7 +415,7 @@ def test_a_refused_handoff_goes_first_in_line_in_its_order_to_another_worker(
     assert scheduler.pending == 0 and scheduler.acked == 4
 
 
-def test_a_batched_ack_past_max_requests_calls_on_limit_once(make_rig: Callable[..., Rig]) -> None:
+def test_a_batched_ack_past_max_requests_calls_on_max_requests_once(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(window=4)
     (a,) = rig.add_workers(1, max_requests=3)
     scheduler = rig.scheduler

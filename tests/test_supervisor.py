@@ -310,8 +310,8 @@ def test_transition_ready_to_draining_on_a_refusal_is_said_once(
     r = rig()
     worker = r.serving()
     worker.ready()
-    r.supervisor.on_refused(worker)
-    r.supervisor.on_refused(worker)
+    r.supervisor.on_refusal(worker)
+    r.supervisor.on_refusal(worker)
     assert worker.state is S.DRAINING
     assert caplog.text.count("refused a hand-off (draining)") == 1
 
@@ -453,7 +453,7 @@ def test_a_worker_past_max_requests_is_replaced_new_one_first(rig: Callable[...,
     assert worker.max_requests == 10
     worker.ready()
     worker.lane.acked = 10
-    r.supervisor.on_limit(worker)
+    r.supervisor.on_max_requests(worker)
     r.run_until(lambda: len(r.spawned) == 2)
     slot = r.supervisor.slots.get(0)
     assert slot is not None and slot.successor is r.spawned[1] and slot.replacing.startswith("served 10")

@@ -2,13 +2,14 @@
 
 Node's ``SharedHandle`` and gunicorn's model. Each ready worker is sent, in
 a ``Listen`` message per listening socket, a socket of its own to accept
-on, and the master takes no part in any connection:
+on, and the master takes no part in any connection. The two policies
+differ only in what that socket is:
 
-- ``shared``: a copy (``dup``) of the master's listening socket; the
+- ``SharedAccept``: a copy (``dup``) of the master's listening socket; the
   kernel's one accept queue decides who gets each connection, which favours
   whichever worker happens to be waiting in accept;
-- ``reuseport``: a new SO_REUSEPORT socket bound to the same address; the
-  kernel hashes each connection (by its addresses and ports) to one of
+- ``ReusePortAccept``: a new SO_REUSEPORT socket bound to the same address;
+  the kernel hashes each connection (by its addresses and ports) to one of
   them, so the spread is statistical, and connections waiting in a dying
   worker's own queue are lost. The master binds each worker's socket for it
   (so privileged ports and port 0 work the same as in the other policies);
@@ -32,35 +33,26 @@ from dispatcher.worker_process import WorkerProcess
 from shared.protocol import Listen
 
 
-class SelfAccept:
-    """The workers-accept distribution (see ``dispatcher.distribution``).
-
-    Parameters:
-        policy: ``shared`` or ``reuseport``.
-        backlog: the ``listen()`` backlog of each worker's own socket (reuseport).
-    """
+class WorkersAccept:
+    """The workers-accept distribution (see ``dispatcher.distribution``), with shared sockets."""
 
     POLICIES = ("shared", "reuseport")
+    name = "shared"
 
-    def __init__(self, policy: str, backlog: int) -> None:
-        if policy not in self.POLICIES:
-            raise ValueError(f"not a policy where workers accept: {policy!r}")
-        self._reuseport = policy == "reuseport"
-        self._name = policy
-        self._backlog = backlog
+    def __init__(self) -> None:
         self._listeners: Sequence[Listener] = ()
+        self._backlog = 0
         self._keys: set[int] = set()
 
     def __str__(self) -> str:
-        return self._name
+        return self.name
 
     def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
-        if not self._reuseport:
-            return open_listeners(specs, backlog)
-        for spec in specs:
-            if spec.is_unix:
-                raise BindError(f"bind {spec.text!r}: the reuseport policy needs TCP addresses")
-        return open_listeners(specs, backlog, listen=False, reuseport=True)
+        self._backlog = backlog
+        return open_listeners(specs, backlog)
+
+    def _socket_for_worker(self, listener: Listener) -> socket.socket:
+        return listener.sock.dup()
 
     def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
         self._listeners = listeners
@@ -70,9 +62,7 @@ class SelfAccept:
         socks: list[socket.socket] = []
         try:
             for listener in self._listeners:
-                socks.append(
-                    reuseport_sibling(listener, self._backlog) if self._reuseport else listener.sock.dup()
-                )
+                socks.append(self._socket_for_worker(listener))
         except BaseException:
             for sock in socks:
                 sock.close()
@@ -95,7 +85,7 @@ class SelfAccept:
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
         # Nothing was handed to it: an ack is a lie.
         self.remove(worker)
-        worker.fault(f"ack for connection {conn_ids[0]} it was not given")
+        worker.faulted(f"ack for connection {conn_ids[0]} it was not given")
 
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """Nothing to do: the kernel, not the master, chooses who takes a connection."""
@@ -112,3 +102,23 @@ class SelfAccept:
     def figures(self) -> DistributionFigures:
         return {"accepted": 0, "accept_errors": 0, "accept_rate": 0.0, "pending": 0, "in_flight": 0,
                 "handed_off": 0, "handoff_messages": 0, "redispatched": 0, "expired": 0}
+
+
+class SharedAccept(WorkersAccept):
+    """Every worker accepts on a copy of the master's listening socket."""
+
+
+class ReusePortAccept(WorkersAccept):
+    """Every worker accepts on a SO_REUSEPORT socket of its own, bound to the same address."""
+
+    name = "reuseport"
+
+    def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
+        for spec in specs:
+            if spec.is_unix:
+                raise BindError(f"bind {spec.text!r}: the reuseport policy needs TCP addresses")
+        self._backlog = backlog
+        return open_listeners(specs, backlog, listen=False, reuseport=True)
+
+    def _socket_for_worker(self, listener: Listener) -> socket.socket:
+        return reuseport_sibling(listener, self._backlog)

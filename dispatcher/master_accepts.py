@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _TICK_S = 1.0
 
 
-class HandOff:
+class MasterAccepts:
     """The master-accepts distribution (see ``dispatcher.distribution``)."""
 
     POLICIES = ("round-robin",)
