@@ -30,9 +30,10 @@ from bench import wrk
 from bench.apps import LOCALITY_DIR_ENV
 from bench.burst import BurstResult, run_burst
 from bench.proc import cpu_of, process_cpu_s
-from bench.server import Server, Snapshot
+from bench.server import Server
 from bench.stats import jain_index, percentile
 from dispatcher.ctl import CtlError
+from dispatcher.snapshot import Snapshot
 
 POLICIES = ("round-robin", "shared", "reuseport")
 #: What a run may raise and still let the lab go on to the next one (StartError is a RuntimeError).
@@ -306,7 +307,7 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, w
         handled=handled, master_cpu_s=master_after - master_before,
         workers_cpu_s={wid: workers_after[wid] - workers_before[wid] for wid in pids},
         master_rss_bytes=after["master"].get("rss_bytes"),
-        workers_rss_bytes=[int(w["rss_bytes"]) for w in after["workers"] if w.get("rss_bytes")],
+        workers_rss_bytes=[rss for w in after["workers"] if (rss := w["rss_bytes"])],
         client_per_worker=client, locality=locality, settled=settled, load_output=output,
         server_log=server.log, exit_code=server.exit_code,
     )

@@ -34,24 +34,21 @@ exit codes: 0 stopped, 1 error, 2 bad usage, 3 worker failed to boot,
 """
 
 
-def _positive_int(text: str) -> int:
+# The argument types only parse; ``Config`` checks every range, once.
+
+
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -108,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LISTEN_FDS); port 0 picks a free port, logged at start",
     )
     parser.add_argument(
-        "--workers", "-w", type=_positive_int, metavar="N",
+        "--workers", "-w", type=_whole_number, metavar="N",
         help="worker processes (default: $WEB_CONCURRENCY, else the number of CPUs)",
     )
     parser.add_argument(
@@ -118,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per worker (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=int, default=Config.window, metavar="W",
+        "--window", type=_whole_number, default=Config.window, metavar="W",
         help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
         "1 is Node's behaviour). Workers ack on receipt, so the window only fills while a "
         "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "
@@ -133,11 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "policy (default %(default)s)",
     )
     parser.add_argument(
-        "--backlog", type=_positive_int, default=Config.backlog, metavar="N",
+        "--backlog", type=_whole_number, default=Config.backlog, metavar="N",
         help="listen() backlog (default %(default)s)",
     )
     parser.add_argument(
-        "--max-pending", type=_positive_int, default=Config.max_pending, metavar="N",
+        "--max-pending", type=_whole_number, default=Config.max_pending, metavar="N",
         help="round-robin: connections the master holds while no worker is free; when full "
         "it stops accepting and the kernel backlog holds the rest (default %(default)s)",
     )
@@ -151,17 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="on TERM/INT, how long open connections may take to finish (default %(default)s)",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, metavar="N",
+        "--threads", type=_whole_number, metavar="N",
         help="thread pool size per worker for blocking handlers "
         "(default: Python's, min(32, CPUs + 4))",
     )
     parser.add_argument(
-        "--max-requests", type=_positive_int, default=Config.max_requests, metavar="N",
+        "--max-requests", type=_whole_number, default=Config.max_requests, metavar="N",
         help="replace a worker after it took N connections (new one first, then the old one "
         "drains; default: never)",
     )
     parser.add_argument(
-        "--max-requests-jitter", type=int, default=Config.max_requests_jitter, metavar="J",
+        "--max-requests-jitter", type=_whole_number, default=Config.max_requests_jitter, metavar="J",
         help="each worker's limit is --max-requests plus a random 0..J, so they do not all "
         "recycle at once (default %(default)s)",
     )
@@ -171,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "interval (default: never)",
     )
     parser.add_argument(
-        "--reload-batch", type=_positive_int, default=Config.reload_batch, metavar="N",
+        "--reload-batch", type=_whole_number, default=Config.reload_batch, metavar="N",
         help="rolling reload (HUP, ctl reload): workers replaced at a time (default %(default)s)",
     )
     parser.add_argument(
@@ -240,7 +237,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        workers = args.workers or default_workers()
+        workers = default_workers() if args.workers is None else args.workers
     except ValueError as exc:
         parser.error(str(exc))
     inherited = systemd_binds()

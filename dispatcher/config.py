@@ -1,10 +1,11 @@
 """The master's settings: what the command line (or a library user) asks for, checked once.
 
-A ``Config`` does not change while the master runs; what does (the number
-of workers after a scale, say) lives in the part that changes it. The
-command line takes its defaults from here, and ``__post_init__`` is the one
-place settings are checked against each other and against the protocol's
-limits, so a bad value is one clear line before anything starts.
+A ``Config`` does not change while the master runs (it is frozen); what
+does (the number of workers after a scale, say) lives in the part that
+changes it. The command line takes its defaults from here and only parses
+its arguments; ``__post_init__`` is the one place settings are checked (each
+in its range, against each other and against the protocol's limits), so a
+bad value is one clear line before anything starts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """Every setting of the master (see ``python -m dispatcher --help`` for their meaning).
 
@@ -74,8 +75,20 @@ class Config:
     gid: int | None = None
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError("--workers must be at least 1")
+        for option, value in (("--workers", self.workers), ("--backlog", self.backlog),
+                              ("--max-pending", self.max_pending), ("--reload-batch", self.reload_batch),
+                              ("--threads", 1 if self.threads is None else self.threads)):
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1")
+        for option, number in (("--pending-timeout", self.pending_timeout_s),
+                               ("--graceful-timeout", self.graceful_timeout_s),
+                               ("--ping-interval", self.ping_interval_s),
+                               ("--ping-timeout", self.ping_timeout_s),
+                               ("--boot-timeout", self.boot_timeout_s),
+                               ("--max-requests", self.max_requests),
+                               ("--max-memory", self.max_memory)):
+            if not number >= 0:  # NaN too
+                raise ValueError(f"{option} must not be negative")
         if not 1 <= self.window <= MAX_FDS:
             # A worker's whole window fits in one hand-off datagram.
             raise ValueError(f"--window must be 1 to {MAX_FDS}")

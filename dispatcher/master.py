@@ -354,8 +354,8 @@ class Master:
     def snapshot(self) -> Snapshot:
         """Everything known about the master and each worker, JSON-serialisable."""
         return take_snapshot(
-            self._about, self.started, self.listeners, self.supervisor,
-            self.distribution.figures(), self._reload.running, self.sampler,
+            self._about, self.started, self.listeners, self.supervisor.slots,
+            self.distribution.figures(), self.stopping, self._reload.running, self.sampler,
         )
 
 

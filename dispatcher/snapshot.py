@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import TypedDict
 
 from dispatcher.listeners import Listener
+from dispatcher.slots import Slots
 from dispatcher.stats import DistributionFigures, ProcessSampler
-from dispatcher.supervisor import Supervisor
 
 
 class WorkerFigures(TypedDict):
@@ -95,8 +95,9 @@ def take_snapshot(
     about: About,
     started: float,
     listeners: Sequence[Listener],
-    supervisor: Supervisor,
+    slots: Slots,
     distribution: DistributionFigures,
+    stopping: bool,
     reloading: bool,
     sampler: ProcessSampler,
 ) -> Snapshot:
@@ -105,15 +106,17 @@ def take_snapshot(
     Parameters:
         about: the master's fixed facts.
         started: when the master started (monotonic).
+        slots: the worker slots (their processes, their counters).
         distribution: the distribution's counters (``Distribution.figures()``).
+        stopping: the master's stop has begun.
         reloading: a rolling reload is under way.
         sampler: the master process's own psutil readings.
     """
     now = time.monotonic()
     workers: list[WorkerFigures] = []
-    for slot in supervisor.slots:
+    for slot in slots:
         worker = slot.worker
-        counts = supervisor.slots.counts(slot)
+        counts = slots.counts(slot)
         entry: WorkerFigures = {
             "id": slot.id,
             "pid": worker.pid if worker else None,
@@ -151,7 +154,7 @@ def take_snapshot(
     draining: list[DrainingFigures] = [
         {"id": w.id, "pid": w.pid, "state": w.state.value, "uptime_s": round(now - w.started, 3),
          "active": w.pulse.figure("active")}
-        for w in supervisor.slots.retired.values()
+        for w in slots.retired.values()
     ]
     sample = sampler.sample()
     master: MasterFigures = {
@@ -163,9 +166,9 @@ def take_snapshot(
         "loop": about["loop"],
         "listening": [listener.address for listener in listeners],
         "uptime_s": round(now - started, 3),
-        "workers_wanted": len(supervisor.slots),
+        "workers_wanted": len(slots),
         "reloading": reloading,
-        "stopping": supervisor.stopping,
+        "stopping": stopping,
         **distribution,
         "rss_bytes": sample.get("rss_bytes"),
         "cpu_percent": sample.get("cpu_percent"),

@@ -28,11 +28,22 @@ def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:
          "--ping-timeout must be longer than --ping-interval"),
         ({"max_requests_jitter": -1}, "--max-requests-jitter must not be negative"),
         ({"workers": 0}, "--workers must be at least 1"),
+        ({"reload_batch": 0}, "--reload-batch must be at least 1"),
+        ({"threads": 0}, "--threads must be at least 1"),
+        ({"max_pending": 0}, "--max-pending must be at least 1"),
+        ({"boot_timeout_s": -1.0}, "--boot-timeout must not be negative"),
+        ({"max_memory": -1}, "--max-memory must not be negative"),
     ],
 )
 def test_settings_that_contradict_each_other_are_refused(settings: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Config(app="a:b", **settings)  # type: ignore[arg-type]
+
+
+def test_a_config_does_not_change_while_the_master_runs() -> None:
+    config = Config(app="a:b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.workers = 4  # type: ignore[misc]
 
 
 def test_no_pings_needs_no_ping_timeout() -> None:
@@ -54,6 +65,10 @@ def test_the_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) 
         (["--ping-interval", "5", "--ping-timeout", "2"],
          "--ping-timeout must be longer than --ping-interval"),
         (["--max-requests-jitter", "-3"], "--max-requests-jitter must not be negative"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--reload-batch", "0"], "--reload-batch must be at least 1"),
+        (["--graceful-timeout", "-1"], "--graceful-timeout must not be negative"),
+        (["--ping-timeout", "nan"], "--ping-timeout must not be negative"),
     ],
 )
 def test_a_bad_setting_is_one_usage_line(args: list[str], message: str) -> None:

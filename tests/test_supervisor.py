@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -487,7 +488,10 @@ def test_user_messages_reach_every_handler_even_if_one_fails(rig: Callable[..., 
 def test_a_message_only_the_master_sends_gets_the_worker_replaced(rig: Callable[..., Rig]) -> None:
     r = rig()
     worker = r.serving()
-    r.supervisor.on_message(worker, Listen(), [])
+    read_end, write_end = os.pipe()
+    r.supervisor.on_message(worker, Listen(), [write_end])  # with the fd a Listen carries
+    assert os.read(read_end, 1) == b""  # the master closed it: its only write end is gone
+    os.close(read_end)
     r.supervisor.on_message(worker, Hello(0, worker.pid), [])  # the right hello: fine
     assert worker.state is S.STOPPING and worker.signals == [signal.SIGKILL]
 

@@ -140,3 +140,15 @@ def test_an_overload_pauses_every_listener(loop: asyncio.AbstractEventLoop) -> N
         sock.close()
     acceptor.close()
     assert open_fds() == before
+
+
+def test_a_listener_given_after_draining_began_is_closed_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    accepted: list[socket.socket] = []
+    acceptor = Acceptor(loop, accepted.append)
+    before = open_fds()
+    acceptor.close()  # the worker began draining
+    late = socket.create_server(("127.0.0.1", 0))
+    late.setblocking(False)
+    acceptor.add(late)  # a Listen that crossed the Drain
+    assert late.fileno() == -1 and open_fds() == before
+    assert acceptor.accepted == 0 and accepted == []
