@@ -286,25 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for an answer (default %(default)s)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("status", help="master summary and a table of workers")
-    commands.add_parser("stats", help="every number the master keeps")
-    scale = commands.add_parser("scale", help="run N workers from now on")
+    # --json and --timeout also after the command (``ctl status --json``); given there, they win.
+    anywhere = argparse.ArgumentParser(add_help=False)
+    anywhere.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    anywhere.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=about, parents=[anywhere])
+
+    command("status", "master summary and a table of workers")
+    command("stats", "every number the master keeps")
+    scale = command("scale", "run N workers from now on")
     scale.add_argument("workers", type=int, metavar="N")
-    stop = commands.add_parser("stop", help="stop the master (graceful unless --fast)")
+    stop = command("stop", "stop the master (graceful unless --fast)")
     stop.add_argument("--fast", action="store_true", help="do not wait for open connections")
-    message = commands.add_parser("message", help="send a JSON message to one worker or all")
+    message = command("message", "send a JSON message to one worker or all")
     message.add_argument("--worker", type=int, metavar="N", help="only worker N (default: all)")
     message.add_argument("payload", metavar="JSON", help='the message, as JSON (e.g. \'{"reload": true}\')')
-    commands.add_parser("messages", help="the last messages workers sent to the master")
-    ready = commands.add_parser(
-        "ready", help="wait until every worker is ready (for deploy scripts); exit 1 if they are not "
-        "within --timeout",
-    )
+    command("messages", "the last messages workers sent to the master")
+    ready = command("ready", "wait until every worker is ready (for deploy scripts); exit 1 if they are "
+                    "not within --timeout")
     ready.add_argument("--status", action="store_true", help="then print the status table")
-    commands.add_parser(
-        "reload", help="rolling reload: new workers (code as on disk now) replace the old ones, "
-        "one at a time; waits until done (up to 5 minutes unless --timeout)",
-    )
+    command("reload", "rolling reload: new workers (code as on disk now) replace the old ones, one at a "
+            "time; waits until done (up to 5 minutes unless --timeout)")
     return parser
 
 

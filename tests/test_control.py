@@ -513,3 +513,18 @@ def test_ready_answers_at_once_when_the_master_begins_to_stop(server_factory: ty
         waiting.wait(5)
     assert waiting.returncode == 1 and "ready: the master is stopping" in err
     assert time.monotonic() - started < 10  # not the 60 s it was ready to wait, nor the graceful 30
+
+
+def test_every_ctl_command_the_readme_shows_parses() -> None:
+    import shlex
+
+    from dispatcher.ctl import build_parser
+
+    shown = [shlex.split(line.split(" # ")[0])[4:] for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("python -m dispatcher ctl ")]
+    assert len(shown) == 7
+    for args in shown:
+        # "[--fast]" is the README's way of saying the flag is optional: try it both ways.
+        plain = [a for a in args if a != "[--fast]"]
+        for variant in ([plain, [*plain, "--fast"]] if "[--fast]" in args else [plain]):
+            build_parser().parse_args(variant)  # a command that does not parse exits here
