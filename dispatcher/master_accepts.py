@@ -55,7 +55,6 @@ class MasterAccepts:
         self._rate = Rate()
         self._tick: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed: asyncio.Event | None = None
 
     def __str__(self) -> str:
         return f"round-robin (window {self._window}, master sched {cpu_sched.current()})"
@@ -85,18 +84,13 @@ class MasterAccepts:
                 "closed %d connection(s) that waited over %g s for a worker",
                 expired, self.scheduler.pending_timeout_s,
             )
-            if self._changed is not None and self.scheduler.settled:
-                self._changed.set()
 
     def add(self, worker: Receiver) -> None:
         self.scheduler.attach(worker)
 
     def remove(self, worker: Receiver) -> bool:
         self.scheduler.stop_sending(worker)
-        alone = not self.scheduler.attached
-        if alone and self._changed is not None:
-            self._changed.set()  # no worker left to take what waits: settled
-        return alone
+        return not self.scheduler.attached
 
     def forget(self, worker: Receiver) -> int:
         self.remove(worker)
@@ -116,7 +110,7 @@ class MasterAccepts:
 
     async def settle(self) -> None:
         scheduler = self.scheduler
-        self._changed = changed = asyncio.Event()
+        changed = asyncio.Event()
         scheduler.on_settled = changed.set
         try:
             while not (scheduler.settled or not scheduler.attached):
@@ -124,7 +118,6 @@ class MasterAccepts:
                 await changed.wait()
         finally:
             scheduler.on_settled = None
-            self._changed = None
 
     def close(self) -> int:
         if self._tick is not None:

@@ -279,6 +279,12 @@ class Scheduler:
             # Dealt to it but not sent: first in line again.
             self._pending.extendleft(reversed(lane.staged))
             lane.staged = []
+        self._tell_if_settled()
+
+    def _tell_if_settled(self) -> None:
+        # Wherever that can become true: an ack, a worker leaving, an expiry.
+        if self.on_settled is not None and (self.settled or not self._workers):
+            self.on_settled()
 
     def forget(self, worker: Receiver) -> int:
         """``worker`` is gone: re-queue its un-acked hand-offs first in line.
@@ -355,8 +361,8 @@ class Scheduler:
             self._pending.extendleft(reversed(answered))
             self.redispatched += count
         self._deal_pending()
-        if self.on_settled is not None and (self.settled or not self._workers):
-            self.on_settled()
+        if self.on_settled is not None:  # only while stopping: the ack path makes no call otherwise
+            self._tell_if_settled()
 
     # Ending
 
@@ -381,6 +387,7 @@ class Scheduler:
         self.expired += count
         if self.on_room is not None:
             self.on_room()
+        self._tell_if_settled()
         return count
 
     def close_pending(self) -> int:

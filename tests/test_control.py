@@ -459,13 +459,19 @@ def test_line_reader_skips_a_long_line_and_recovers() -> None:
     assert not reader.partial
 
 
+def slow_to_boot(server_factory: type[Server], path: Path, workers: int, seconds: float) -> Server:
+    """A master whose app takes ``seconds`` to import, once its control socket is there (not started)."""
+    server = server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=workers,
+                            env={"SLOWBOOT_SECONDS": str(seconds)})
+    wait_for(path.exists, 15, "no control socket")
+    return server
+
+
 def test_ready_waits_for_every_worker_then_answers_the_status(server_factory: type[Server],
                                                                tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
     # The app takes a second to import: the answer must wait for both workers, not the socket.
-    server = server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=2,
-                            env={"SLOWBOOT_SECONDS": "1"})
-    wait_for(path.exists, 15, "no control socket")
+    server = slow_to_boot(server_factory, path, workers=2, seconds=1)
     started = time.monotonic()
     done = ctl(path, "--timeout", "20", "--json", "ready")
     assert done.returncode == 0, done.stderr
@@ -483,9 +489,7 @@ def test_ready_waits_for_every_worker_then_answers_the_status(server_factory: ty
 def test_ready_says_how_many_are_ready_when_time_runs_out(server_factory: type[Server],
                                                            tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
-    server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=1,
-                   env={"SLOWBOOT_SECONDS": "30"})
-    wait_for(path.exists, 15, "no control socket")
+    slow_to_boot(server_factory, path, workers=1, seconds=30)
     done = ctl(path, "--timeout", "0.5", "ready")
     assert done.returncode == 1
     assert "ready: 0 of 1 worker(s) ready after 0.5 s" in done.stderr
@@ -497,9 +501,7 @@ def test_ready_says_how_many_are_ready_when_time_runs_out(server_factory: type[S
 def test_ready_answers_at_once_when_the_master_begins_to_stop(server_factory: type[Server],
                                                                 tmp_path: Path) -> None:
     path = tmp_path / "ctl.sock"
-    server = server_factory("--app", "tests.apps.slowboot:handler", "--control", str(path), workers=1,
-                            env={"SLOWBOOT_SECONDS": "30"})
-    wait_for(path.exists, 15, "no control socket")
+    server = slow_to_boot(server_factory, path, workers=1, seconds=30)
     waiting = subprocess.Popen([sys.executable, "-m", "dispatcher.ctl", "--control", str(path),
                                 "--timeout", "60", "ready"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -232,7 +232,20 @@ def test_workers_that_accept_themselves_leave_the_master_nothing_to_settle(make_
     assert set(rig.distribution.figures().values()) == {0}
 
 
-def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> None:
+def settle_while(rig: Rig, handoff: MasterAccepts, meanwhile: Callable[[], None]) -> None:
+    """Run ``handoff.settle()`` and, once it waits, ``meanwhile()``; settle must then return."""
+    async def soon() -> None:
+        await asyncio.sleep(0)
+        meanwhile()
+
+    async def both() -> None:
+        await asyncio.gather(asyncio.wait_for(handoff.settle(), 5), soon())
+
+    rig.loop.run_until_complete(both())
+
+
+def one_handed_off(make_rig: type[Rig]) -> tuple[Rig, MasterAccepts, WorkerProcess, int, socket.socket]:
+    """A hand-off distribution whose one worker holds one connection un-acked (fd, client's end)."""
     handoff = MasterAccepts(Config(app="a:b", window=1))
     rig = make_rig(handoff)
     worker = rig.worker()
@@ -240,15 +253,13 @@ def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> No
     server, client = socket.socketpair()
     fd = server.detach()
     handoff.scheduler.submit([fd], 0.0)
+    assert handoff.figures()["in_flight"] == 1
+    return rig, handoff, worker, fd, client
 
-    async def refuse_soon() -> None:
-        await asyncio.sleep(0)
-        handoff.on_ack(worker, (fd,), False, 0)  # it began draining by itself
 
-    async def both() -> None:
-        await asyncio.gather(asyncio.wait_for(handoff.settle(), 5), refuse_soon())
-
-    rig.loop.run_until_complete(both())
+def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> None:
+    rig, handoff, worker, fd, client = one_handed_off(make_rig)
+    settle_while(rig, handoff, lambda: handoff.on_ack(worker, (fd,), False, 0))  # it began draining
     assert handoff.figures()["pending"] == 1  # nobody left to take it
     for _, fds in rig.received(worker):
         close_fds(fds)
@@ -257,22 +268,10 @@ def test_handoff_settles_once_the_last_worker_refuses(make_rig: type[Rig]) -> No
 
 
 def test_handoff_settles_once_the_last_worker_is_gone(make_rig: type[Rig]) -> None:
-    handoff = MasterAccepts(Config(app="a:b", window=1))
-    rig = make_rig(handoff)
-    worker = rig.worker()
-    handoff.add(worker)
-    server, client = socket.socketpair()
-    handoff.scheduler.submit([server.detach()], 0.0)  # handed to the worker, un-acked
-    assert handoff.figures()["in_flight"] == 1
-
-    async def remove_soon() -> None:
-        await asyncio.sleep(0)
-        assert handoff.remove(worker) is True
-
-    async def both() -> None:
-        await asyncio.gather(asyncio.wait_for(handoff.settle(), 5), remove_soon())
-
-    rig.loop.run_until_complete(both())
+    rig, handoff, worker, _, client = one_handed_off(make_rig)
+    removed: list[bool] = []
+    settle_while(rig, handoff, lambda: removed.append(handoff.remove(worker)))
+    assert removed == [True]
     assert handoff.forget(worker) == 1  # back in the queue, first in line
     assert handoff.figures()["pending"] == 1
     for _, fds in rig.received(worker):

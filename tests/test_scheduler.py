@@ -580,3 +580,24 @@ def test_handoffs_that_all_meet_a_full_channel_keep_the_oldest_first(make_rig: C
     rig.run_until(lambda: scheduler.pending == 2)
     (got,) = rig.handoffs(a)
     assert got[0] == fds[0]  # the oldest goes first
+
+
+def test_a_stop_is_told_it_settled_wherever_that_happens(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=1)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    told: list[bool] = []
+    scheduler.on_settled = lambda: told.append(scheduler.settled)
+    rig.fill(a)
+    rig.fill(b)
+    rig.submit(1, 0.0)  # both channels full: it waits, nothing in flight
+    assert scheduler.pending == 1 and scheduler.in_flight == 0 and told == []
+    scheduler.expire(1e9)  # an expiry
+    assert told == [True]
+    fds = rig.submit(1, 1e9)
+    scheduler.stop_sending(a)
+    assert told == [True]  # b is still there to take it
+    scheduler.stop_sending(b)  # a worker leaving: none is left
+    assert told == [True, False]
+    rig.handoffs(a), rig.handoffs(b)
+    assert fds and scheduler.pending == 1
