@@ -31,13 +31,15 @@ Events come from two sides, and so do errors (h11's two kinds):
 
 A slot (``dispatcher.slots``) outlives its processes; BACKOFF is the slot's
 state while its restart waits, never a process's. How long it waits is
-``Backoff``'s rule: PM2's exponential delay, reset once a process served
-long enough.
+``Backoff``'s rule: a delay only for a crash loop (a process that died
+before it was ready, or soon after), growing with each crash in a row; a
+process that served for a while is restarted at once.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -112,10 +114,12 @@ class Life:
         boot_timed_out: it was stopped because it was not ready in time (its
             exit counts as a failed boot).
         error: the last error the worker reported about itself, if any.
+        ready_at: when it became ready (monotonic), None until it did.
     """
 
     state: WorkerState = WorkerState.STARTING
     said_ready: bool = False
+    ready_at: float | None = None
     boot_timed_out: bool = False
     error: str | None = None
 
@@ -133,8 +137,9 @@ class Life:
             raise TransitionError(f"a worker cannot take {event.value} while {self.state.value}")
         changed = new is not self.state
         self.state = new
-        if new is WorkerState.READY:
+        if new is WorkerState.READY and not self.said_ready:
             self.said_ready = True
+            self.ready_at = time.monotonic()
         elif event is Event.BOOT_TIMEOUT:
             self.boot_timed_out = True
         return changed
@@ -155,25 +160,31 @@ class Life:
 
 @dataclass
 class Backoff:
-    """PM2's restart delay: ``initial_s`` x ``factor`` per crash, capped, reset by uptime.
+    """A slot's restart delay: none for a process that served, a growing one for a crash loop.
 
-    A worker that ran for at least ``reset_after_s`` is considered healthy, and
-    its next restart starts over from ``initial_s``.
+    A process that died before it was ready, or within ``served_after_s`` of
+    becoming ready, is a crash: the first in a row waits ``initial_s``, each
+    next one ``factor`` times longer, up to ``max_s`` (PM2's
+    ``exp_backoff_restart_delay``). One that was ready longer served: it is
+    restarted at once and the count starts over. So a worker killed from
+    outside, however often, is back as fast as a process can start, and
+    only code that cannot stay up is held back. ``served_after_s`` is
+    shorter than Supervisor's ``startsecs`` and PM2's ``min_uptime`` (1 s):
+    a crash on the first request lands within milliseconds of ready, while
+    a worker that was killed after serving half a second is no loop.
     """
 
     initial_s: float = 0.1
     factor: float = 1.5
     max_s: float = 15.0
-    reset_after_s: float = 30.0
-    _next_s: float = field(default=0.0, init=False)
+    served_after_s: float = 0.5
+    #: Crashes in a row (reset by a process that served).
+    crashes: int = field(default=0, init=False)
 
-    def __post_init__(self) -> None:
-        self._next_s = self.initial_s
-
-    def next_delay(self, uptime_s: float) -> float:
-        """Return how long to wait before restarting a worker that ran ``uptime_s``."""
-        if uptime_s >= self.reset_after_s:
-            self._next_s = self.initial_s
-        delay = self._next_s
-        self._next_s = min(self._next_s * self.factor, self.max_s)
-        return delay
+    def next_delay(self, ready_for_s: float | None) -> float:
+        """How long to wait before restarting a process that was ready for ``ready_for_s`` (None: never)."""
+        if ready_for_s is not None and ready_for_s >= self.served_after_s:
+            self.crashes = 0
+            return 0.0
+        self.crashes += 1
+        return min(self.initial_s * self.factor ** (self.crashes - 1), self.max_s)

@@ -144,7 +144,7 @@ class Supervisor:
             log.error("worker %d could not be started: %s", slot.id, exc)
             slot.last_exit = f"spawn failed: {exc}"
             if not successor:
-                self._restart_later(slot, uptime_s=0.0)
+                self._restart(slot, ready_for_s=None)
             return None
         if successor:
             slot.successor = worker
@@ -153,11 +153,16 @@ class Supervisor:
         log.debug("%r started", worker)
         return worker
 
-    def _restart_later(self, slot: Slot, uptime_s: float) -> None:
-        delay = slot.backoff.next_delay(uptime_s)
+    def _restart(self, slot: Slot, ready_for_s: float | None) -> None:
+        """Restart ``slot``: at once if its process served, after the backoff if it is a crash loop."""
+        delay = slot.backoff.next_delay(ready_for_s)
         slot.restarts += 1
+        if delay <= 0:
+            log.info("worker %d restarts at once (it served %.1f s)", slot.id, ready_for_s or 0.0)
+            self._start(slot)
+            return
         slot.restart_timer = self._loop.call_later(delay, self._start, slot)
-        log.info("worker %d restarts in %.1f s", slot.id, delay)
+        log.info("worker %d restarts in %.1f s (crash %d in a row)", slot.id, delay, slot.backoff.crashes)
 
     # What the master hears from each worker (WorkerEvents)
 
@@ -219,8 +224,24 @@ class Supervisor:
         self._loop.call_soon(self.kill, worker, reason)
 
     def on_refusal(self, worker: WorkerProcess) -> None:
-        if worker.handle(Event.DRAIN):
+        if not worker.handle(Event.DRAIN):
+            return  # the master told it to drain (or stop): it answers as told
+        # It began draining by itself (its own SIGTERM, a custom server that
+        # returned, out of fds): a slot it holds must not go idle for as long
+        # as its connections live. It is retired (killed after the graceful
+        # timeout) and its slot started afresh at once.
+        slot = self.slots.get(worker.id)
+        if slot is None or slot.worker is not worker or self.stopping:
             log.info("%r refused a hand-off (draining); sending it nothing more", worker)
+            return
+        log.warning("%r drains by itself (it refused a hand-off); starting worker %d afresh, "
+                    "the old one has %g s to finish", worker, slot.id, self._graceful_timeout_s)
+        slot.worker = None
+        self.retire(worker)
+        if slot.successor is None:
+            slot.cancel_restart()
+            self._start(slot)
+        # else: the successor on its way takes the slot once ready.
 
     def on_max_requests(self, worker: WorkerProcess) -> None:
         """Its acks reached its ``max_requests`` (told from inside the distribution)."""
@@ -266,7 +287,7 @@ class Supervisor:
         log.error("worker %d: its replacement failed to boot (%s); the old one keeps serving", slot.id, why)
         slot.settle_replacement(f"worker {slot.id} failed to boot: {why}")
         if slot.worker is None and not self.stopping:
-            self._restart_later(slot, worker.uptime_s)
+            self._restart(slot, worker.ready_for_s)
 
     def _serving_exited(self, slot: Slot, worker: WorkerProcess, alone: bool) -> None:
         slot.worker = None
@@ -289,7 +310,7 @@ class Supervisor:
         if waiting:
             log.warning("no worker is ready: %d connection(s) wait (up to %.0f s) for a restart",
                         waiting, self._pending_timeout_s)
-        self._restart_later(slot, worker.uptime_s)
+        self._restart(slot, worker.ready_for_s)
 
     # Decisions of the master's own
 

@@ -134,6 +134,12 @@ class WorkerProcess:
     def uptime_s(self) -> float:
         return time.monotonic() - self.started
 
+    @property
+    def ready_for_s(self) -> float | None:
+        """How long it has been ready (None if it never was): what tells a crash loop from a served life."""
+        ready_at = self.life.ready_at
+        return None if ready_at is None else time.monotonic() - ready_at
+
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """Send ``sig`` unless the process was already reaped."""
         if self.returncode is None:

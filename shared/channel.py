@@ -235,6 +235,20 @@ class Channel:
         if not self._writing:
             self._flush()
 
+    def try_send_now(self, data: bytes) -> bool:
+        """Send one datagram at once, from any thread; False if it was not sent (queue it then).
+
+        Not sent when something is queued (it would overtake it), the socket
+        is full, or the channel is closed; the caller then sends it on the loop.
+        """
+        if self.closed or self._outbox:
+            return False
+        try:
+            self._sock.send(data)
+        except OSError:
+            return False
+        return True
+
     def _flush(self) -> None:
         while self._outbox:
             data, fd = self._outbox[0]

@@ -149,17 +149,35 @@ def test_slot_state_is_derived_from_its_process_and_restart_timer() -> None:
         loop.close()
 
 
-def test_backoff_grows_by_half_and_caps_at_15_s() -> None:
+def test_backoff_grows_by_half_per_crash_in_a_row_and_caps_at_15_s() -> None:
     backoff = Backoff()
-    delays = [backoff.next_delay(uptime_s=1.0) for _ in range(14)]
+    delays = [backoff.next_delay(ready_for_s=None) for _ in range(14)]
     assert delays[:4] == pytest.approx([0.1, 0.15, 0.225, 0.3375])
     assert max(delays) == 15.0
     assert delays[-1] == 15.0
 
 
-def test_backoff_resets_after_30_s_of_uptime() -> None:
+def test_backoff_counts_a_death_soon_after_ready_as_a_crash() -> None:
+    backoff = Backoff()
+    assert backoff.next_delay(ready_for_s=0.01) == pytest.approx(0.1)
+    assert backoff.next_delay(ready_for_s=0.49) == pytest.approx(0.15)
+    assert backoff.crashes == 2
+
+
+def test_backoff_restarts_a_process_that_served_at_once_and_starts_over() -> None:
     backoff = Backoff()
     for _ in range(5):
-        backoff.next_delay(uptime_s=0.5)
-    assert backoff.next_delay(uptime_s=30.0) == pytest.approx(0.1)
-    assert backoff.next_delay(uptime_s=0.5) == pytest.approx(0.15)
+        backoff.next_delay(ready_for_s=None)
+    assert backoff.next_delay(ready_for_s=0.5) == 0.0
+    assert backoff.crashes == 0
+    assert backoff.next_delay(ready_for_s=None) == pytest.approx(0.1)
+
+
+def test_life_notes_when_it_became_ready_once() -> None:
+    life = Life()
+    life.handle(Event.DRAIN)
+    life.handle(Event.READY)  # told to drain first: it never served
+    assert life.ready_at is None and not life.said_ready
+    life = Life()
+    life.handle(Event.READY)
+    assert life.ready_at is not None and life.said_ready

@@ -101,8 +101,33 @@ def test_refused_handoff_goes_to_another_worker(server_factory: type[Server]) ->
     server.wait_line(rf"\[{draining}\] \[worker \d\] INFO draining")
     answers = [ask(server.port, b"sleep 0\n").split()[1] for _ in range(6)]
     assert str(draining) not in answers
-    server.wait_line(rf"pid {draining}\) refused a hand-off")
+    # It drained by itself: its slot is started afresh at once, so capacity does not drop.
+    server.wait_line(rf"pid {draining}\) drains by itself \(it refused a hand-off\); starting worker")
+    server.wait_line(r"worker \d \(pid \d+\) ready$")
+    serving = [w["pid"] for w in server.status()["workers"] if w["state"] == "ready"]
+    assert len(serving) == 2 and draining not in serving
     assert read_all(holder).split()[1] == str(draining)  # the draining worker finished its request
+    holder.close()
+
+
+def test_connections_whose_handler_never_started_are_served_by_the_next_worker(
+    server_factory: type[Server], tmp_path: Path,
+) -> None:
+    """Handed off and waiting for the only pool thread when the worker dies: not acked, so not lost."""
+    path = tmp_path / "c.sock"
+    server = server_factory("--app", "tests.apps.handlers:blocking_sleep", "--threads", "1",
+                            "--control", str(path), workers=1).start()
+    (hung,) = server.worker_pids()
+    holder = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    holder.sendall(b"sleep 30\n")
+    wait_for(lambda: master_status(path)["handed_off"] == 1 and master_status(path)["in_flight"] == 0, 10,
+             "the hanging request taken")
+    with clients(server.port, 3) as socks:
+        wait_for(lambda: master_status(path)["in_flight"] == 3, 10, "three waiting for the thread, un-acked")
+        os.kill(hung, signal.SIGKILL)
+        answers = [read_all(sock).split() for sock in socks]
+    assert all(len(answer) == 2 and answer[1] != str(hung) for answer in answers), answers
+    assert master_status(path)["redispatched"] == 3
     holder.close()
 
 

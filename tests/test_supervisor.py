@@ -227,10 +227,12 @@ def test_transition_draining_stays_draining_when_ready_comes_after_a_drain(rig: 
     assert worker.channel.sent == [Drain()]
 
 
-def test_transition_ready_to_exited_restarts_the_slot_after_its_backoff(rig: Callable[..., Rig]) -> None:
+def test_transition_ready_to_exited_soon_after_ready_restarts_the_slot_after_its_backoff(
+    rig: Callable[..., Rig],
+) -> None:
     r = rig()
     worker = r.serving()
-    worker.ready()
+    worker.ready()  # and dies at once: a crash loop's first step
     worker.exit(-signal.SIGKILL)
     slot = r.supervisor.slots.get(0)
     assert slot is not None and slot.worker is None
@@ -244,6 +246,46 @@ def test_transition_ready_to_exited_restarts_the_slot_after_its_backoff(rig: Cal
     replacement = r.spawned[1]
     assert (replacement.id, replacement.state) == (0, S.STARTING) and replacement.key != worker.key
     assert slot.worker is replacement and slot.restart_timer is None
+
+
+def _served(worker: StandIn, seconds: float = 1.0) -> None:
+    """As if ``worker`` had been ready for ``seconds``."""
+    worker.ready()
+    assert worker.life.ready_at is not None
+    worker.life.ready_at -= seconds
+
+
+def test_transition_ready_to_exited_after_serving_restarts_the_slot_at_once(
+    rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    r = rig(workers=2)
+    first = r.serving(0)
+    for _ in range(20):  # killed from outside, however often
+        _served(first)
+        first.exit(-signal.SIGKILL)
+        slot = r.supervisor.slots.get(0)
+        assert slot is not None and slot.restart_timer is None
+        assert slot.worker is r.spawned[-1] and slot.worker is not first
+        first = r.serving(0)
+    assert slot.restarts == 20 and slot.backoff.crashes == 0
+    assert "worker 0 restarts at once (it served 1.0 s)" in caplog.text
+
+
+def test_crash_loop_backoff_is_per_slot_and_a_served_life_starts_it_over(rig: Callable[..., Rig]) -> None:
+    r = rig(workers=2)
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None
+    for _ in range(3):
+        r.serving(0).exit(1)  # never ready: a crash
+        assert slot.restart_timer is not None
+        r.run_until(lambda: slot.worker is not None)
+    assert slot.backoff.crashes == 3
+    other = r.supervisor.slots.get(1)
+    assert other is not None and other.backoff.crashes == 0
+    _served(r.serving(0))
+    r.serving(0).exit(-signal.SIGKILL)
+    assert slot.backoff.crashes == 0 and slot.restart_timer is None and slot.worker is not None
 
 
 def test_transition_starting_to_exited_when_the_app_cannot_load_stops_the_master(
@@ -304,17 +346,49 @@ def test_transition_ready_to_stopping_when_unresponsive(
     r.run_until(lambda: worker.signals == [signal.SIGTERM, signal.SIGKILL])
 
 
-def test_transition_ready_to_draining_on_a_refusal_is_said_once(
+def test_transition_ready_to_draining_on_a_refusal_starts_the_slot_afresh_at_once(
     rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO)
+    r = rig(graceful_timeout_s=0.2)
+    worker = r.serving()
+    worker.ready()
+    r.supervisor.on_refusal(worker)  # it began draining by itself
+    r.supervisor.on_refusal(worker)
+    assert worker.state is S.DRAINING
+    assert caplog.text.count("drains by itself (it refused a hand-off)") == 1
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None
+    assert len(r.spawned) == 2 and slot.worker is r.spawned[1]  # capacity is back as soon as it boots
+    assert r.supervisor.slots.retired == {worker.key: worker}
+    # Bounded by the graceful timeout, like any retired worker.
+    r.run_until(lambda: worker.signals == [signal.SIGKILL])
+    worker.exit(-signal.SIGKILL)
+    assert len(r.spawned) == 2 and slot.worker is r.spawned[1]
+
+
+def test_a_refusal_after_being_told_to_drain_starts_nothing(rig: Callable[..., Rig]) -> None:
     r = rig()
     worker = r.serving()
     worker.ready()
+    r.supervisor.drain(worker)
     r.supervisor.on_refusal(worker)
+    assert len(r.spawned) == 1 and worker.state is S.DRAINING
+
+
+def test_a_refusal_from_a_worker_being_replaced_leaves_the_slot_to_its_successor(
+    rig: Callable[..., Rig],
+) -> None:
+    r = rig()
+    worker = r.serving()
+    worker.ready()
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None
+    replaced = r.supervisor.replace(slot, "reload")
+    successor = r.spawned[1]
     r.supervisor.on_refusal(worker)
-    assert worker.state is S.DRAINING
-    assert caplog.text.count("refused a hand-off (draining)") == 1
+    assert len(r.spawned) == 2 and slot.worker is None and slot.successor is successor
+    successor.ready()
+    assert slot.worker is successor and replaced.done() and replaced.result() is None
 
 
 def test_stopping_is_idempotent(rig: Callable[..., Rig]) -> None:

@@ -135,9 +135,9 @@ def test_connection_ends_when_the_handler_returns_while_the_master_holds_its_cop
             return await asyncio.wait_for(asyncio.gather(*(read_to_eof(c) for _, c in conns)), 10)
 
         assert loop.run_until_complete(clients()) == [b"bye\n", b"bye\n"]
-        # One ack for the hand-off, naming both connections.
-        # It holds the two it just took.
-        assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 2)
+        # One ack per connection, sent as its handler started; it held both then.
+        acks = [next_ack(loop, master_end), next_ack(loop, master_end)]
+        assert acks == [protocol.Ack((masters[0],), True, 2), protocol.Ack((masters[1],), True, 2)]
 
 
 async def custom_server(worker: Any) -> None:
@@ -151,8 +151,91 @@ def test_a_custom_server_reports_no_load(loop: asyncio.AbstractEventLoop) -> Non
         masters = [left.fileno() for left, _ in conns]
         loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
         hand_off(master_end, masters)
-        assert next_ack(loop, master_end) == protocol.Ack(tuple(masters), True, 0)
+        acks = [next_ack(loop, master_end), next_ack(loop, master_end)]
+        assert acks == [protocol.Ack((masters[0],), True, 0), protocol.Ack((masters[1],), True, 0)]
         runtime.drain()  # the server's iteration ends, and with it the server
+        loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+
+
+def acks_sent(master_end: socket.socket) -> list[protocol.Message]:
+    """The acks already in the channel, without running the worker's loop."""
+    acks = []
+    master_end.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            message = protocol.decode(master_end.recv(protocol.MAX_MESSAGE_BYTES))
+            if isinstance(message, protocol.Ack):
+                acks.append(message)
+    return acks
+
+
+def test_a_connection_is_acked_when_its_handler_starts_not_when_it_arrives(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Arrived and not started (the loop blocked before its task ran): no ack, so the master keeps it."""
+    with running(loop, streams_answer) as (runtime, master_end), connections(3) as conns:
+        masters = [left.fileno() for left, _ in conns]
+        loop.run_until_complete(asyncio.sleep(0))  # hello and ready
+        acks_sent(master_end)
+        # The hand-off read, as the channel's reader callback does, and then
+        # no turn of the loop: as if a handler had blocked it right after.
+        fds = [os.dup(fd) for fd in masters]
+        runtime._on_handoff(tuple(masters), fds)
+        assert acks_sent(master_end) == []
+        for _, client in conns:
+            client.sendall(b"hi\n")
+        loop.run_until_complete(asyncio.sleep(0))  # their tasks take their first step
+        assert [ack.conn_ids for ack in acks_sent(master_end)] == [(m,) for m in masters]  # type: ignore[attr-defined]
+
+        async def answers() -> list[bytes]:
+            return [await loop.sock_recv(client, 16) for _, client in conns]
+
+        for _, client in conns:
+            client.setblocking(False)
+        assert loop.run_until_complete(asyncio.wait_for(answers(), 10)) == [b"bye\n"] * 3
+
+
+def test_a_blocking_handler_waiting_for_a_thread_is_not_acked(loop: asyncio.AbstractEventLoop) -> None:
+    """With every pool thread busy, a hand-off waits un-acked: the master still has it if the worker dies."""
+    release = __import__("threading").Event()
+
+    def blocking(sock: socket.socket, _peer: Any) -> None:
+        if sock.recv(16) == b"hang\n":
+            release.wait(10)
+        sock.sendall(b"bye\n")
+
+    with running(loop, blocking, threads=1) as (_, master_end), connections(2) as conns:
+        masters = [left.fileno() for left, _ in conns]
+        conns[0][1].sendall(b"hang\n")
+        conns[1][1].sendall(b"hi\n")
+        hand_off(master_end, masters)
+        first = next_ack(loop, master_end)
+        assert first == protocol.Ack((masters[0],), True, 1)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert acks_sent(master_end) == []  # the second waits for the only thread
+        release.set()
+        assert next_ack(loop, master_end) == protocol.Ack((masters[1],), True, 2)
+        for _, client in conns:
+            client.settimeout(10)
+            assert client.recv(16) == b"bye\n"
+
+
+async def takes_one_then_stops(worker: Any) -> None:
+    async for sock, _ in worker.connections():
+        sock.close()
+        await worker.wait_draining()
+        return
+
+
+def test_a_custom_server_acks_only_the_connections_it_takes(loop: asyncio.AbstractEventLoop) -> None:
+    with running(loop, takes_one_then_stops) as (runtime, master_end), connections(3) as conns:
+        masters = [left.fileno() for left, _ in conns]
+        loop.run_until_complete(asyncio.sleep(0))  # the server starts iterating
+        hand_off(master_end, masters)
+        assert next_ack(loop, master_end) == protocol.Ack((masters[0],), True, 0)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert acks_sent(master_end) == []  # never taken: still the master's
+        runtime.drain()
         loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
 
 

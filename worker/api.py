@@ -39,7 +39,10 @@ class Worker:
         self.id = worker_id
         self.pid = os.getpid()
         self._send = send
-        self._incoming: asyncio.Queue[tuple[socket.socket, Address] | None] = asyncio.Queue()
+        # Each with what to call once the app takes it (the hand-off's ack), if anything.
+        self._incoming: asyncio.Queue[tuple[socket.socket, Address, Callable[[], None] | None] | None] = (
+            asyncio.Queue()
+        )
         self._message_handlers: list[MessageHandler] = []
         self._draining = asyncio.Event()
         self._drain_future: asyncio.Task[bool] | None = None
@@ -80,7 +83,7 @@ class Worker:
     async def connections(self) -> AsyncIterator[tuple[socket.socket, Address]]:
         """Yield ``(sock, addr)`` for each accepted connection, until draining.
 
-        Each socket is non-blocking and already acknowledged to the master; the
+        Each socket is non-blocking and acknowledged to the master as it is yielded; the
         caller owns it and must close it. Its close (``close()``, a ``with``
         block, or the close of asyncio streams opened on it) is when the
         worker counts it as handled; a socket dropped unclosed never is.
@@ -91,7 +94,12 @@ class Worker:
             item = await self._incoming.get()
             if item is None:
                 return
-            yield item
+            sock, addr, taken = item
+            if taken is not None:
+                # Acked only now: one the app never takes goes to another
+                # worker if this one dies.
+                taken()
+            yield sock, addr
 
     def send(self, payload: Any) -> None:
         """Send a JSON-serialisable message to the master.
@@ -111,8 +119,10 @@ class Worker:
 
     # Used by the runtime.
 
-    def _deliver_connection(self, sock: socket.socket, addr: Address) -> None:
-        self._incoming.put_nowait((sock, addr))
+    def _deliver_connection(
+        self, sock: socket.socket, addr: Address, taken: Callable[[], None] | None = None
+    ) -> None:
+        self._incoming.put_nowait((sock, addr, taken))
 
     def _deliver_message(self, payload: Any) -> None:
         # One handler's bug must not cost the others their message, nor
@@ -122,6 +132,13 @@ class Worker:
                 handler(payload)
             except Exception:
                 log.exception("message handler %s raised", _describe(handler))
+
+    def _close_untaken(self) -> None:
+        """Close the connections the app never took (un-acked: the master still has its copies)."""
+        while not self._incoming.empty():
+            item = self._incoming.get_nowait()
+            if item is not None:
+                item[0].close()
 
     def _start_draining(self) -> None:
         self._draining.set()

@@ -8,9 +8,16 @@ sees it.
 
 fd ownership:
 - A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
-  ack it at once, before the app reads a byte (as Node does), and wrap it in a
-  socket object that the connection's task closes when the handler returns.
-  The master closes its own copy when the ack arrives.
+  wrap it in a socket object that the connection's task closes when the
+  handler returns, and ack it when its handler starts, before the app reads a
+  byte (as Node's worker acks after its 'connection' event): as the first
+  step of its task (streams), when a pool thread picks it up (blocking), or
+  when the custom server takes it from ``connections()``. One ack per
+  connection, not per hand-off: a handler that blocks the loop (or a pool
+  whose threads are all busy, or a server that stops taking) leaves the
+  connections behind it un-acked, so the master, which closes its own copy
+  only on the ack, gives them to another worker when this one is killed. The
+  cost is a datagram per connection where a burst used to share one.
 - A custom server's connections (handed off or accepted) are the app's to
   close. The socket it gets counts the connection as handled when it lets go
   of its fd: ``close()`` (asyncio's transports call it), or ``detach()``
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -174,6 +182,7 @@ class Runtime:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._acceptor.close()
+        self.api._close_untaken()
         # An ack still queued must reach the master, or it would hand the
         # connection to someone else after this worker began reading it.
         self.channel.flush_before_exit(_FLUSH_AT_EXIT_S)
@@ -223,20 +232,39 @@ class Runtime:
             close_fds(fd for fd in fds if fd >= 0)
             self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
-        # One ack for the whole hand-off, before any of them is read from,
-        # with how many connections we hold then (the master's load figure;
-        # a custom server's connections are the app's, so it reports none).
-        self.acked += count
-        load = 0 if self._app.kind is HandlerKind.SERVER else len(self._tasks) + count
-        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, load))
-        for fd in fds:
+        for conn_id, fd in zip(conn_ids, fds, strict=True):
             try:
                 sock = socket.socket(fileno=fd)
             except OSError as exc:  # not a socket after all: nothing to serve
                 log.error("hand-off fd %d is unusable: %s", fd, exc)
                 os.close(fd)
+                self._ack(conn_id)
                 continue
-            self._serve(sock)
+            self._serve(sock, conn_id)
+
+    def _ack(self, conn_id: int) -> None:
+        """Tell the master connection ``conn_id`` is ours (its handler starts now), with our load.
+
+        The load is the master's figure for least-loaded dealing; a custom
+        server's connections are the app's, so it reports none.
+        """
+        self.acked += 1
+        app = self._app
+        load = 0 if app is None or app.kind is HandlerKind.SERVER else len(self._tasks)
+        self.channel.send_bytes(protocol.encode_ack((conn_id,), True, load))
+
+    def _ack_from_thread(self, conn_id: int, load: int) -> None:
+        """``_ack`` for a pool thread: sent from the thread, so it is out before the handler runs."""
+        # A datagram is atomic, so a send from a thread cannot interleave with
+        # the loop's; only the counters and a full socket need the loop.
+        data = protocol.encode_ack((conn_id,), True, load)
+        if self.channel.try_send_now(data):
+            self._loop.call_soon_threadsafe(self._count_ack)
+        else:
+            self._loop.call_soon_threadsafe(self._ack, conn_id)
+
+    def _count_ack(self) -> None:
+        self.acked += 1
 
     def _on_listen(self, fd: int) -> None:
         try:
@@ -257,22 +285,28 @@ class Runtime:
 
     # Connections
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, conn_id: int | None = None) -> None:
+        """Run the app on ``sock``; a hand-off's ``conn_id`` is acked as its handler starts."""
         app = self._app
         assert app is not None
         if app.kind is HandlerKind.SERVER:
             conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
             conn._on_finished = self._on_app_connection_finished
             conn.setblocking(False)
-            self.api._deliver_connection(conn, _peer(conn))
+            taken = None if conn_id is None else functools.partial(self._ack, conn_id)
+            self.api._deliver_connection(conn, _peer(conn), taken)
             return
         future: asyncio.Future[Any]
         if app.kind is HandlerKind.STREAMS:
-            future = self._loop.create_task(self._run_streams(app, sock))
+            future = self._loop.create_task(self._run_streams(app, sock, conn_id))
         else:
             sock.setblocking(True)
             assert self._pool is not None
-            future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock)
+            # Its load figure as of now, counting itself: the thread may start
+            # before the future below is counted.
+            started = (None if conn_id is None
+                       else functools.partial(self._ack_from_thread, conn_id, len(self._tasks) + 1))
+            future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock, started)
         self._tasks.add(future)
         future.add_done_callback(self._on_connection_done)
 
@@ -293,7 +327,9 @@ class Runtime:
             log.error("handler %s raised", self._app.spec if self._app else "?", exc_info=exc)
         self._maybe_finish()
 
-    async def _run_streams(self, app: App, sock: socket.socket) -> None:
+    async def _run_streams(self, app: App, sock: socket.socket, conn_id: int | None) -> None:
+        if conn_id is not None:
+            self._ack(conn_id)
         loop = self._loop
         reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
         stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -402,9 +438,11 @@ def _peer(sock: socket.socket) -> Any:
         return None
 
 
-def _run_blocking(app: App, sock: socket.socket) -> None:
+def _run_blocking(app: App, sock: socket.socket, started: Callable[[], None] | None) -> None:
     # A plain close, no shutdown: a blocking handler may have given the socket
     # to a child process that still writes to it. So the FIN goes out once the
     # master has closed its copy too (when it reads the ack).
     with sock:
+        if started is not None:
+            started()
         app.handler(sock, _peer(sock))

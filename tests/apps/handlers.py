@@ -42,6 +42,14 @@ def blocking(sock: socket.socket, addr: Any) -> None:
     sock.sendall(_me())
 
 
+def blocking_sleep(sock: socket.socket, addr: Any) -> None:
+    """The blocking kind, reading ``sleep SECONDS`` and holding its pool thread that long."""
+    line = sock.makefile("rb").readline().decode().split()
+    if len(line) == 2 and line[0] == "sleep":
+        time.sleep(float(line[1]))
+    sock.sendall(_me())
+
+
 async def serve(me: worker.Worker) -> None:
     """The custom-server kind: iterate the worker's connections."""
     tasks = set()
