@@ -15,7 +15,10 @@ Accepting pauses, by removing the listeners from the loop, in two cases:
   and the scheduler calls ``resume`` once the queue has room;
 - EMFILE, ENFILE, ENOBUFS or ENOMEM: the process or system is out of a
   resource; retrying at once would spin, so accepting resumes after
-  ``overload_pause_s``. One log line per episode, not per retry.
+  ``overload_pause_s``. One line when the episode begins and one summary
+  when it ends (``shared.accept_errors.OverloadEpisode``), not one per retry.
+  With the fd budget (``dispatcher.fd_budget``) the master's own fds do not
+  run out this way; the system's, or a lowered limit, still can.
 Any other accept error concerns one connection (a client that went away)
 and is skipped (``shared.accept_errors``, which the workers' accept loop
 follows too).
@@ -30,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
-from shared.accept_errors import is_overload
+from shared.accept_errors import OverloadEpisode, is_overload
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class Acceptor:
         self.overload_pause_s = overload_pause_s
         self._watching = False
         self._stopped = True
-        self._overloaded = False
+        self.overload = OverloadEpisode(log, loop, overload_pause_s)
         self._full_logged_at = -_FULL_LOG_INTERVAL_S
         self._resume_handle: asyncio.TimerHandle | None = None
         self.accepted = 0
@@ -80,6 +83,7 @@ class Acceptor:
         """Stop accepting for good (the listeners stay open; the master closes them)."""
         self._stopped = True
         self._unwatch()
+        self.overload.close()
         self._scheduler.on_room = None
         if self._resume_handle is not None:
             self._resume_handle.cancel()
@@ -140,9 +144,6 @@ class Acceptor:
             # One clock read per batch, and one hand-off datagram per worker.
             scheduler.submit(fds, time.monotonic())
             self.accepted += len(fds)
-            if self._overloaded:
-                self._overloaded = False
-                log.info("accepting again after %d pause(s)", self.overload_pauses)
         if scheduler.full:
             self._pause_full()
 
@@ -150,21 +151,20 @@ class Acceptor:
         now = time.monotonic()
         if self._watching and now - self._full_logged_at >= _FULL_LOG_INTERVAL_S:
             self._full_logged_at = now
-            log.warning(
-                "pending queue full (%d connections); accepting paused, "
-                "the kernel backlog holds new connections", self._scheduler.pending,
-            )
+            scheduler = self._scheduler
+            if scheduler.pending >= scheduler.max_pending:
+                log.warning("pending queue full (%d connections); accepting paused, "
+                            "the kernel backlog holds new connections", scheduler.pending)
+            else:
+                log.warning("fd budget reached (%d connections held, %d of them in flight); accepting "
+                            "paused, the kernel backlog holds new connections",
+                            scheduler.pending + scheduler.in_flight, scheduler.in_flight)
         self._unwatch()
         self._scheduler.on_room = self.resume
 
     def _pause_overload(self, exc: OSError) -> None:
         self.overload_pauses += 1
-        if not self._overloaded:
-            self._overloaded = True
-            log.warning(
-                "accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
-                exc.strerror, self.overload_pause_s * 1000,
-            )
+        self.overload.paused(exc)
         self._unwatch()
         if self._resume_handle is None and not self._stopped:
             self._resume_handle = self._loop.call_later(self.overload_pause_s, self._after_pause)

@@ -73,6 +73,14 @@ class Distribution(Protocol):
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """``worker`` said (in a pong) that it holds ``load`` connections."""
 
+    def hold_at_most(self, connections: int, workers: int) -> int:
+        """Hold at most ``connections`` connections (the master's fd budget) with ``workers`` slots.
+
+        Returns:
+            How many fewer than it would hold without that bound (0 when the
+            bound takes nothing away, or it holds no connections at all).
+        """
+
     def stop(self, sweep: bool) -> None:
         """Take no more connections; first, if ``sweep``, those the kernel's backlog holds."""
 

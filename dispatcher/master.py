@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from dispatcher import fd_budget
 from dispatcher.config import Config
 from dispatcher.distribution import Distribution, for_policy
 from dispatcher.health import Health
@@ -96,6 +97,9 @@ class Master:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._services: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Measured once serving has begun.
+        self._fds: fd_budget.FdBudget | None = None
+        self._held_logged = 0
 
     @property
     def stopping(self) -> bool:
@@ -118,6 +122,9 @@ class Master:
         loop = self._loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         self._fast = asyncio.Event()
+        before, after = fd_budget.raise_soft_limit()
+        if after != before:
+            log.info("open-files limit raised from %d to %d (the hard limit)", before, after)
         try:
             self.listeners = self.distribution.listen(self.config.binds, self.config.backlog)
         except BindError as exc:
@@ -155,6 +162,9 @@ class Master:
                 "install rr-dispatcher[prctl]"
             )
         self._worker_args += self.distribution.start(loop, self.listeners)
+        # Counted once everything the master keeps open is open.
+        self._fds = fd_budget.FdBudget.measure()
+        self._limit_connections(len(self.supervisor.slots))
         log.info(
             "app %s, %d worker(s), policy %s, %s event loop",
             self.config.app, self.config.workers, self.distribution, self._about["loop"],
@@ -169,6 +179,26 @@ class Master:
         await self._shutdown(graceful)
         log.info("stopped")
         return code
+
+    def _limit_connections(self, workers: int) -> None:
+        """Keep what the master holds in connections within its fd budget for ``workers`` slots."""
+        fds = self._fds
+        if fds is None:
+            return
+        held = fds.connections(workers)
+        short = self.distribution.hold_at_most(held, workers)
+        if short and held != self._held_logged:
+            self._held_logged = held
+            log.warning(
+                "pending queue capped by the fd limit: at most %d connection(s) held, queued and in "
+                "flight (%d fewer than --max-pending %d and %d worker(s) x window %d); %d of the %d "
+                "open files are kept for workers, control and metrics",
+                held, short, self.config.max_pending, workers, self.config.window,
+                fds.reserve(workers), fds.limit,
+            )
+            if held < fd_budget.TOO_FEW:
+                log.error("the fd limit (%d) leaves almost nothing for connections; raise it "
+                          "(ulimit -n, LimitNOFILE=) or run fewer workers", fds.limit)
 
     def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
         assert self._loop is not None
@@ -214,10 +244,10 @@ class Master:
             self._spawn_task(self.reload(), "reload")
         elif sig == signal.SIGTTIN:
             if not stopping:
-                self.supervisor.scale(workers + 1)
+                self.scale(workers + 1)
         elif sig == signal.SIGTTOU:
             if not stopping and workers > 1:
-                self.supervisor.scale(workers - 1)
+                self.scale(workers - 1)
         elif sig == signal.SIGQUIT:
             log.info("SIGQUIT: stopping fast")
             self.request_stop(ExitCode.OK, graceful=False)
@@ -333,7 +363,9 @@ class Master:
 
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""
-        return self.supervisor.scale(workers)
+        changed = self.supervisor.scale(workers)
+        self._limit_connections(len(self.supervisor.slots))
+        return changed
 
     def send(self, worker_id: int | None, payload: Any) -> int:
         """Send a JSON-serialisable message to worker ``worker_id``, or to all if None.

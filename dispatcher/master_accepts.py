@@ -85,6 +85,11 @@ class MasterAccepts:
                 expired, self.scheduler.pending_timeout_s,
             )
 
+    def hold_at_most(self, connections: int, workers: int) -> int:
+        self.scheduler.limit_held(connections)
+        # Without the bound: a full queue, and every worker's window in flight.
+        return max(0, self.scheduler.max_pending + self._window * workers - connections)
+
     def add(self, worker: Receiver) -> None:
         self.scheduler.attach(worker)
 

@@ -9,8 +9,10 @@ to it.
 
 Where each master fd is, at every moment, is one of:
 - ``_pending``: accepted, waiting for a free worker (FIFO, bounded by
-  ``max_pending``; the acceptor stops accepting when it is full, so the rest
-  wait in the kernel's backlog);
+  ``max_pending``, and with those in flight by ``max_held``, the fds the
+  master may spend on connections (``dispatcher.fd_budget``); the acceptor
+  stops accepting at either bound, so the rest wait in the kernel's
+  backlog);
 - ``lane.staged``: dealt to a worker (its window slot is taken) and not
   yet sent. Every entry point (``submit``, ``on_ack``, ``attach``,
   ``forget``) sends what it staged before returning, one
@@ -43,6 +45,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -114,7 +117,10 @@ class Scheduler:
         self._pending: collections.deque[Conn] = collections.deque()
         self.max_pending = max_pending
         self.pending_timeout_s = pending_timeout_s
-        self._resume_mark = max(0, max_pending - max(1, max_pending // 4))
+        #: Connections the master may hold in all, queued or in flight (its fd budget).
+        self.max_held = sys.maxsize
+        self._resume_room = 1
+        self._set_resume_room()
         #: Set by the acceptor while it is paused because the queue was full.
         self.on_room: Callable[[], None] | None = None
         #: Called when nothing is pending or in flight, or no worker is left to
@@ -135,9 +141,21 @@ class Scheduler:
     def pending(self) -> int:
         return len(self._pending)
 
+    def limit_held(self, max_held: int) -> None:
+        """Hold at most ``max_held`` connections, queued and in flight (the fd budget allows no more)."""
+        self.max_held = max(1, max_held)
+        self._set_resume_room()
+        self._tell_room()
+
+    def _set_resume_room(self) -> None:
+        # Accepting resumes once a quarter of the room is free again, not at
+        # every single fd: a queue that fills and drains all the time would
+        # add and remove the listeners on every turn.
+        self._resume_room = max(1, min(self.max_pending, self.max_held) // 4)
+
     @property
     def full(self) -> bool:
-        return len(self._pending) >= self.max_pending
+        return self.room == 0
 
     @property
     def settled(self) -> bool:
@@ -149,8 +167,14 @@ class Scheduler:
 
     @property
     def room(self) -> int:
-        """How many more connections the queue takes before it is full."""
-        return max(0, self.max_pending - len(self._pending))
+        """How many more connections may be accepted: the queue's room, within the fd budget."""
+        pending = len(self._pending)
+        return max(0, min(self.max_pending - pending, self.max_held - pending - self.in_flight))
+
+    def _tell_room(self) -> None:
+        """Resume a paused acceptor once there is room enough."""
+        if self.on_room is not None and self.room >= self._resume_room:
+            self.on_room()
 
     def submit(self, fds: list[int], accepted_at: float) -> None:
         """Take ownership of connections ``fds`` (accepted at ``accepted_at``), deal them and send.
@@ -188,8 +212,7 @@ class Scheduler:
                 break
             fd, accepted_at = pending.popleft()
             self._stage(workers[key], fd, accepted_at)
-        if self.on_room is not None and len(pending) <= self._resume_mark:
-            self.on_room()
+        self._tell_room()
 
     def _deal_pending(self) -> None:
         """Deal and send what waits in the queue, if anything does."""
@@ -344,6 +367,8 @@ class Scheduler:
         if accepted:
             for conn_id, _ in answered:
                 os.close(conn_id)
+            if self.on_room is not None:  # paused at the fd budget: an ack frees an fd
+                self._tell_room()
             before = lane.acked
             lane.acked += count
             self.acked += count
@@ -385,8 +410,7 @@ class Scheduler:
                 keep.append((fd, accepted_at))
         self._pending = keep
         self.expired += count
-        if self.on_room is not None:
-            self.on_room()
+        self._tell_room()
         self._tell_if_settled()
         return count
 

@@ -58,6 +58,9 @@ class WorkersAccept:
         self._listeners = listeners
         return ()
 
+    def hold_at_most(self, connections: int, workers: int) -> int:
+        return 0  # the workers accept: the master holds no connection
+
     def add(self, worker: WorkerProcess) -> None:
         socks: list[socket.socket] = []
         try:

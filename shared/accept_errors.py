@@ -6,7 +6,9 @@ compared on how they recover rather than on how they spread connections.
 
 - EMFILE, ENFILE, ENOBUFS, ENOMEM: the process or the system is out of a
   resource. The listener stays readable, so accepting again at once would
-  spin: stop accepting for a moment, and log once per episode, not per retry.
+  spin: stop accepting for a moment. Logged per episode, not per retry
+  (``OverloadEpisode``): one line when it begins, one summary once accepting
+  has run clean for a while (how often it paused, for how long).
 - Anything else concerns the one connection that failed and is gone
   (ECONNABORTED: the client reset it while it waited; EPROTO; EPERM from a
   firewall rule; the network errors Linux passes on from the new
@@ -17,7 +19,10 @@ EAGAIN and EINTR are not errors here: there is nothing more to accept now.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
+import time
 from typing import Final
 
 #: The errnos that mean out of a resource rather than one client's failure.
@@ -27,3 +32,70 @@ OVERLOAD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 def is_overload(exc: OSError) -> bool:
     """Return whether ``exc``, raised by ``accept()``, means pause (True) rather than skip (False)."""
     return exc.errno in OVERLOAD_ERRNOS
+
+
+#: An episode ends once no accept has failed for this long: a resource that
+#: runs out again and again within it is one episode, not many.
+CLEAN_S: Final = 5.0
+
+
+class OverloadEpisode:
+    """Logs an overload episode: one warning when accepts begin to fail, one summary once they stopped.
+
+    Parameters:
+        logger: where the lines go (the acceptor's, so they say who paused).
+        loop: runs the timer that ends the episode.
+        pause_s: how long each pause lasts (for the first line).
+        clean_s: how long accepting must run clean for the episode to end.
+    """
+
+    def __init__(self, logger: logging.Logger, loop: asyncio.AbstractEventLoop, pause_s: float,
+                 clean_s: float = CLEAN_S) -> None:
+        self._log = logger
+        self._loop = loop
+        self.pause_s = pause_s
+        self.clean_s = clean_s
+        self._started: float | None = None
+        self._last = 0.0
+        self._reason = ""
+        self._timer: asyncio.TimerHandle | None = None
+        #: Pauses in the episode under way (0: none is).
+        self.pauses = 0
+
+    @property
+    def active(self) -> bool:
+        return self._started is not None
+
+    def paused(self, exc: OSError) -> None:
+        """An accept failed with ``exc`` (an overload) and accepting pauses for ``pause_s``."""
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+            self._reason = exc.strerror or str(exc)
+            self.pauses = 0
+            self._log.warning("accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
+                              self._reason, self.pause_s * 1000)
+            self._timer = self._loop.call_later(self.clean_s + self.pause_s, self._check)
+        self.pauses += 1
+        self._last = now
+
+    def _check(self) -> None:
+        self._timer = None
+        assert self._started is not None
+        # Measured from the end of the last pause: the time accepting has run since.
+        clean_for = time.monotonic() - self._last - self.pause_s
+        if clean_for < self.clean_s:
+            self._timer = self._loop.call_later(self.clean_s - clean_for, self._check)
+            return
+        lasted = self._last + self.pause_s - self._started
+        self._log.info("accepting ran clean for %g s: accepts paused %d time(s) over %.1f s (%s)",
+                       self.clean_s, self.pauses, lasted, self._reason)
+        self._started = None
+        self.pauses = 0
+
+    def close(self) -> None:
+        """Stop the timer (the acceptor is closing); an episode under way ends unsummarised."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._started = None

@@ -601,3 +601,24 @@ def test_a_stop_is_told_it_settled_wherever_that_happens(make_rig: Callable[...,
     assert told == [True, False]
     rig.handoffs(a), rig.handoffs(b)
     assert fds and scheduler.pending == 1
+
+
+def test_the_fd_budget_counts_connections_in_flight_and_an_ack_makes_room(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(window=4, max_pending=64)
+    (a,) = rig.add_workers(1)
+    scheduler = rig.scheduler
+    scheduler.limit_held(4)
+    assert scheduler.room == 4
+    fds = rig.submit(3, 1.0)
+    assert scheduler.in_flight == 3 and scheduler.pending == 0
+    assert scheduler.room == 1 and not scheduler.full  # in flight counts: they are the master's fds
+    rig.submit(1, 1.0)
+    assert scheduler.full
+    rooms: list[int] = []
+    scheduler.on_room = lambda: rooms.append(scheduler.room)
+    first, _ = rig.handoffs(a)  # a hand-off per submit
+    scheduler.on_ack(a, (first[0],), True)
+    assert rooms == [1]  # a paused acceptor is told at once
+    assert scheduler.room == 1 and not rig.client_sees_eof(fds[1])

@@ -11,6 +11,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from shared.accept_errors import OverloadEpisode
 from worker.acceptor import Acceptor
 
 
@@ -57,10 +59,12 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def accept_one(loop: asyncio.AbstractEventLoop, listener: Failing, pause_s: float) -> Acceptor:
+def accept_one(loop: asyncio.AbstractEventLoop, listener: Failing, pause_s: float,
+               clean_s: float = 5.0) -> Acceptor:
     """Connect a client to ``listener`` and wait until an acceptor on it passes the connection on."""
     got: list[socket.socket] = []
     acceptor = Acceptor(loop, got.append, overload_pause_s=pause_s)
+    acceptor.overload.clean_s = clean_s
     with socket.create_connection(listener.sock.getsockname(), timeout=10):
         acceptor.add(listener)
 
@@ -103,15 +107,26 @@ def test_an_overload_pauses_accepting_with_one_log_line_per_episode(
     before = open_fds()
     listener = Failing(code, times=3)
     pause_s = 0.05
-    acceptor = accept_one(loop, listener, pause_s)
+    acceptor = accept_one(loop, listener, pause_s, clean_s=0.2)
     # Three failures, then the connection: each try after a failure came a
     # pause later (less a margin: a loop may run a timer a clock tick early).
     tries = listener.calls[:4]
     assert all(later - earlier >= pause_s - 1e-3 for earlier, later in itertools.pairwise(tries))
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.acceptor"]
-    assert len(lines) == 2, lines
-    assert lines[0].startswith(f"accept failed: {os.strerror(code)}")
-    assert lines[1] == "accepting again after 3 pause(s)"
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "worker.acceptor"]
+
+    assert len(lines()) == 1, lines()  # accepting again is no end yet: it must run clean a while
+    assert lines()[0].startswith(f"accept failed: {os.strerror(code)}")
+
+    async def summarised() -> None:
+        while len(lines()) < 2:
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(asyncio.wait_for(summarised(), 10))
+    assert len(lines()) == 2
+    assert re.fullmatch(rf"accepting ran clean for 0.2 s: accepts paused 3 time\(s\) over 0\.\d s "
+                        rf"\({re.escape(os.strerror(code))}\)", lines()[1]), lines()[1]
     acceptor.close()
     assert open_fds() == before
 
@@ -152,3 +167,26 @@ def test_a_listener_given_after_draining_began_is_closed_at_once(loop: asyncio.A
     acceptor.add(late)  # a Listen that crossed the Drain
     assert late.fileno() == -1 and open_fds() == before
     assert acceptor.accepted == 0 and accepted == []
+
+
+def test_an_overload_that_comes_and_goes_is_one_episode_with_one_summary(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failing, accepting, failing again (the master at its fd limit): two lines, not two per retry."""
+    caplog.set_level(logging.INFO, logger="test.episode")
+    episode = OverloadEpisode(logging.getLogger("test.episode"), loop, pause_s=0.01, clean_s=0.2)
+    emfile = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def flapping() -> None:
+        for _ in range(10):
+            episode.paused(emfile)
+            await asyncio.sleep(0.02)  # a pause, then a clean accept or two
+        while episode.active:
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(asyncio.wait_for(flapping(), 10))
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.episode"]
+    assert len(lines) == 2, lines
+    assert lines[0] == ("accept failed: Too many open files; "
+                        "pausing accepts for 10 ms at a time until it passes")
+    assert lines[1].startswith("accepting ran clean for 0.2 s: accepts paused 10 time(s) over 0.")

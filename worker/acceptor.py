@@ -30,7 +30,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from shared.accept_errors import is_overload
+from shared.accept_errors import OverloadEpisode, is_overload
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Acceptor:
         self.overload_pause_s = overload_pause_s
         self._listeners: list[Listener] = []
         self._resume_handle: asyncio.TimerHandle | None = None
-        self._overload_pauses = 0
+        self.overload = OverloadEpisode(log, loop, overload_pause_s)
         self.closed = False
         self.accepted = 0
 
@@ -84,6 +84,7 @@ class Acceptor:
     def close(self) -> None:
         """Stop accepting for good and close every listener."""
         self.closed = True
+        self.overload.close()
         if self._resume_handle is not None:
             self._resume_handle.cancel()
             self._resume_handle = None
@@ -108,18 +109,10 @@ class Acceptor:
                 log.debug("accept failed: %s; skipping that connection", exc)
                 continue
             self.accepted += 1
-            if self._overload_pauses:
-                log.info("accepting again after %d pause(s)", self._overload_pauses)
-                self._overload_pauses = 0
             self._on_connection(sock)
 
     def _pause(self, exc: OSError) -> None:
-        if not self._overload_pauses:
-            log.warning(
-                "accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
-                exc.strerror, self.overload_pause_s * 1000,
-            )
-        self._overload_pauses += 1
+        self.overload.paused(exc)
         for listener in self._listeners:
             self._loop.remove_reader(listener.fileno())
         self._resume_handle = self._loop.call_later(self.overload_pause_s, self._resume)
