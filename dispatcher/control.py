@@ -20,8 +20,23 @@ likes on one connection::
 A request the server cannot use (too long, not JSON, not an object, unknown
 command, bad arguments) gets ``{"ok": false, "error": "..."}`` and the
 connection stays usable; nothing a client sends can raise out of the
-connection task or stop the master. A client that says nothing for
-``REQUEST_TIMEOUT_S`` (or does not read its answers for as long) is closed.
+connection task or stop the master.
+
+Connections are few and short-lived, so that an operator is never locked
+out:
+
+- One that sends no complete request for ``IDLE_TIMEOUT_S`` (counted from
+  its last answer) gets an error answer saying so and is closed. One that is
+  carrying out a command (a ``ready`` that waits, a ``reload``) is not idle,
+  however long the command takes. One that does not read an answer for
+  ``ANSWER_TIMEOUT_S`` is closed.
+- At most ``MAX_CONNECTIONS`` are open. Past that, a new connection (from a
+  uid let in) takes the place of the idlest one, which is told why before it
+  is closed; only when every open connection is carrying out a command is
+  the new one refused, with an answer that says so.
+- Refusals come in bursts (a script retrying in a loop): the first is
+  logged, and the burst is summed up in one line once it is over (a
+  connection is let in again, or none was refused for ``_REFUSALS_QUIET_S``).
 
 The framing is ``dispatcher.control_protocol`` (sans-IO, shared with the
 client in ``dispatcher.ctl``) and where the socket lives is
@@ -45,6 +60,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from dispatcher.control_protocol import (
@@ -64,11 +80,17 @@ from shared.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
-#: A client gets this long to finish each request, and to read each answer.
-REQUEST_TIMEOUT_S: Final = 10.0
+#: A connection with no complete request for this long is told so and closed.
+#: ``ctl`` (and a script speaking the protocol) sends its request as soon as it
+#: has connected, so a connection quiet for this long is stuck or forgotten;
+#: short, so that such connections give their places (``MAX_CONNECTIONS``)
+#: back within seconds.
+IDLE_TIMEOUT_S: Final = 2.0
+#: A client gets this long to read each answer.
+ANSWER_TIMEOUT_S: Final = 10.0
 #: Worker messages kept for the ``messages`` command.
 MESSAGES_KEPT: Final = 100
-#: Control connections open at once; more are closed at once.
+#: Control connections open at once; past it the idlest makes room, or the new one is refused.
 MAX_CONNECTIONS: Final = 64
 #: How long ``ready`` waits by default, and at most.
 READY_TIMEOUT_S: Final = 10.0
@@ -78,6 +100,11 @@ MAX_WORKERS: Final = 1024
 
 #: How long a refused client gets to read its answer before it is hung up on.
 _REFUSAL_LINGER_S: Final = 1.0
+#: Refusals less than this apart are one burst, logged as it begins and summed up once it is over.
+#: Long enough that a script retrying every few seconds makes one burst, not a line per try.
+_REFUSALS_QUIET_S: Final = 5.0
+
+_TOO_MANY: Final = f"the master has too many control connections open ({MAX_CONNECTIONS})"
 
 _PEERCRED: Final = struct.Struct("3i")
 
@@ -119,6 +146,17 @@ def _check_args(args: dict[str, Any], cmd: str, allowed: tuple[str, ...]) -> Non
 CommandResult = tuple[Any, Callable[[], None] | None]
 
 
+@dataclass(eq=False, slots=True)
+class _Connection:
+    """A connection let in, as the cap sees it."""
+
+    writer: asyncio.StreamWriter
+    #: When it began to wait for a request; None while it carries one out.
+    idle_since: float | None
+    #: Closed to make room for a newer one: nothing it sent since is carried out.
+    evicted: bool = False
+
+
 class ControlServer:
     """Serves the control protocol on the Unix socket ``path``, carrying out ``operations``."""
 
@@ -129,7 +167,14 @@ class ControlServer:
         self.messages: collections.deque[dict[str, Any]] = collections.deque(maxlen=MESSAGES_KEPT)
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        self._connections = 0
+        #: The connections let in, oldest first.
+        self._open: dict[_Connection, None] = {}
+        #: Refused connections being given time to read their answer.
+        self._lingering = 0
+        #: Connections refused in the current burst, when the last one was, and when to look again.
+        self._refused = 0
+        self._last_refusal = 0.0
+        self._burst_timer: asyncio.TimerHandle | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], CommandResult]] = {
             "status": self._status,
             "stats": self._status,
@@ -175,6 +220,7 @@ class ControlServer:
 
         Connections already open are left to finish their current request.
         """
+        self._end_refusals()
         with contextlib.suppress(ValueError):
             self.operations.message_handlers.remove(self._on_worker_message)
         if self._server is not None:
@@ -209,22 +255,89 @@ class ControlServer:
     # Connections
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
+        connection: _Connection | None = None
         try:
-            if self._connections > MAX_CONNECTIONS:
-                log.warning("control connection refused: %d already open", MAX_CONNECTIONS)
+            # Credentials first: a uid that is not let in takes no one's place.
+            if not self._admit(writer):
+                await self._turn_away(reader, writer)
                 return
-            if self._admit(writer):
-                await self._converse(reader, writer)
-            else:
-                await asyncio.wait_for(self._hang_up(reader, writer), _REFUSAL_LINGER_S)
+            connection = self._make_room(writer)
+            if connection is None:
+                self._note_refusal()
+                writer.write(error_answer(f"{_TOO_MANY}, every one busy with a command; try again later"))
+                await self._turn_away(reader, writer)
+                return
+            await self._converse(reader, writer, connection)
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
             log.exception("control connection failed")
         finally:
-            self._connections -= 1
+            if connection is not None:
+                self._open.pop(connection, None)
             writer.close()
+
+    def _make_room(self, writer: asyncio.StreamWriter) -> _Connection | None:
+        """Let a new connection in, closing the idlest if at the cap; None if every one is busy."""
+        loop = asyncio.get_running_loop()
+        if len(self._open) >= MAX_CONNECTIONS:
+            # Oldest first among equals: the dict keeps the order they came in.
+            waiting = [(c.idle_since, c) for c in self._open if c.idle_since is not None]
+            if not waiting:
+                return None
+            idle_since, idlest = min(waiting, key=lambda pair: pair[0])
+            del self._open[idlest]
+            idlest.evicted = True
+            idlest.writer.write(error_answer(f"closed to make room: {_TOO_MANY} and this one was the idlest"))
+            idlest.writer.close()
+            log.debug("control connection closed to make room (idle for %.1f s)", loop.time() - idle_since)
+        self._end_refusals()  # one got in: the refusals, if any, are over
+        connection = _Connection(writer, idle_since=loop.time())
+        self._open[connection] = None
+        return connection
+
+    async def _turn_away(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Give a refused client (its answer written) a moment to read it, then hang up."""
+        if self._lingering >= MAX_CONNECTIONS:
+            # A flood of refusals must not hold the master's fds: these are
+            # closed at once (a Unix socket keeps the answer for the client).
+            return
+        self._lingering += 1
+        try:
+            await asyncio.wait_for(self._hang_up(reader, writer), _REFUSAL_LINGER_S)
+        finally:
+            self._lingering -= 1
+
+    # Refusals, logged once per burst
+
+    def _note_refusal(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refused += 1
+        self._last_refusal = loop.time()
+        if self._refused == 1:
+            log.warning("control connection refused: %d open, every one busy with a command "
+                        "(more refusals are counted, and summed up once they stop)", MAX_CONNECTIONS)
+            self._burst_timer = loop.call_later(_REFUSALS_QUIET_S, self._refusals_quiet)
+
+    def _refusals_quiet(self) -> None:
+        # One timer per burst, pushed back while refusals go on, rather than one per refusal.
+        loop = asyncio.get_running_loop()
+        left = self._last_refusal + _REFUSALS_QUIET_S - loop.time()
+        if left > 0:
+            self._burst_timer = loop.call_later(left, self._refusals_quiet)
+        else:
+            self._burst_timer = None
+            self._end_refusals()
+
+    def _end_refusals(self) -> None:
+        """The burst of refusals, if any, is over: sum it up unless its first line said it all."""
+        if self._burst_timer is not None:
+            self._burst_timer.cancel()
+            self._burst_timer = None
+        if self._refused > 1:
+            log.warning("refused %d control connection(s) in all while %d were open and busy",
+                        self._refused, MAX_CONNECTIONS)
+        self._refused = 0
 
     def _admit(self, writer: asyncio.StreamWriter) -> bool:
         """Check the peer's credentials; answer and log a refusal."""
@@ -257,22 +370,37 @@ class ControlServer:
                 return
             discarded += len(data)
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+    ) -> None:
         lines = LineReader(MAX_REQUEST_BYTES)
         loop = asyncio.get_running_loop()
         while True:
-            # The deadline covers the whole request, so trickling bytes buys no time.
-            deadline = loop.time() + REQUEST_TIMEOUT_S
+            # Idle until a whole request has come: trickling bytes buys no time.
+            connection.idle_since = loop.time()
+            deadline = connection.idle_since + IDLE_TIMEOUT_S
             events: list[bytes | TooLong] = []
             while not events:
-                data = await asyncio.wait_for(reader.read(65536), max(0.0, deadline - loop.time()))
+                data: bytes | None
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    data = None
+                if connection.evicted:
+                    return  # told why, and closed, by the connection that took its place
+                if data is None:
+                    writer.write(error_answer(
+                        f"idle timeout: no request within {IDLE_TIMEOUT_S:g} s; closing the connection"))
+                    return
                 if not data:
                     return
                 events = lines.feed(data)
+            # Busy, so not closed to make room, until every request read is answered.
+            connection.idle_since = None
             for event in events:
                 answer, then = await self._answer(event)
                 writer.write(answer)
-                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+                await asyncio.wait_for(writer.drain(), ANSWER_TIMEOUT_S)
                 if then is not None:
                     then()
 

@@ -27,6 +27,13 @@ fd ownership:
 
 A protocol error, EOF or socket error closes the channel once and reports the
 reason to ``on_closed``; the socket itself is closed by ``close()``.
+
+On SOCK_SEQPACKET a datagram of no bytes and the end of the stream both read
+as 0 bytes. Nothing in the protocol is empty, so an empty datagram is a
+protocol error (``EMPTY_DATAGRAM``), and the peer that sent it is still there:
+it must not be taken for one that closed (``PEER_CLOSED``). A 0-byte read is
+the end only if the peer has shut down its side and nothing is queued behind
+it (``_at_end``).
 """
 
 from __future__ import annotations
@@ -35,9 +42,13 @@ import array
 import asyncio
 import collections
 import contextlib
+import fcntl
 import logging
 import os
+import select
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable, Iterable
 
@@ -57,6 +68,13 @@ _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 #: The reason given to ``on_closed`` when the peer went away (EOF, EPIPE, reset),
 #: as opposed to a protocol error.
 PEER_CLOSED = "peer closed the channel"
+#: The reason given to ``on_closed`` for a datagram of no bytes, which reads
+#: like EOF but comes from a peer that is still there.
+EMPTY_DATAGRAM = "empty datagram (protocol error)"
+
+# SIOCINQ, the bytes queued to read, has the number of FIONREAD on Linux.
+_SIOCINQ = termios.FIONREAD
+_INT = struct.Struct("i")
 
 OnMessage = Callable[[Message, list[int]], None]
 OnAck = Callable[[tuple[int, ...], bool, int], None]
@@ -86,6 +104,30 @@ def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int]
         else:
             unexpected = True
     return fds, unexpected
+
+
+def _queued_bytes(fileno: int) -> int:
+    """Bytes of the datagrams queued on ``fileno`` (0 if that cannot be learnt)."""
+    try:
+        return int(_INT.unpack(fcntl.ioctl(fileno, _SIOCINQ, bytes(_INT.size)))[0])
+    except OSError:
+        return 0
+
+
+def _at_end(fileno: int) -> bool:
+    """After a read of 0 bytes from ``fileno``: True if it was the end of the stream, False if a datagram.
+
+    The end is read only once the peer has shut down its sending side
+    (POLLRDHUP, and POLLHUP once it closed) and the queue is empty; with the
+    peer still there, or bytes still queued, the 0 bytes were an empty
+    datagram. One empty datagram sent last, just before the peer closed,
+    reads exactly like the close (same poll events, nothing queued: checked
+    on Linux); the peer is gone either way.
+    """
+    poller = select.poll()
+    poller.register(fileno, select.POLLRDHUP)
+    hung_up = any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
+    return hung_up and _queued_bytes(fileno) == 0
 
 
 class Channel:
@@ -161,7 +203,8 @@ class Channel:
                 self._fail("truncated message or unexpected ancillary data")
                 return False
         elif n == 0 and not flags & _TRUNCATED:
-            self._fail(PEER_CLOSED)
+            # Rare, so the extra system calls cost the hot path nothing.
+            self._fail(PEER_CLOSED if _at_end(self._fileno) else EMPTY_DATAGRAM)
             return False
         if self._on_handoff is not None:
             conn_ids = protocol.decode_handoff(buf, n)
@@ -322,8 +365,9 @@ class Channel:
         """Read, synchronously and to the end, what a dead peer sent: acks only.
 
         Acks it sent before dying still count, even after the channel failed
-        (a bad frame, then acks); anything else from a dead peer (ready,
-        pong) must not change what the owner believes, and its fds are closed.
+        (a bad frame or an empty datagram, then acks); anything else from a
+        dead peer (ready, pong) must not change what the owner believes, and
+        its fds are closed.
         """
         if self._on_ack is None:
             return
@@ -334,7 +378,9 @@ class Channel:
                 return
             if ancdata:
                 close_fds(fds_from_ancillary(ancdata)[0])
-            elif n == 0:
+            elif n == 0 and _queued_bytes(self._fileno) == 0:
+                # The peer is dead, so this is the end, unless it was an empty
+                # datagram with more behind it (acks that still count).
                 return
             ack = protocol.decode_ack(self._buf, n)
             if ack is not None:

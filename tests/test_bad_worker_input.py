@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ BAD_FRAMES = [
     ("raw", protocol.encode(Hello(9, 1)).hex()),              # claims to be someone else
     ("raw", protocol.encode(Ready()).hex()),                  # ready twice
     ("big", "70000"),                                         # oversized
+    ("empty", ""),                                            # a datagram of no bytes
 ]
 
 
@@ -39,6 +42,29 @@ def test_bad_frame_gets_worker_replaced(server_factory: type[Server], kind: str,
     # The answers end (the worker's FIN) before the master has read the last
     # acks and closed its copies: wait for that, bounded.
     wait_for(lambda: server.fd_count() == fds_before, 10, f"master back to {fds_before} fds")
+
+
+def test_an_empty_datagram_is_named_and_its_worker_replaced_at_once(server_factory: type[Server]) -> None:
+    """On the channel an empty datagram reads like the worker closing it: the master tells them apart.
+
+    Taken for a close, the worker would sit unused until the master gave up
+    waiting for it to exit (5 s), and no line would say why.
+    """
+    server = server_factory("--app", "tests.apps.evil:handler", workers=2).start()
+    culprit = int(ask(server.port, b"empty\n").strip())
+    sent = time.monotonic()
+    # Bounded well below the 5 s the master waits for a worker that closed its channel.
+    named = rf"worker (\d) \(pid {culprit}\): empty datagram \(protocol error\); replacing it"
+    line = server.wait_line(named, timeout=2)
+    server.wait_line(rf"pid {culprit}\) killed by SIGKILL", timeout=2)
+    assert time.monotonic() - sent < 2
+    slot = int(line.group(1))
+    server.wait_line(rf"worker {slot} \(pid \d+\) ready")
+    workers = server.wait_ready()["workers"]
+    assert [w["state"] for w in workers] == ["ready", "ready"]
+    assert culprit not in {w["pid"] for w in workers}
+    assert workers[slot]["last_exit"] == "killed by SIGKILL"
+    assert "Traceback" not in server.log
 
 
 frames = st.one_of(

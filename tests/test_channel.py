@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import protocol
-from shared.channel import PEER_CLOSED, Channel, socketpair
+from shared.channel import EMPTY_DATAGRAM, PEER_CLOSED, Channel, socketpair
 from shared.protocol import Handoff, Listen, Message, Ping
 from tests.helpers import fd_table_full
 
@@ -147,6 +147,54 @@ def test_eof_is_reported_as_peer_closed(loop: asyncio.AbstractEventLoop) -> None
     channel.close()
 
 
+@pytest.mark.parametrize("side", ["master", "worker"])
+@pytest.mark.parametrize(
+    ("sent", "then", "reason"),
+    [
+        ([b""], "stays", EMPTY_DATAGRAM),
+        ([b"", protocol.encode(Ping(1))], "closes", EMPTY_DATAGRAM),  # more queued behind it
+        ([protocol.encode(Ping(1))], "closes", PEER_CLOSED),
+        ([protocol.encode(Ping(1))], "shuts down", PEER_CLOSED),
+    ],
+    ids=["empty", "empty-then-more-then-close", "close", "shutdown"],
+)
+def test_an_empty_datagram_is_a_protocol_error_not_the_peer_closing(
+    loop: asyncio.AbstractEventLoop, side: str, sent: list[bytes], then: str, reason: str
+) -> None:
+    """SOCK_SEQPACKET reads 0 bytes for an empty datagram and at EOF alike; the channel tells them apart."""
+    a, b = socketpair()
+    rec = Recorder()
+    if side == "master":
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    else:
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
+    for data in sent:
+        b.send(data)
+    if then == "closes":
+        b.close()
+    elif then == "shuts down":
+        b.shutdown(socket.SHUT_WR)
+    run_until(loop, lambda: rec.closed)
+    assert rec.closed == [reason]
+    # Nothing after the empty datagram is read; a message before the end is.
+    assert rec.messages == ([] if reason == EMPTY_DATAGRAM else [(Ping(1), [])])
+    channel.close()
+    b.close()
+
+
+def test_acks_after_an_empty_datagram_of_a_dead_peer_still_count(loop: asyncio.AbstractEventLoop) -> None:
+    a, b = socketpair()
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    b.send(protocol.encode_ack((1,), True))
+    b.send(b"")
+    b.send(protocol.encode_ack((2,), True))
+    b.close()
+    channel.read_acks_of_dead_peer()
+    assert rec.acks == [((1,), True, 0), ((2,), True, 0)]
+    channel.close()
+
+
 def test_send_owns_and_closes_its_fd_and_queues_when_full(loop: asyncio.AbstractEventLoop) -> None:
     before = open_fds()
     a, b = socketpair()
@@ -231,7 +279,7 @@ def test_flush_before_exit_closes_each_fd_it_was_given_once(
 
 frames = st.tuples(
     st.one_of(
-        st.binary(min_size=1, max_size=64),
+        st.binary(max_size=64),  # empty too: a protocol error, not an end
         st.sampled_from([protocol.encode(Handoff((3,))), protocol.encode(Handoff((3, 4))),
                          protocol.encode(Listen()), protocol.encode(Ping(2)),
                          protocol.encode_ack((9,), True), protocol.encode_ack((9, 10), False)]),

@@ -24,8 +24,9 @@ import psutil
 import pytest
 
 from bench.server import ROOT, Server
-from dispatcher.control import ControlServer
+from dispatcher.control import IDLE_TIMEOUT_S, MAX_CONNECTIONS, ControlServer
 from dispatcher.control_protocol import MAX_REQUEST_BYTES, LineReader, TooLong
+from dispatcher.ctl import request
 from dispatcher.rundir import ControlError
 from dispatcher.snapshot import MasterFigures, Snapshot, WorkerFigures
 from tests.helpers import wait_for
@@ -82,12 +83,29 @@ def connect(path: Path | str) -> Iterator[socket.socket]:
 def ask(sock: socket.socket, line: bytes) -> dict[str, Any]:
     """Send one raw request line; return the decoded answer line."""
     sock.sendall(line)
+    return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> dict[str, Any]:
+    """The next answer line (the master sends nothing unasked, so nothing follows it yet)."""
     buf = b""
     while not buf.endswith(b"\n"):
         data = sock.recv(65536)
         assert data, f"connection closed; got {buf!r}"
         buf += data
     answer = json.loads(buf)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def last_answer(sock: socket.socket) -> dict[str, Any]:
+    """The one answer the master sends before it closes the connection; checks that it closes."""
+    buf = b""
+    while data := sock.recv(65536):
+        buf += data
+    lines = buf.splitlines()
+    assert len(lines) == 1, f"one answer, then the end; got {buf!r}"
+    answer = json.loads(lines[0])
     assert isinstance(answer, dict)
     return answer
 
@@ -515,6 +533,104 @@ def test_ready_answers_at_once_when_the_master_begins_to_stop(server_factory: ty
         waiting.wait(5)
     assert waiting.returncode == 1 and "ready: the master is stopping" in err
     assert time.monotonic() - started < 10  # not the 60 s it was ready to wait, nor the graceful 30
+
+
+# Idle connections and the connection cap
+
+IDLE_ANSWER = {"ok": False,
+               "error": f"idle timeout: no request within {IDLE_TIMEOUT_S:g} s; closing the connection"}
+TOO_MANY = f"the master has too many control connections open ({MAX_CONNECTIONS})"
+
+
+def test_an_idle_connection_is_told_and_closed_after_the_idle_timeout(server_factory: type[Server],
+                                                                       tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    server = start(server_factory, path, workers=1)
+    fds = server.fd_count()
+    with connect(path) as quiet, connect(path) as partial, connect(path) as served:
+        partial.sendall(b'{"cmd": "sta')  # half a request buys no time
+        assert ask(served, b'{"cmd": "status"}\n')["ok"]  # its idle time counts from this answer
+        answered = time.monotonic()
+        assert last_answer(served) == IDLE_ANSWER
+        # Not cut early (the master started counting a moment before the answer got here)...
+        assert time.monotonic() - answered > IDLE_TIMEOUT_S - 0.2
+        # ...nor late, and the others were told the same.
+        assert time.monotonic() - answered < IDLE_TIMEOUT_S + 2
+        assert last_answer(quiet) == IDLE_ANSWER
+        assert last_answer(partial) == IDLE_ANSWER
+    wait_for(lambda: server.fd_count() == fds, 5, f"master back to {fds} fds")
+    assert "Traceback" not in server.log
+
+
+def test_a_long_command_is_not_cut_by_the_idle_timeout(server_factory: type[Server], tmp_path: Path) -> None:
+    path = tmp_path / "ctl.sock"
+    slow_to_boot(server_factory, path, workers=1, seconds=30)
+    wait = IDLE_TIMEOUT_S + 1
+    with connect(path) as sock:
+        answer = ask(sock, json.dumps({"cmd": "ready", "timeout": wait}).encode() + b"\n")
+        assert answer == {"ok": False, "error": f"ready: 0 of 1 worker(s) ready after {wait:g} s"}
+        assert ask(sock, b'{"cmd": "status"}\n')["ok"]  # and it goes on as before
+
+
+def test_idle_connections_make_room_for_the_masters_own_user(server_factory: type[Server],
+                                                              tmp_path: Path) -> None:
+    """At the cap, the idlest connection is told why and closed, so that ``ctl`` still gets through."""
+    path = tmp_path / "ctl.sock"
+    server = start(server_factory, path, workers=1)
+    extra = 6
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CONNECTIONS + extra)]
+    try:
+        for sock in idle:
+            sock.settimeout(IDLE_TIMEOUT_S + 10)
+            sock.connect(str(path))
+        asked = time.monotonic()
+        assert request(str(path), "status", timeout_s=IDLE_TIMEOUT_S)["master"]["pid"] == server.pid
+        assert time.monotonic() - asked < IDLE_TIMEOUT_S / 2  # room was made, not waited for
+        answers = [last_answer(sock) for sock in idle]
+    finally:
+        for sock in idle:
+            sock.close()
+    evicted = {"ok": False, "error": f"closed to make room: {TOO_MANY} and this one was the idlest"}
+    # Oldest first: one for each connection past the cap, and one for the status request.
+    assert answers[:extra + 1] == [evicted] * (extra + 1)
+    assert answers[extra + 1:] == [IDLE_ANSWER] * (MAX_CONNECTIONS - 1)
+    assert ctl_json(path, "status")["master"]["pid"] == server.pid
+    server.sync_log()
+    assert "refused" not in server.log and "Traceback" not in server.log
+
+
+def test_a_refused_client_is_told_why_and_a_burst_is_logged_once(server_factory: type[Server],
+                                                                   tmp_path: Path) -> None:
+    """Only when every connection is busy with a command is a new one refused."""
+    path = tmp_path / "ctl.sock"
+    server = slow_to_boot(server_factory, path, workers=1, seconds=30)
+    busy: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            busy.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            busy[-1].settimeout(10)
+            busy[-1].connect(str(path))
+            # Two requests in one write, read at once: once the status is answered,
+            # the master is carrying out the ready (it waits for a worker that boots for 30 s).
+            busy[-1].sendall(b'{"cmd": "status"}\n{"cmd": "ready", "timeout": 60}\n')
+        for sock in busy:
+            assert read_answer(sock)["ok"]
+        refusal = {"ok": False, "error": f"{TOO_MANY}, every one busy with a command; try again later"}
+        for _ in range(5):
+            with connect(path) as sock:
+                sock.sendall(b'{"cmd": "status"}\n')
+                assert last_answer(sock) == refusal
+        done = ctl(path, "status")
+        assert done.returncode == 1
+        assert done.stderr == f"dispatcher ctl: {refusal['error']}\n"
+        # One line when the refusals begin, one once they have stopped for a while.
+        summary = server.wait_line(r"WARNING refused (\d+) control connection\(s\)", timeout=15)
+        assert summary.group(1) == "6"
+        server.sync_log()
+        assert server.log.count("control connection refused") == 1, server.log
+    finally:
+        for sock in busy:
+            sock.close()
 
 
 def test_every_ctl_command_the_readme_shows_parses() -> None:

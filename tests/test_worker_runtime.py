@@ -17,6 +17,7 @@ import pytest
 
 from shared import eventloop, protocol
 from shared.channel import socketpair
+from shared.exitcodes import ExitCode
 from tests.helpers import fd_table_full
 from worker.app import classify
 from worker.runtime import Runtime
@@ -421,3 +422,16 @@ def test_a_listen_fd_that_is_no_listening_socket_is_closed_and_the_worker_goes_o
         (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert "Listen" in record.getMessage() and "\n" not in record.getMessage()
         assert not runtime.draining
+
+
+def test_an_empty_datagram_from_the_master_is_a_protocol_error(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It reads like the master closing the channel, and is not: the worker says so, then exits."""
+    with running(loop, streams_answer) as (runtime, master_end):
+        master_end.send(b"")
+        code = loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+        assert code is ExitCode.MASTER_GONE  # it can no longer trust what its master sends
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.runtime"]
+    assert "channel to master failed: empty datagram (protocol error); exiting" in messages
+    assert not [m for m in messages if "master is gone" in m]

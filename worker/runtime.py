@@ -29,7 +29,9 @@ fd ownership:
   starts, or at once if it is not a listening stream socket. Connections it
   accepts are ours alone and are never acked.
 - If the master goes away (EOF on the channel), the process exits at once;
-  the kernel closes whatever it held.
+  the kernel closes whatever it held. A protocol error on the channel (an
+  empty datagram among them, which reads like EOF and is not) is logged as
+  such and ends the process the same way.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The client sends one line: ``raw HEX`` (send those bytes as one datagram),
 ``fd HEX`` (the same, with an fd attached), ``big N`` (an N-byte user
-message) or ``ok``. The handler answers
+message), ``empty`` (a datagram of no bytes) or ``ok``. The handler answers
 with its pid first, so the client learns which worker it reached.
 """
 
@@ -26,6 +26,8 @@ async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     await writer.drain()
     if len(words) == 2 and words[0] == "big":  # a user message of N bytes of JSON
         words = ["raw", (b"\x09" + b"[" * int(words[1])).hex()]
+    if words == ["empty"]:
+        words = ["raw", ""]
     if len(words) == 2 and words[0] in ("raw", "fd"):
         with _channel() as chan:
             fds = [sys.stdin.fileno()] if words[0] == "fd" else []
