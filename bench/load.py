@@ -186,6 +186,16 @@ class Load:
             if not self._changed.wait_for(lambda: self._succeeded >= target, timeout):
                 raise TimeoutError(f"load stalled at {self._succeeded} ok; failed: {self.errors}")
 
+    def wait_total(self, count: int, timeout: float = 10.0) -> None:
+        """Block until ``count`` requests in all succeeded.
+
+        Raises:
+            TimeoutError: they did not within ``timeout`` seconds.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._succeeded >= count, timeout):
+                raise TimeoutError(f"load stalled at {self._succeeded} ok; failed: {self.errors}")
+
     def between(self, start: float, end: float) -> tuple[int, int, collections.Counter[str]]:
         """(served, failed, failures by why) among the requests that ended in ``[start, end]``."""
         with self._changed:

@@ -362,12 +362,14 @@ class Channel:
         self._when_writable.clear()
 
     def read_acks_of_dead_peer(self) -> None:
-        """Read, synchronously and to the end, what a dead peer sent: acks only.
+        """Read, synchronously and to the end, what a dead peer sent: acks, and its last error.
 
         Acks it sent before dying still count, even after the channel failed
-        (a bad frame or an empty datagram, then acks); anything else from a
-        dead peer (ready, pong) must not change what the owner believes, and
-        its fds are closed.
+        (a bad frame or an empty datagram, then acks). An ``Error`` goes to
+        ``on_message`` too: it says why the peer died (a failed boot's line
+        names it), though the exit may be seen before it is read. Anything
+        else from a dead peer (ready, pong) must not change what the owner
+        believes, and its fds are closed.
         """
         if self._on_ack is None:
             return
@@ -385,6 +387,10 @@ class Channel:
             ack = protocol.decode_ack(self._buf, n)
             if ack is not None:
                 self._on_ack(*ack)
+            elif n and not ancdata and self._buf[0] == protocol.MessageType.ERROR:
+                with contextlib.suppress(ProtocolError):
+                    error = protocol.decode(bytes(self._buf[:n]))
+                    self._on_message(error, [])
 
     def flush_before_exit(self, timeout_s: float) -> None:
         """Send what is still queued, blocking up to ``timeout_s`` in all (the process is ending).

@@ -195,6 +195,20 @@ def test_acks_after_an_empty_datagram_of_a_dead_peer_still_count(loop: asyncio.A
     channel.close()
 
 
+def test_a_dead_peers_last_error_is_read_and_nothing_else_it_said(loop: asyncio.AbstractEventLoop) -> None:
+    """The exit can be seen before the error that explains it: reading to the end still finds it."""
+    a, b = socketpair()
+    rec = Recorder()
+    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    b.send(protocol.encode(protocol.Ready()))
+    b.send(protocol.encode(protocol.Error(3, "app spec 'a:b': no module named 'a'")))
+    b.send(protocol.encode(protocol.Pong(1, {})))
+    b.close()
+    channel.read_acks_of_dead_peer()
+    assert rec.messages == [(protocol.Error(3, "app spec 'a:b': no module named 'a'"), [])]
+    channel.close()
+
+
 def test_send_owns_and_closes_its_fd_and_queues_when_full(loop: asyncio.AbstractEventLoop) -> None:
     before = open_fds()
     a, b = socketpair()

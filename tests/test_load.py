@@ -14,7 +14,7 @@ from bench.server import Server
 def test_raw_lines_are_counted_by_answer_and_bounded_in_count(server_factory: type[Server]) -> None:
     server = server_factory("--app", "tests.apps.handlers:pid", workers=2).start()
     with Load(server.port, clients=3, max_requests=60) as load:
-        load.wait_requests(60)
+        load.wait_total(60)
         time.sleep(0.2)  # a client that overran the bound would have answered by now
     assert (load.ok, load.failed) == (60, 0), load.errors
     assert set(load.answers) == {str(pid) for pid in server.worker_pids()}
