@@ -166,12 +166,15 @@ class Backoff:
     becoming ready, is a crash: the first in a row waits ``initial_s``, each
     next one ``factor`` times longer, up to ``max_s`` (PM2's
     ``exp_backoff_restart_delay``). One that was ready longer served: it is
-    restarted at once and the count starts over. So a worker killed from
-    outside, however often, is back as fast as a process can start, and
-    only code that cannot stay up is held back. ``served_after_s`` is
-    shorter than Supervisor's ``startsecs`` and PM2's ``min_uptime`` (1 s):
-    a crash on the first request lands within milliseconds of ready, while
-    a worker that was killed after serving half a second is no loop.
+    restarted at once and the count starts over. So is one killed from
+    outside (SIGKILL, SIGTERM and the like, not sent by the master): its
+    code did not fail, however early it died. So a worker killed by an
+    operator or a chaos test, however often, is back as fast as a process
+    can start, and only code that cannot stay up is held back.
+    ``served_after_s`` is shorter than Supervisor's ``startsecs`` and PM2's
+    ``min_uptime`` (1 s): a crash on the first request lands within
+    milliseconds of ready, while a worker that died after serving half a
+    second is no loop.
     """
 
     initial_s: float = 0.1
@@ -181,9 +184,9 @@ class Backoff:
     #: Crashes in a row (reset by a process that served).
     crashes: int = field(default=0, init=False)
 
-    def next_delay(self, ready_for_s: float | None) -> float:
+    def next_delay(self, ready_for_s: float | None, killed_from_outside: bool = False) -> float:
         """How long to wait before restarting a process that was ready for ``ready_for_s`` (None: never)."""
-        if ready_for_s is not None and ready_for_s >= self.served_after_s:
+        if killed_from_outside or (ready_for_s is not None and ready_for_s >= self.served_after_s):
             self.crashes = 0
             return 0.0
         self.crashes += 1

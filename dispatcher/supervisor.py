@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 _FATAL_EXITS = frozenset({ExitCode.APP_LOAD_FAILED, ExitCode.WORKER_BOOT_FAILED})
 #: Exit statuses of a worker that was asked to stop and did.
 _STOP_CODES = frozenset({0, -signal.SIGTERM, -signal.SIGKILL})
+#: Deaths by these signals, when the master sent none, are a kill from outside, not a crash.
+_OUTSIDE_KILLS = frozenset({-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGQUIT,
+                            -signal.SIGHUP})
 #: A worker that closed its channel but lingers is killed after this.
 _LINGER_S = 5.0
 #: An unresponsive worker gets SIGTERM, then SIGKILL after this.
@@ -153,12 +156,14 @@ class Supervisor:
         log.debug("%r started", worker)
         return worker
 
-    def _restart(self, slot: Slot, ready_for_s: float | None) -> None:
-        """Restart ``slot``: at once if its process served, after the backoff if it is a crash loop."""
-        delay = slot.backoff.next_delay(ready_for_s)
+    def _restart(self, slot: Slot, ready_for_s: float | None, killed_from_outside: bool = False) -> None:
+        """Restart ``slot``: at once if its process served or was killed from outside, else after the
+        backoff (a crash loop)."""
+        delay = slot.backoff.next_delay(ready_for_s, killed_from_outside)
         slot.restarts += 1
         if delay <= 0:
-            log.info("worker %d restarts at once (it served %.1f s)", slot.id, ready_for_s or 0.0)
+            why = "killed from outside" if killed_from_outside else f"it served {ready_for_s or 0.0:.1f} s"
+            log.info("worker %d restarts at once (%s)", slot.id, why)
             self._start(slot)
             return
         slot.restart_timer = self._loop.call_later(delay, self._start, slot)
@@ -279,7 +284,7 @@ class Supervisor:
         if slot.successor is worker:
             self._successor_failed(slot, worker)
         elif slot.worker is worker:
-            self._serving_exited(slot, worker, alone)
+            self._serving_exited(slot, worker, alone, killed_by_master=expected)
 
     def _successor_failed(self, slot: Slot, worker: WorkerProcess) -> None:
         slot.successor = None
@@ -289,7 +294,7 @@ class Supervisor:
         if slot.worker is None and not self.stopping:
             self._restart(slot, worker.ready_for_s)
 
-    def _serving_exited(self, slot: Slot, worker: WorkerProcess, alone: bool) -> None:
+    def _serving_exited(self, slot: Slot, worker: WorkerProcess, alone: bool, killed_by_master: bool) -> None:
         slot.worker = None
         slot.last_exit = worker.exit_reason
         if self.stopping or self._fatal:
@@ -310,7 +315,10 @@ class Supervisor:
         if waiting:
             log.warning("no worker is ready: %d connection(s) wait (up to %.0f s) for a restart",
                         waiting, self._pending_timeout_s)
-        self._restart(slot, worker.ready_for_s)
+        # The master's own kills (a fault, a boot timeout, no pong) leave it
+        # STOPPING: those are the code's failures and count as crashes.
+        outside = returncode in _OUTSIDE_KILLS and not killed_by_master
+        self._restart(slot, worker.ready_for_s, killed_from_outside=outside)
 
     # Decisions of the master's own
 

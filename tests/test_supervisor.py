@@ -232,14 +232,14 @@ def test_transition_ready_to_exited_soon_after_ready_restarts_the_slot_after_its
 ) -> None:
     r = rig()
     worker = r.serving()
-    worker.ready()  # and dies at once: a crash loop's first step
-    worker.exit(-signal.SIGKILL)
+    worker.ready()  # and dies at once by itself: a crash loop's first step
+    worker.exit(-signal.SIGSEGV)
     slot = r.supervisor.slots.get(0)
     assert slot is not None and slot.worker is None
     assert worker.state is S.EXITED and r.distribution.forgotten == [worker]
     assert worker.channel.closed
     assert slot.state is S.BACKOFF and slot.restarts == 1
-    assert slot.last_exit == "killed by SIGKILL"
+    assert slot.last_exit == "killed by SIGSEGV"
     assert slot.restart_timer is not None
     assert slot.restart_timer.when() - r.loop.time() == pytest.approx(0.1, abs=0.05)
     r.run_until(lambda: len(r.spawned) == 2)
@@ -261,15 +261,41 @@ def test_transition_ready_to_exited_after_serving_restarts_the_slot_at_once(
     caplog.set_level(logging.INFO)
     r = rig(workers=2)
     first = r.serving(0)
-    for _ in range(20):  # killed from outside, however often
+    for _ in range(20):  # however often
         _served(first)
-        first.exit(-signal.SIGKILL)
+        first.exit(1)
         slot = r.supervisor.slots.get(0)
         assert slot is not None and slot.restart_timer is None
         assert slot.worker is r.spawned[-1] and slot.worker is not first
         first = r.serving(0)
     assert slot.restarts == 20 and slot.backoff.crashes == 0
     assert "worker 0 restarts at once (it served 1.0 s)" in caplog.text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_transition_starting_to_exited_by_a_kill_from_outside_restarts_at_once(
+    rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture, sig: signal.Signals,
+) -> None:
+    """Killed before it was ready, by an operator or a chaos test: its code did not fail."""
+    caplog.set_level(logging.INFO)
+    r = rig()
+    for _ in range(5):
+        r.serving().exit(-sig)
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None and slot.restart_timer is None and slot.backoff.crashes == 0
+    assert len(r.spawned) == 6
+    assert "worker 0 restarts at once (killed from outside)" in caplog.text
+
+
+def test_a_kill_by_the_master_before_ready_counts_as_a_crash(rig: Callable[..., Rig]) -> None:
+    r = rig(workers=2, boot_timeout_s=1.0)
+    worker = r.serving()
+    r.serving(1).ready()  # another serves, so a failed boot does not stop the master
+    r.supervisor.check_boot(time.monotonic() + 2.0)  # not ready in time: the master kills it
+    assert worker.signals == [signal.SIGKILL]
+    worker.exit(-signal.SIGKILL)
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None and slot.restart_timer is not None and slot.backoff.crashes == 1
 
 
 def test_crash_loop_backoff_is_per_slot_and_a_served_life_starts_it_over(rig: Callable[..., Rig]) -> None:
