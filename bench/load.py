@@ -117,10 +117,16 @@ class Load:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
-        """Stop and join the client threads (each within ``JOIN_TIMEOUT_S``)."""
+    def stop(self, join: bool = True) -> None:
+        """Stop and join the client threads (each within ``JOIN_TIMEOUT_S``).
+
+        With ``join`` False, only tell them to stop: each ends once its request
+        under way does (a client whose SYN went unanswered waits for the
+        kernel to send it again); ``join()`` waits for that later.
+        """
         self._stop.set()
-        self.join()
+        if join:
+            self.join()
 
     def join(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
         """Wait (each thread up to ``timeout``) for the load to end; return whether it has.

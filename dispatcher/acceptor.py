@@ -93,7 +93,9 @@ class Acceptor:
         """Accept what the kernel backlog still holds, as far as the queue has room.
 
         Used once while stopping, so clients that already connected are served
-        rather than reset. Returns how many were accepted.
+        rather than reset. The master closed the listeners to new connections
+        just before (``Listener.close_to_new``), so nothing joins the backlog
+        meanwhile. Returns how many were accepted.
         """
         before = self.accepted
         for listener in self._listeners:

@@ -7,6 +7,36 @@ Unix socket path it created). When workers accept for themselves
 (``dispatcher.workers_accept``) they get *copies* (``socket.dup`` or a fresh
 SO_REUSEPORT socket); those copies are passed over the channel and closed
 by the master as soon as they are sent.
+
+Closing a listening socket resets the connections in its queue. On a
+graceful stop the master therefore closes each listener to new connections
+first (``Listener.close_to_new``), then what the queue holds is accepted
+until EAGAIN, and only then is the socket closed:
+
+- TCP: the stop filter (``shared.syn_filter``) drops every SYN from then on.
+  A client whose SYN is dropped sends it again a second later and is
+  refused, as the listener is closed by then; a handshake already under way
+  completes and is accepted. Under round-robin the master accepts what is
+  queued (``dispatcher.acceptor``); under shared the filter is on the one
+  socket every worker holds a copy of, and each worker accepts what is
+  queued when it is told to drain, before closing its copy; under reuseport
+  each worker's socket is its own, so each worker attaches the filter
+  itself whenever it drains (``worker.acceptor``).
+- Unix: a connect runs no socket filter, so the path is removed instead
+  (new clients get ENOENT) and the filter is attached only as the mark that
+  tells the workers the socket is closing for good.
+- Inherited sockets (``fd://N``, systemd) are left as they are: the process
+  that passed them may keep them open for the next instance (systemd does,
+  and the connections still queued then wait for it), and a filter would
+  stay on its socket after this master exits. The master still accepts
+  once what is queued, as far as its pending queue has room.
+
+What remains, and no listening socket can avoid: a handshake whose final
+ACK arrives between the last accept and the close is reset (on loopback a
+matter of microseconds; across a network, up to one round trip's worth of
+handshakes begun just before the filter). Under round-robin the master
+takes no more than its pending queue has room for (``--max-pending``); if
+it is full when the stop begins, the rest of the queue is reset as before.
 """
 
 from __future__ import annotations
@@ -18,6 +48,8 @@ import socket
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from shared import syn_filter
 
 DEFAULT_BACKLOG = 2048
 
@@ -97,6 +129,30 @@ class Listener:
             return f"unix:{self.sock.getsockname()}"
         host, port = self.sock.getsockname()[:2]
         return f"[{host}]:{port}" if self.sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+    @property
+    def inherited(self) -> bool:
+        """Passed in by another process (``fd://N``, systemd), which may hold it too."""
+        return self.spec.fd is not None
+
+    def close_to_new(self) -> None:
+        """Let no new connection into the queue; what it holds stays there to be accepted.
+
+        The first step of a graceful stop (see the theory of operation): a TCP
+        socket gets the stop filter, a Unix one loses its path and gets the
+        filter as a mark. An inherited socket is left as it is. Idempotent.
+
+        Raises:
+            OSError: the kernel refused the filter; the queue keeps filling until the close.
+        """
+        if self.inherited:
+            return
+        if self.owned_path is not None:
+            # Removed now, and not at close: a successor may bind the path meanwhile.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.owned_path)
+            self.owned_path = None
+        syn_filter.attach(self.sock.fileno())
 
     def close(self) -> None:
         self.sock.close()

@@ -22,6 +22,8 @@ Theory of operation (fds)
 -------------------------
 - Listening sockets: bound by the distribution, owned here, closed on stop.
   Copies for workers that accept themselves are the channel's once queued.
+  A graceful stop closes them to new connections first, so that what their
+  queues hold is accepted, not reset (``dispatcher.listeners``).
 - Accepted connections (hand-off): owned by the scheduler until acked (see
   ``dispatcher.scheduler``). When a worker dies, its channel is drained
   first (acks it sent before dying still count), then its un-acked
@@ -313,6 +315,11 @@ class Master:
     async def _shutdown(self, graceful: bool) -> None:
         supervisor = self.supervisor
         supervisor.stop_restarts()
+        if graceful:
+            # Before the last accept: it then ends at EAGAIN, and the close that
+            # follows (the master's here, or a worker's once it drains) finds the
+            # queue empty.
+            self._close_listeners_to_new()
         self.distribution.stop(sweep=graceful)
         for listener in self.listeners:
             listener.close()
@@ -340,6 +347,14 @@ class Master:
         dropped = self.distribution.close()
         if dropped:
             log.warning("closed %d connection(s) that no worker could take", dropped)
+
+    def _close_listeners_to_new(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener.close_to_new()
+            except OSError as exc:
+                log.warning("%s: cannot stop new connections before closing (%s); "
+                            "those arriving until it closes are reset", listener.address, exc.strerror)
 
     # Operating: what the control socket, signals and the library offer
 

@@ -10,11 +10,18 @@ differ only in what that socket is:
   whichever worker happens to be waiting in accept;
 - ``ReusePortAccept``: a new SO_REUSEPORT socket bound to the same address;
   the kernel hashes each connection (by its addresses and ports) to one of
-  them, so the spread is statistical, and connections waiting in a dying
-  worker's own queue are lost. The master binds each worker's socket for it
+  them, so the spread is statistical, and connections waiting in a worker's
+  own queue are lost when it dies (a worker that drains takes them first:
+  its workers are started with ``--own-listeners``, see ``worker.acceptor``).
+  The master binds each worker's socket for it
   (so privileged ports and port 0 work the same as in the other policies);
   its own socket only holds the port: bound with SO_REUSEPORT but never
   listening, so it is not in the kernel's group and receives nothing.
+
+On a graceful stop the master closes its listeners to new connections
+(``dispatcher.listeners``) before telling the workers to drain; under
+shared, that is the socket the workers accept on, and each takes what is
+queued before closing its copy.
 
 fd ownership: the sockets made for a worker are the channel's once queued
 (``Channel.send`` closes them once sent); if making one fails, those made
@@ -125,3 +132,9 @@ class ReusePortAccept(WorkersAccept):
 
     def _socket_for_worker(self, listener: Listener) -> socket.socket:
         return reuseport_sibling(listener, self._backlog)
+
+    def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
+        super().start(loop, listeners)
+        # Closing a worker's socket loses its queue: the worker closes it to
+        # new connections and takes what it holds first, whenever it drains.
+        return ("--own-listeners",)

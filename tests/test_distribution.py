@@ -130,7 +130,9 @@ def workers_accept(rig_class: type[Rig], policy: str, binds: int = 1) -> Rig:
     distribution = SharedAccept() if policy == "shared" else ReusePortAccept()
     rig = rig_class(distribution)
     rig.listeners = distribution.listen([parse_bind("127.0.0.1:0")] * binds, 16)
-    assert distribution.start(rig.loop, rig.listeners) == ()
+    # A reuseport worker's socket is its own: it closes it to new connections itself when it drains.
+    expected = () if policy == "shared" else ("--own-listeners",)
+    assert distribution.start(rig.loop, rig.listeners) == expected
     return rig
 
 

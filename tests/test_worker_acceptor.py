@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from shared import syn_filter
 from shared.accept_errors import OverloadEpisode
 from worker.acceptor import Acceptor
 
@@ -190,3 +191,68 @@ def test_an_overload_that_comes_and_goes_is_one_episode_with_one_summary(
     assert lines[0] == ("accept failed: Too many open files; "
                         "pausing accepts for 10 ms at a time until it passes")
     assert lines[1].startswith("accepting ran clean for 0.2 s: accepts paused 10 time(s) over 0.")
+
+
+def queue_one(sock: socket.socket) -> socket.socket:
+    """A client whose connection waits in ``sock``'s queue, its line sent."""
+    client = socket.create_connection(sock.getsockname(), timeout=10)
+    client.sendall(b"hi\n")
+    return client
+
+
+def test_draining_its_own_listener_takes_what_is_queued_then_closes_it(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """reuseport: the socket is this worker's alone; closing it would reset its queue."""
+    own = socket.create_server(("127.0.0.1", 0))
+    own.setblocking(False)
+    address = own.getsockname()
+    got: list[socket.socket] = []
+    acceptor = Acceptor(loop, got.append, own_listeners=True)
+    acceptor.add(own)
+    with queue_one(own) as client:
+        acceptor.drain()  # the loop never ran: the connection was still in the kernel's queue
+        assert own.fileno() == -1 and acceptor.closed
+        assert len(got) == 1 and acceptor.accepted == 1
+        with got[0] as conn:
+            conn.settimeout(10)
+            assert conn.recv(10) == b"hi\n"
+            conn.sendall(b"answer\n")
+        assert client.recv(10) == b"answer\n"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=10).close()
+
+
+def test_draining_a_shared_listener_the_master_closes_takes_what_is_queued(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """shared, on a stop: the master attached the stop filter to the socket every worker holds."""
+    masters = socket.create_server(("127.0.0.1", 0))
+    copy = masters.dup()
+    copy.setblocking(False)
+    got: list[socket.socket] = []
+    acceptor = Acceptor(loop, got.append)
+    acceptor.add(copy)
+    with queue_one(masters):
+        syn_filter.attach(masters.fileno())
+        masters.close()  # the master closes its own copy first
+        acceptor.drain()
+        assert copy.fileno() == -1 and len(got) == 1
+        got[0].close()
+
+
+def test_draining_alone_leaves_a_shared_queue_to_the_others(loop: asyncio.AbstractEventLoop) -> None:
+    """shared, a reload: no stop filter, so the worker only closes its copy; the master's keeps the queue."""
+    masters = socket.create_server(("127.0.0.1", 0))
+    copy = masters.dup()
+    copy.setblocking(False)
+    got: list[socket.socket] = []
+    acceptor = Acceptor(loop, got.append)
+    acceptor.add(copy)
+    with queue_one(masters):
+        acceptor.drain()
+        assert copy.fileno() == -1 and got == []
+        masters.settimeout(10)
+        conn, _ = masters.accept()  # still queued, for another worker
+        conn.close()
+    masters.close()

@@ -12,12 +12,41 @@ Accept errors are told apart by ``shared.accept_errors``, as in the master,
 so the policies compare alike:
 - out of a resource (EMFILE and the like): every listener leaves the loop
   and accepting resumes after ``overload_pause_s``; one log line when the
-  episode starts and one when a connection is accepted again;
+  episode starts and one summary once accepting has run clean for a while
+  (``shared.accept_errors.OverloadEpisode``);
 - anything else concerns one client, which is gone: skipped, no pause.
 
+Draining (``drain``): closing a listening socket resets the connections
+still in its queue, unless another process holds the socket too. So before
+closing a listener that is closing for good, the worker accepts what its
+queue holds, until EAGAIN, and serves it. "For good" is read from the
+socket itself: it carries the stop filter (``shared.syn_filter``), which
+lets no new connection into the queue, so that loop ends. Read from the
+socket rather than told: the worker loops until EAGAIN only when the loop
+is sure to end.
+
+- reuseport (``own_listeners``): the socket is this worker's alone, and its
+  queue is lost with it, so the worker attaches the filter itself, whenever
+  it drains (a stop, a reload, scaling down, its own SIGTERM). A SYN that
+  the kernel sends to it meanwhile is dropped, sent again a second later,
+  and then goes to another socket of the group, or is refused once none is
+  left.
+- shared: the socket is the master's too. Draining alone (a reload), the
+  worker just closes its copy: the master's keeps the queue for the others.
+  On a stop the master attaches the filter to the socket before it tells
+  the workers to drain, and each takes what is queued before closing its
+  copy; the last copy closed finds the queue empty. (On a Unix socket the
+  filter is only the mark: the master removed the path, so no new client
+  reaches it.)
+
+What still gets reset: a handshake that completes between the last accept
+and the close (see ``shared.syn_filter``), and, if the worker is out of
+file descriptors while draining, what it could not accept.
+
 fd ownership:
-- A listener is ours from ``add`` on and is closed by ``close()`` (when the
-  worker starts draining, or at shutdown).
+- A listener is ours from ``add`` on and is closed by ``drain()`` (when the
+  worker starts draining) or ``close()`` (at shutdown, or when the master is
+  gone: nothing would serve what is queued then).
 - Each accepted connection goes to ``on_connection``, which owns it from then
   on. Nobody else holds a copy: connections accepted here are never acked.
 """
@@ -30,6 +59,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from shared import syn_filter
 from shared.accept_errors import OverloadEpisode, is_overload
 
 log = logging.getLogger(__name__)
@@ -55,6 +85,8 @@ class Acceptor:
         loop: the worker's event loop.
         on_connection: called with each accepted socket, which it then owns.
         overload_pause_s: how long to stop accepting after EMFILE and the like.
+        own_listeners: no other process accepts on the listeners (reuseport),
+            so ``drain`` closes them to new connections itself.
     """
 
     def __init__(
@@ -62,10 +94,12 @@ class Acceptor:
         loop: asyncio.AbstractEventLoop,
         on_connection: Callable[[socket.socket], None],
         overload_pause_s: float = 0.1,
+        own_listeners: bool = False,
     ) -> None:
         self._loop = loop
         self._on_connection = on_connection
         self.overload_pause_s = overload_pause_s
+        self._own_listeners = own_listeners
         self._listeners: list[Listener] = []
         self._resume_handle: asyncio.TimerHandle | None = None
         self.overload = OverloadEpisode(log, loop, overload_pause_s)
@@ -83,6 +117,37 @@ class Acceptor:
 
     def close(self) -> None:
         """Stop accepting for good and close every listener."""
+        self._stop()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
+    def drain(self) -> None:
+        """Stop accepting for good; first take what each listener closing for good still holds.
+
+        Every connection taken goes to ``on_connection`` before this returns.
+        """
+        self._stop()
+        before = self.accepted
+        for listener in self._listeners:
+            if self._own_listeners:
+                try:
+                    syn_filter.attach(listener.fileno())
+                except OSError as exc:
+                    log.warning("cannot stop new connections to a listener before closing it (%s); "
+                                "those queued on it are reset", exc.strerror)
+            try:
+                closing = syn_filter.attached(listener.fileno())
+            except OSError:
+                closing = False
+            if closing:
+                self._take_queued(listener)
+            listener.close()
+        self._listeners.clear()
+        if self.accepted > before:
+            log.info("accepted %d connection(s) still queued on the listeners", self.accepted - before)
+
+    def _stop(self) -> None:
         self.closed = True
         self.overload.close()
         if self._resume_handle is not None:
@@ -90,8 +155,23 @@ class Acceptor:
             self._resume_handle = None
         for listener in self._listeners:
             self._loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+
+    def _take_queued(self, listener: Listener) -> None:
+        # It ends: the stop filter lets nothing new into the queue.
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if is_overload(exc):
+                    # Retrying would spin, and nothing will serve them later.
+                    log.warning("accept failed while draining: %s; the connections still queued "
+                                "are reset", exc.strerror)
+                    return
+                log.debug("accept failed: %s; skipping that connection", exc)
+                continue
+            self._pass_on(sock)
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(_BATCH):
@@ -108,8 +188,11 @@ class Acceptor:
                     return
                 log.debug("accept failed: %s; skipping that connection", exc)
                 continue
-            self.accepted += 1
-            self._on_connection(sock)
+            self._pass_on(sock)
+
+    def _pass_on(self, sock: socket.socket) -> None:
+        self.accepted += 1
+        self._on_connection(sock)
 
     def _pause(self, exc: OSError) -> None:
         self.overload.paused(exc)

@@ -51,11 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the wire protocol version the master speaks (shared.protocol.VERSION)")
     parser.add_argument("--sched", choices=cpu_sched.MODES, default=None,
                         help="CPU scheduling policy to switch to (the master's may differ)")
+    parser.add_argument("--own-listeners", action="store_true",
+                        help="the listening sockets the master sends are this worker's alone (reuseport)")
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace, chan: socket.socket) -> ExitCode:
-    runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads)
+    runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads, args.own_listeners)
     try:
         try:
             app = load(args.app)

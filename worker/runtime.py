@@ -26,8 +26,9 @@ fd ownership:
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
   we accept on ourselves (``worker.acceptor``); it is closed when draining
-  starts, or at once if it is not a listening stream socket. Connections it
-  accepts are ours alone and are never acked.
+  starts (after taking what its queue holds, if it is closing for good), or
+  at once if it is not a listening stream socket. Connections it accepts are
+  ours alone and are never acked.
 - If the master goes away (EOF on the channel), the process exits at once;
   the kernel closes whatever it held. A protocol error on the channel (an
   empty datagram among them, which reads like EOF and is not) is logged as
@@ -84,6 +85,8 @@ class Runtime:
         chan_sock: this worker's end of the channel.
         loop: the running loop.
         threads: thread pool size for blocking handlers.
+        own_listeners: the ``Listen`` sockets are this worker's alone (reuseport;
+            see ``worker.acceptor``).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Runtime:
         chan_sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
         threads: int | None,
+        own_listeners: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self._loop = loop
@@ -99,7 +103,7 @@ class Runtime:
         self._threads = threads
         self._app: App | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._acceptor = Acceptor(loop, self._serve)
+        self._acceptor = Acceptor(loop, self._serve, own_listeners=own_listeners)
         self._done: asyncio.Future[ExitCode] = loop.create_future()
         self._server_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -166,7 +170,9 @@ class Runtime:
             return
         self.draining = True
         log.info("draining: %d connection(s) open", len(self._tasks))
-        self._acceptor.close()
+        # Before the app hears of it: a custom server still gets what the
+        # listeners' queues held.
+        self._acceptor.drain()
         self.api._start_draining()
         self._maybe_finish()
 
