@@ -89,18 +89,28 @@ class Acceptor:
             self._resume_handle.cancel()
             self._resume_handle = None
 
-    def sweep(self) -> int:
+    def sweep(self, closed_to_new_only: bool = False) -> tuple[int, bool]:
         """Accept what the kernel backlog still holds, as far as the queue has room.
 
-        Used once while stopping, so clients that already connected are served
+        Used while stopping, so clients that already connected are served
         rather than reset. The master closed the listeners to new connections
         just before (``Listener.close_to_new``), so nothing joins the backlog
-        meanwhile. Returns how many were accepted.
+        meanwhile; an inherited listener, which keeps taking connections, is
+        left out with ``closed_to_new_only`` (the later sweeps, when the queue
+        has room again).
+
+        Returns:
+            How many were accepted, and whether the room ran out before some
+            backlog was empty (it may hold more).
         """
         before = self.accepted
+        left = False
         for listener in self._listeners:
-            self._accept_batch(listener, limit=None)
-        return self.accepted - before
+            if closed_to_new_only and not listener.closed_to_new:
+                continue
+            if not self._accept_batch(listener, limit=None):
+                left = True
+        return self.accepted - before, left
 
     def _watch(self) -> None:
         if self._watching or self._stopped:
@@ -122,22 +132,26 @@ class Acceptor:
         if self._resume_handle is None:
             self._watch()
 
-    def _accept_batch(self, listener: Listener, limit: int | None) -> None:
+    def _accept_batch(self, listener: Listener, limit: int | None) -> bool:
+        """Accept up to ``limit`` (and the queue's room); return False if stopped by that bound."""
         accept: _Accept = listener.sock._accept  # type: ignore[attr-defined]
         scheduler = self._scheduler
         room = scheduler.room
         if limit is None or limit > room:
             limit = room
         fds: list[int] = []
+        ended = False
         while len(fds) < limit:
             try:
                 fd, _ = accept()
             except (BlockingIOError, InterruptedError):
+                ended = True
                 break
             except OSError as exc:
                 self.errors += 1
                 if is_overload(exc):
                     self._pause_overload(exc)
+                    ended = True
                     break
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
                 continue
@@ -148,6 +162,7 @@ class Acceptor:
             self.accepted += len(fds)
         if scheduler.full:
             self._pause_full()
+        return ended
 
     def _pause_full(self) -> None:
         now = time.monotonic()

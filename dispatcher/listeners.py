@@ -118,6 +118,8 @@ class Listener:
     #: once, when bound: a snapshot taken while stopping must not ask the
     #: kernel about a socket already closed.
     address: str = field(init=False, default="")
+    #: Nothing new joins its queue any more (``close_to_new`` took effect).
+    closed_to_new: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.address = self._bound_address()
@@ -153,6 +155,7 @@ class Listener:
                 os.unlink(self.owned_path)
             self.owned_path = None
         syn_filter.attach(self.sock.fileno())
+        self.closed_to_new = True
 
     def close(self) -> None:
         self.sock.close()

@@ -321,13 +321,16 @@ class Master:
             # queue empty.
             self._close_listeners_to_new()
         self.distribution.stop(sweep=graceful)
-        for listener in self.listeners:
-            listener.close()
         if not graceful:
+            self._close_listeners()
             self._fast.set()
         deadline = time.monotonic() + (self.config.graceful_timeout_s if graceful else 0.0)
         if graceful:
+            # The listeners, closed to new connections, stay open while the
+            # distribution settles: a backlog longer than the pending queue is
+            # accepted as the queue makes room, not reset by the close.
             await self._within(self.distribution.settle(), deadline)
+            self._close_listeners()
         if not self._fast.is_set():
             supervisor.drain_all()
             await self._until(lambda: not supervisor.live(), deadline)
@@ -347,6 +350,10 @@ class Master:
         dropped = self.distribution.close()
         if dropped:
             log.warning("closed %d connection(s) that no worker could take", dropped)
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.close()
 
     def _close_listeners_to_new(self) -> None:
         for listener in self.listeners:

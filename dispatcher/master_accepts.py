@@ -55,6 +55,9 @@ class MasterAccepts:
         self._rate = Rate()
         self._tick: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # While stopping: connections accepted from the backlog, and whether it may hold more.
+        self._swept = 0
+        self._backlog_left = False
 
     def __str__(self) -> str:
         return f"round-robin (window {self._window}, master sched {cpu_sched.current()})"
@@ -108,17 +111,43 @@ class MasterAccepts:
         if self.acceptor is None:
             return
         if sweep:
-            swept = self.acceptor.sweep()
-            if swept:
-                log.info("accepted %d connection(s) still in the backlog", swept)
+            self._sweep(first=True)
         self.acceptor.stop()
+        if self._backlog_left:
+            # The queue was full: the backlog holds more, and a listener closed
+            # to new connections can be emptied as the queue makes room, rather
+            # than reset at its close. ``settle`` waits for that too.
+            self.scheduler.on_room = self._sweep_later
+        elif self._swept:
+            log.info("accepted %d connection(s) still in the backlog", self._swept)
+
+    def _sweep(self, first: bool = False) -> None:
+        assert self.acceptor is not None
+        swept, self._backlog_left = self.acceptor.sweep(closed_to_new_only=not first)
+        self._swept += swept
+
+    def _sweep_later(self) -> None:
+        # Told from inside the scheduler: sweep once its step is over.
+        self.scheduler.on_room = None
+        assert self._loop is not None
+        self._loop.call_soon(self._sweep_more)
+
+    def _sweep_more(self) -> None:
+        self._sweep()
+        if self._backlog_left and self.scheduler.attached:
+            self.scheduler.on_room = self._sweep_later
+            return
+        self._backlog_left = False
+        log.info("accepted %d connection(s) still in the backlog", self._swept)
+        if self.scheduler.on_settled is not None:
+            self.scheduler.on_settled()
 
     async def settle(self) -> None:
         scheduler = self.scheduler
         changed = asyncio.Event()
         scheduler.on_settled = changed.set
         try:
-            while not (scheduler.settled or not scheduler.attached):
+            while scheduler.attached and (self._backlog_left or not scheduler.settled):
                 changed.clear()
                 await changed.wait()
         finally:

@@ -14,12 +14,14 @@ and then, so one stop would pass by luck without the stop filter.
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
 
-from bench.load import Load
+from bench.load import Load, read_all
 from bench.server import Server
+from tests.helpers import clients
 
 APP = "tests.apps.handlers:pid"
 #: Client threads, each a new connection per request.
@@ -56,3 +58,26 @@ def test_graceful_stop_under_a_flood_resets_no_connection(server_factory: type[S
     # The flood went on past each close, or the stop was not tested under it.
     assert all(errors[REFUSED] for errors in per_stop), per_stop
     assert all(load.ok >= WARM_UP for load in loads)
+
+
+def test_a_backlog_longer_than_the_pending_queue_is_served_not_reset(server_factory: type[Server]) -> None:
+    """The queue holds 2 and the worker 1; the other 7 wait in the kernel's backlog when TERM comes.
+
+    The listener, closed to new connections, stays open until they too have
+    been accepted (as the queue makes room) and answered.
+    """
+    server = server_factory("--app", APP, "--max-pending", "2", "--window", "1", workers=1).start()
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    try:
+        with clients(server.port, 10) as socks:
+            server.wait_line(r"pending queue full \(2 connections\)")
+            server.signal(signal.SIGTERM)
+            server.wait_line(r"SIGTERM: stopping gracefully")
+            os.kill(only, signal.SIGCONT)
+            answers = [read_all(sock).split() for sock in socks]
+    finally:
+        os.kill(only, signal.SIGCONT)
+    assert [answer[1:] for answer in answers] == [[str(only)]] * 10
+    assert server.wait(timeout=15) == 0
+    assert "accepted 7 connection(s) still in the backlog" in server.log
