@@ -158,37 +158,43 @@ class Acceptor:
 
     def _take_queued(self, listener: Listener) -> None:
         # It ends: the stop filter lets nothing new into the queue.
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
+        while (taken := self._accept_one(listener)) is not None:
+            if isinstance(taken, OSError):
+                # Retrying would spin, and nothing will serve them later.
+                log.warning("accept failed while draining: %s; the connections still queued "
+                            "are reset", taken.strerror)
                 return
-            except OSError as exc:
-                if is_overload(exc):
-                    # Retrying would spin, and nothing will serve them later.
-                    log.warning("accept failed while draining: %s; the connections still queued "
-                                "are reset", exc.strerror)
-                    return
-                log.debug("accept failed: %s; skipping that connection", exc)
-                continue
-            self._pass_on(sock)
+            self._pass_on(taken)
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(_BATCH):
             # on_connection may have drained the worker, and so closed us.
             if self.closed or self._resume_handle is not None:
                 return
+            taken = self._accept_one(listener)
+            if taken is None:
+                return
+            if isinstance(taken, OSError):
+                self._pause(taken)
+                return
+            self._pass_on(taken)
+
+    def _accept_one(self, listener: Listener) -> socket.socket | OSError | None:
+        """The next connection; None when the queue is empty; the overload error that stops accepting.
+
+        A failure of one client (that client is gone) is skipped.
+        """
+        while True:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return None
             except OSError as exc:
                 if is_overload(exc):
-                    self._pause(exc)
-                    return
+                    return exc
                 log.debug("accept failed: %s; skipping that connection", exc)
                 continue
-            self._pass_on(sock)
+            return sock
 
     def _pass_on(self, sock: socket.socket) -> None:
         self.accepted += 1
