@@ -1,4 +1,5 @@
 # make run: set up, then serve examples/hello.py.  make test: set up, then lint, type-check, test.
+# make chaos: set up, then the fault suite in full (about 10 minutes; table in bench/results/chaos.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := libcap-dev wrk
 BIND ?= 127.0.0.1:8000
 
-.PHONY: setup system-packages run test lint bench clean
+.PHONY: setup system-packages run test lint bench chaos clean
 
 setup: $(STAMP)
 
@@ -50,6 +51,12 @@ LAB_ARGS ?=
 bench: setup system-packages
 	$(PY) -m bench.lab $(LAB_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only --benchmark-autosave
+
+# The fault suite in full (tests/chaos, marker chaos): workers killed under load, hung workers,
+# fd limits, garbage on the channel and the control socket, the master killed, slow clients, stop
+# and reload under load. Each scenario prints one figure line; the table goes to bench/results/chaos.md.
+chaos: setup
+	$(PY) -m pytest -m chaos -s -v -p no:cacheprovider tests/chaos
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .benchmarks

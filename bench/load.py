@@ -1,8 +1,9 @@
 """The load client: threads that each make a new connection per request to 127.0.0.1, every outcome kept.
 
 A request is a raw ``line`` (the tests' line-protocol apps; it succeeds on
-any answer) or, with ``path``, an HTTP ``GET`` with ``Connection: close``
-(it succeeds on a ``200``). Each client thread connects, sends, reads the
+any answer, or with ``expect`` on one that matches it in full) or, with
+``path``, an HTTP ``GET`` with ``Connection: close`` (it succeeds on a
+``200``). Each client thread connects, sends, reads the
 answer to EOF and starts again; a request fails when anything raises, its
 socket times out, or the answer is not one that succeeds. Every outcome is
 kept with the moment it ended (``time.monotonic``), so a caller can count
@@ -11,7 +12,8 @@ wait for more successes (``wait_requests``: the tests).
 
 Bounded in time (``max_seconds`` from ``start``) and in count
 (``max_requests`` in all): the load stops by itself, whatever the server
-does. ``ask`` is one such request, made once.
+does. ``ask`` is one such request, made once. ``failure_kind`` sorts the
+reasons a request failed into the kinds the fault suite counts (``kinds``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ REQUEST_TIMEOUT_S = 10.0
 #: How long ``stop`` waits for each client thread (a request under way ends on its timeout).
 JOIN_TIMEOUT_S = REQUEST_TIMEOUT_S + 5.0
 _STATUS = re.compile(r"HTTP/1\.[01] (\d{3}) ")
+#: The kind of each reason a request fails for; any other reason is its own kind.
+_KINDS = {
+    "TimeoutError": "timeout",
+    "ConnectionResetError": "reset",
+    "BrokenPipeError": "reset",
+    "ConnectionRefusedError": "refused",
+    "empty answer": "empty",
+    "partial answer": "partial",
+}
+
+
+def failure_kind(error: str) -> str:
+    """Why a request failed (``Request.error``), as a kind: timeout, reset, refused, empty, partial."""
+    return _KINDS.get(error, error)
 
 
 def read_all(sock: socket.socket) -> str:
@@ -82,15 +98,20 @@ class Load:
         clients: concurrent client threads.
         line: what a request sends, unless ``path`` is given.
         path: send ``GET path`` with ``Connection: close`` instead; a 200 succeeds.
+        expect: with ``line``, an answer must match this in full (else: ``partial answer``).
         max_seconds: the load stops by itself this long after ``start``.
         max_requests: ... or after this many requests in all.
+        timeout: of each request's socket.
     """
 
     def __init__(self, port: int, clients: int = 4, *, line: bytes = b"hi\n", path: str | None = None,
-                 max_seconds: float = 60.0, max_requests: int = 200_000) -> None:
+                 expect: re.Pattern[str] | None = None, max_seconds: float = 60.0,
+                 max_requests: int = 200_000, timeout: float = REQUEST_TIMEOUT_S) -> None:
         self.port = port
         self.http = path is not None
         self.payload = http_get(port, path) if path is not None else line
+        self.expect = expect
+        self.timeout = timeout
         self.max_seconds = max_seconds
         self.max_requests = max_requests
         #: Every request so far, in the order they ended.
@@ -152,12 +173,16 @@ class Load:
 
     def _one(self) -> Request:
         try:
-            answer = ask(self.port, self.payload)
+            answer = ask(self.port, self.payload, timeout=self.timeout)
         except OSError as exc:
             return Request(time.monotonic(), error=type(exc).__name__)
         if self.http:
             return Request(time.monotonic(), answer, http_error(answer))
-        return Request(time.monotonic(), answer, "" if answer else "empty answer")
+        if not answer:
+            return Request(time.monotonic(), answer, "empty answer")
+        if self.expect is not None and not self.expect.fullmatch(answer):
+            return Request(time.monotonic(), answer, "partial answer")
+        return Request(time.monotonic(), answer)
 
     @property
     def ok(self) -> int:
@@ -175,6 +200,12 @@ class Load:
             return collections.Counter(r.error for r in self.requests if not r.ok)
 
     @property
+    def kinds(self) -> collections.Counter[str]:
+        """Failed requests by kind (``failure_kind``)."""
+        with self._changed:
+            return collections.Counter(failure_kind(r.error) for r in self.requests if not r.ok)
+
+    @property
     def answers(self) -> collections.Counter[str]:
         """Successful requests by the answer's second word (the tests' apps answer ``ID PID``)."""
         with self._changed:
@@ -190,16 +221,6 @@ class Load:
         with self._changed:
             target = self._succeeded + count
             if not self._changed.wait_for(lambda: self._succeeded >= target, timeout):
-                raise TimeoutError(f"load stalled at {self._succeeded} ok; failed: {self.errors}")
-
-    def wait_total(self, count: int, timeout: float = 10.0) -> None:
-        """Block until ``count`` requests in all succeeded.
-
-        Raises:
-            TimeoutError: they did not within ``timeout`` seconds.
-        """
-        with self._changed:
-            if not self._changed.wait_for(lambda: self._succeeded >= count, timeout):
                 raise TimeoutError(f"load stalled at {self._succeeded} ok; failed: {self.errors}")
 
     def between(self, start: float, end: float) -> tuple[int, int, collections.Counter[str]]:
