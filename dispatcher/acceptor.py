@@ -27,6 +27,7 @@ follows too).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,9 @@ class Acceptor:
         self.accepted = 0
         self.errors = 0
         self.overload_pauses = 0
+        #: Told when accepting ran into this process's fd limit (the fd budget was wrong).
+        self.on_fd_limit: Callable[[], None] | None = None
+        self._fd_limit_met = False
 
     def start(self) -> None:
         self._stopped = False
@@ -160,6 +164,11 @@ class Acceptor:
             # One clock read per batch, and one hand-off datagram per worker.
             scheduler.submit(fds, time.monotonic())
             self.accepted += len(fds)
+        if self._fd_limit_met:
+            # Told once the batch is the scheduler's, so what it holds counts them.
+            self._fd_limit_met = False
+            if self.on_fd_limit is not None:
+                self.on_fd_limit()
         if scheduler.full:
             self._pause_full()
         return ended
@@ -182,6 +191,8 @@ class Acceptor:
     def _pause_overload(self, exc: OSError) -> None:
         self.overload_pauses += 1
         self.overload.paused(exc)
+        if exc.errno == errno.EMFILE:
+            self._fd_limit_met = True
         self._unwatch()
         if self._resume_handle is None and not self._stopped:
             self._resume_handle = self._loop.call_later(self.overload_pause_s, self._after_pause)

@@ -18,7 +18,7 @@ stops, to stop taking connections, to settle, and to close what is left.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from dispatcher.config import Config
@@ -72,6 +72,13 @@ class Distribution(Protocol):
 
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """``worker`` said (in a pong) that it holds ``load`` connections."""
+
+    #: Set by the master: called when accepting met the fd limit after all (it measures again).
+    on_fd_limit: Callable[[], None] | None
+
+    @property
+    def connections_held(self) -> int:
+        """Connections the master holds now (accepted fds: queued, dealt or in flight)."""
 
     def hold_at_most(self, connections: int, workers: int) -> int:
         """Hold at most ``connections`` connections (the master's fd budget) with ``workers`` slots.

@@ -20,7 +20,9 @@ again at once. So:
   ``/proc`` reads and logging.
 - The rest is what connections may hold: the scheduler accepts no more than
   that in all, queued and in flight (``Scheduler.max_held``), however high
-  ``--max-pending`` is. The budget is recomputed when the slot count changes.
+  ``--max-pending`` is. The budget is recomputed when the slot count
+  changes, and measured again when an accept meets EMFILE all the same (the
+  limit lowered under a running master, fds held by something not counted).
 
 Nothing here opens or closes an fd; it only counts.
 """
@@ -61,6 +63,11 @@ def raise_soft_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def current_limit() -> int:
+    """The soft open-files limit now (``prlimit`` may have changed it under a running process)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def open_fds() -> int:
     """How many fds this process has open now."""
     return len(os.listdir("/proc/self/fd")) - 1  # the listing's own
@@ -81,7 +88,7 @@ class FdBudget:
     @classmethod
     def measure(cls) -> FdBudget:
         """The budget of this process as it is now."""
-        return cls(resource.getrlimit(resource.RLIMIT_NOFILE)[0], open_fds())
+        return cls(current_limit(), open_fds())
 
     def reserve(self, slots: int) -> int:
         """The fds kept back from connections for ``slots`` worker slots and the master's services."""

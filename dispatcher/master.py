@@ -101,6 +101,7 @@ class Master:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Measured once serving has begun.
         self._fds: fd_budget.FdBudget | None = None
+        self._fds_measured_at = 0.0
         self._held_logged = 0
 
     @property
@@ -167,6 +168,7 @@ class Master:
         # Counted once everything the master keeps open is open.
         self._fds = fd_budget.FdBudget.measure()
         self._limit_connections(len(self.supervisor.slots))
+        self.distribution.on_fd_limit = self._measure_fds_again
         log.info(
             "app %s, %d worker(s), policy %s, %s event loop",
             self.config.app, self.config.workers, self.distribution, self._about["loop"],
@@ -193,14 +195,39 @@ class Master:
             self._held_logged = held
             log.warning(
                 "pending queue capped by the fd limit: at most %d connection(s) held, queued and in "
-                "flight (%d fewer than --max-pending %d and %d worker(s) x window %d); %d of the %d "
-                "open files are kept for workers, control and metrics",
+                "flight (%d fewer than --max-pending %d and %d worker(s) x window %d); open-files "
+                "limit %d, of which %d are kept for workers, control and metrics",
                 held, short, self.config.max_pending, workers, self.config.window,
-                fds.reserve(workers), fds.limit,
+                fds.limit, min(fds.reserve(workers), fds.limit),
             )
             if held < fd_budget.TOO_FEW:
                 log.error("the fd limit (%d) leaves almost nothing for connections; raise it "
                           "(ulimit -n, LimitNOFILE=) or run fewer workers", fds.limit)
+
+    def _measure_fds_again(self) -> None:
+        """Accepting met EMFILE though the budget said there was room: measure again, and hold less.
+
+        The limit was lowered under the master (``prlimit`` on a running
+        process), or something it does not count holds fds. What is open now,
+        less the connections and the worker processes, is the new fixed part.
+        EMFILE says every fd below the limit is open (the kernel gives the
+        lowest free one), so no fd is needed to count them, which at the limit
+        could not be had anyway. At most once a second: each pause would ask
+        again.
+        """
+        now = time.monotonic()
+        if self._fds is None or now - self._fds_measured_at < 1.0:
+            return
+        self._fds_measured_at = now
+        limit = fd_budget.current_limit()
+        processes = len(self.supervisor.live())
+        fixed = limit - self.distribution.connections_held - fd_budget.FDS_PER_PROCESS * processes
+        measured = fd_budget.FdBudget(limit, max(fixed, self._fds.fixed))
+        if measured != self._fds:
+            log.warning("accept met the fd limit (%d open files; %d fixed fds, counted %d at start): "
+                        "measuring the fd budget again", measured.limit, measured.fixed, self._fds.fixed)
+            self._fds = measured
+            self._limit_connections(len(self.supervisor.slots))
 
     def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
         assert self._loop is not None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dispatcher.acceptor import Acceptor
 from dispatcher.config import Config
@@ -51,6 +51,8 @@ class MasterAccepts:
         self.scheduler = Scheduler(self.policy, config.max_pending, config.pending_timeout_s)
         # The hot path: the channel calls the scheduler directly.
         self.on_ack = self.scheduler.on_ack
+        #: Told when accepting met EMFILE: the master's fd budget needs measuring again.
+        self.on_fd_limit: Callable[[], None] | None = None
         self.acceptor: Acceptor | None = None
         self._rate = Rate()
         self._tick: asyncio.TimerHandle | None = None
@@ -72,6 +74,7 @@ class MasterAccepts:
             log.warning("master scheduling policy not switched to %s: %s", self._master_sched, failed)
         self._loop = loop
         self.acceptor = Acceptor(loop, listeners, self.scheduler)
+        self.acceptor.on_fd_limit = self._fd_limit_met
         self.acceptor.start()
         self._tick = loop.call_later(_TICK_S, self._every_second)
         return () if worker_sched is None else ("--sched", worker_sched)
@@ -87,6 +90,14 @@ class MasterAccepts:
                 "closed %d connection(s) that waited over %g s for a worker",
                 expired, self.scheduler.pending_timeout_s,
             )
+
+    def _fd_limit_met(self) -> None:
+        if self.on_fd_limit is not None:
+            self.on_fd_limit()
+
+    @property
+    def connections_held(self) -> int:
+        return self.scheduler.pending + self.scheduler.in_flight
 
     def hold_at_most(self, connections: int, workers: int) -> int:
         self.scheduler.limit_held(connections)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dispatcher.listeners import BindError, BindSpec, Listener, open_listeners, reuseport_sibling
 from dispatcher.stats import DistributionFigures
@@ -64,6 +64,10 @@ class WorkersAccept:
     def start(self, loop: asyncio.AbstractEventLoop, listeners: Sequence[Listener]) -> tuple[str, ...]:
         self._listeners = listeners
         return ()
+
+    #: Never told: the master accepts nothing.
+    on_fd_limit: Callable[[], None] | None = None
+    connections_held = 0
 
     def hold_at_most(self, connections: int, workers: int) -> int:
         return 0  # the workers accept: the master holds no connection
