@@ -1,5 +1,5 @@
 # make run: set up, then serve examples/hello.py.  make test: set up, then lint, type-check, test.
-# make chaos: set up, then the fault suite in full (about 10 minutes; table in bench/results/chaos.md).
+# make chaos: set up, then the fault suite in full (about 5 minutes; table in bench/results/chaos.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

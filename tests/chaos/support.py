@@ -1,14 +1,9 @@
 """What every scenario of the fault suite shares: its targets, its row in the table, the table itself.
 
-A scenario checks its figures against targets (``Targets``): ``require``
-for what the dispatcher must do now, ``aim`` for a target that waits on a
-change to the product (named in ``pending``). It then records one row
-(``Row``: the scenario, what was done, the figure, the verdict) and prints it
-as one line. A missed ``require`` fails the test. A missed ``aim`` fails the
-full run (``-m chaos``: the table says what is missing) and turns the short
-variant in the normal suite into an expected failure that names the figure,
-so the normal suite stays green until the product change lands, and a short
-variant that meets every target simply passes.
+A scenario checks its figures against targets (``Targets.require``). It
+then records one row (``Row``: the scenario, what was done, the figure, the
+verdict) and prints it as one line; a missed target fails the test, in the
+full run (``-m chaos``) and in the short variant the normal suite runs alike.
 """
 
 from __future__ import annotations
@@ -38,9 +33,6 @@ from dispatcher.snapshot import Snapshot
 #: Where ``make chaos`` writes the table (the README holds a copy).
 TABLE = ROOT / "bench" / "results" / "chaos.md"
 
-# What targets wait on, in the terms of the product.
-FD_BUDGET = "the master's fds budgeted: the pending queue capped below its fd limit, room kept for restarts"
-SUCCESSOR_AT_LIMIT = "a worker that drains itself at its fd limit replaced at once by a successor"
 #: The lines of a worker that found itself at its fd limit (its pid the first group), and of a master
 #: that could not start a worker.
 WORKER_AT_LIMIT = re.compile(r"\[(\d+)\] \[worker \d+\] ERROR out of file descriptors")
@@ -51,20 +43,16 @@ SPAWN_FAILED = re.compile(r"\[master\] ERROR worker \d+ could not be started")
 class Targets:
     """The targets of one scenario, each met or missed."""
 
-    #: (target, met, the product change it waits on or "" if it must hold now)
-    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    #: (target, met)
+    checks: list[tuple[str, bool]] = field(default_factory=list)
 
     def require(self, met: bool, target: str) -> None:
-        """A target the dispatcher must meet now."""
-        self.checks.append((target, bool(met), ""))
-
-    def aim(self, met: bool, target: str, pending: str) -> None:
-        """A target that waits on a change to the product, ``pending``, which says what it needs."""
-        self.checks.append((target, bool(met), pending))
+        """A target the dispatcher must meet."""
+        self.checks.append((target, bool(met)))
 
     @property
     def missed(self) -> list[str]:
-        return [target for target, met, _ in self.checks if not met]
+        return [target for target, met in self.checks if not met]
 
     @property
     def verdict(self) -> str:
@@ -93,15 +81,8 @@ class Recorder:
         self._rows.append(row)
         variant = "full" if self.full else "short"
         print(f"\nCHAOS {scenario} ({variant}): {figure} -> {row.verdict}", flush=True)
-        hard = [target for target, met, pending in targets.checks if not met and not pending]
-        waiting = [(target, pending) for target, met, pending in targets.checks if not met and pending]
-        if hard:
-            pytest.fail(f"{scenario}: missed {'; '.join(hard)}\nfigures: {figure}", pytrace=False)
-        if waiting:
-            why = "; ".join(f"{target} (needs {pending})" for target, pending in waiting)
-            if self.full:
-                pytest.fail(f"{scenario}: missed {why}\nfigures: {figure}", pytrace=False)
-            pytest.xfail(f"{scenario}: missed {why}; figures: {figure}")
+        if targets.missed:
+            pytest.fail(f"{scenario}: missed {'; '.join(targets.missed)}\nfigures: {figure}", pytrace=False)
 
 
 def machine() -> list[str]:
