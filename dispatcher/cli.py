@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--window", type=_whole_number, default=Config.window, metavar="W",
         help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
-        "1 is Node's behaviour). Workers ack on receipt, so the window only fills while a "
+        "1 is Node's behaviour). Workers ack as each handler starts, so the window only fills while a "
         "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "
         "master send several connections at once, a smaller one queues fewer connections "
         "behind a worker stuck in CPU-bound code",
@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-pending", type=_whole_number, default=Config.max_pending, metavar="N",
         help="round-robin: connections the master holds while no worker is free; when full "
-        "it stops accepting and the kernel backlog holds the rest (default %(default)s)",
+        "it stops accepting and the kernel backlog holds the rest (default %(default)s). The "
+        "open-files limit bounds it too: the master keeps fds back to start workers and answer "
+        "its control socket, and says at start when that caps the queue",
     )
     parser.add_argument(
         "--pending-timeout", type=_seconds, default=Config.pending_timeout_s, metavar="SECONDS",
@@ -145,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--graceful-timeout", type=_seconds, default=Config.graceful_timeout_s, metavar="SECONDS",
-        help="on TERM/INT, how long open connections may take to finish (default %(default)s)",
+        help="on TERM/INT, how long open connections may take to finish; also how long a worker "
+        "replaced (reload, recycling, scale-down) or draining by itself has before it is killed "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--threads", type=_whole_number, metavar="N",

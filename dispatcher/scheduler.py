@@ -22,8 +22,9 @@ Where each master fd is, at every moment, is one of:
   channel or in the worker.
 
 and it leaves the master in exactly one of three ways:
-- an ``Ack(accepted=True)`` naming it (one ack answers one hand-off, all
-  its connections): the worker holds its own copy; ours is closed;
+- an ``Ack(accepted=True)`` naming it (a worker acks each connection as
+  its handler starts; an ack may name several): the worker holds its own
+  copy; ours is closed;
 - the pending timeout or shutdown: closed, the client sees the connection
   end without an answer;
 - never otherwise. A refused hand-off goes to another worker; a worker that

@@ -87,9 +87,11 @@ class Handoff:
 class Ack:
     """Worker to master: connections taken (or refused while draining), by id.
 
-    The worker answers each ``Handoff`` with one ack naming all of its ids,
-    with one verdict. The master checks that every id is one it handed to
-    that worker and has not yet seen answered.
+    A serving worker acks each connection as its handler starts (one id); a
+    draining one refuses a whole ``Handoff`` in one ack naming all its ids.
+    Either way an ack may name several ids, with one verdict. The master
+    checks that every id is one it handed to that worker and has not yet
+    seen answered.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.ACK
