@@ -9,15 +9,17 @@ sees it.
 fd ownership:
 - A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
   wrap it in a socket object that the connection's task closes when the
-  handler returns, and ack it when its handler starts, before the app reads a
-  byte (as Node's worker acks after its 'connection' event): as the first
-  step of its task (streams), when a pool thread picks it up (blocking), or
-  when the custom server takes it from ``connections()``. One ack per
-  connection, not per hand-off: a handler that blocks the loop (or a pool
-  whose threads are all busy, or a server that stops taking) leaves the
-  connections behind it un-acked, so the master, which closes its own copy
-  only on the ack, gives them to another worker when this one is killed. The
-  cost is a datagram per connection where a burst used to share one.
+  handler returns, and ack it as its handler starts, before the app reads a
+  byte (as Node's worker acks after its 'connection' event): streams, one
+  ack for the whole hand-off in a callback queued just before the
+  connections' tasks (their first step runs no app code); blocking, when a
+  pool thread picks it up; a custom server, when it takes it from
+  ``connections()``. So a handler that blocks the loop before they start (or
+  a pool whose threads are all busy, or a server that stops taking) leaves
+  the connections behind it un-acked, and the master, which closes its own
+  copy only on the ack, gives them to another worker when this one is
+  killed. Blocking handlers and custom servers cost a datagram per
+  connection where a burst used to share one.
 - A custom server's connections (handed off or accepted) are the app's to
   close. The socket it gets counts the connection as handled when it lets go
   of its fd: ``close()`` (asyncio's transports call it), or ``detach()``
@@ -240,15 +242,30 @@ class Runtime:
             close_fds(fd for fd in fds if fd >= 0)
             self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
+        streams = self._app.kind is HandlerKind.STREAMS
+        if streams:
+            # One ack for the hand-off, sent just before its connections' tasks
+            # take their first step (which runs no app code: it wraps the
+            # socket in a transport and waits). The loop runs callbacks in
+            # order, so it goes out after whatever the loop had queued before
+            # (a handler that blocks there leaves every one of them un-acked,
+            # and the master's) and before any of them is read from.
+            self._loop.call_soon(self._ack_started, conn_ids)
         for conn_id, fd in zip(conn_ids, fds, strict=True):
             try:
                 sock = socket.socket(fileno=fd)
             except OSError as exc:  # not a socket after all: nothing to serve
                 log.error("hand-off fd %d is unusable: %s", fd, exc)
                 os.close(fd)
-                self._ack(conn_id)
+                if not streams:
+                    self._ack(conn_id)
                 continue
-            self._serve(sock, conn_id)
+            self._serve(sock, None if streams else conn_id)
+
+    def _ack_started(self, conn_ids: tuple[int, ...]) -> None:
+        """Ack a streams hand-off whose tasks are about to start, with our load."""
+        self.acked += len(conn_ids)
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, len(self._tasks)))
 
     def _ack(self, conn_id: int) -> None:
         """Tell the master connection ``conn_id`` is ours (its handler starts now), with our load.
@@ -306,7 +323,7 @@ class Runtime:
             return
         future: asyncio.Future[Any]
         if app.kind is HandlerKind.STREAMS:
-            future = self._loop.create_task(self._run_streams(app, sock, conn_id))
+            future = self._loop.create_task(self._run_streams(app, sock))
         else:
             sock.setblocking(True)
             assert self._pool is not None
@@ -335,9 +352,7 @@ class Runtime:
             log.error("handler %s raised", self._app.spec if self._app else "?", exc_info=exc)
         self._maybe_finish()
 
-    async def _run_streams(self, app: App, sock: socket.socket, conn_id: int | None) -> None:
-        if conn_id is not None:
-            self._ack(conn_id)
+    async def _run_streams(self, app: App, sock: socket.socket) -> None:
         loop = self._loop
         reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
         stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
