@@ -114,6 +114,7 @@ class Supervisor:
         self._loop_or_none: asyncio.AbstractEventLoop | None = None
         self._next_key = 0
         self._fatal = False
+        self._said_none_ready = False
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -204,6 +205,7 @@ class Supervisor:
             self.kill(worker, str(exc))
             return
         self._health.arm(worker)  # the ping timeout counts from here
+        self._said_none_ready = False
         self.changed.set()
         try:
             self.distribution.add(worker)
@@ -312,7 +314,9 @@ class Supervisor:
         if slot.successor is not None:
             return  # the replacement on its way takes over when ready
         waiting = self.distribution.figures()["pending"] if alone else 0
-        if waiting:
+        if waiting and not self._said_none_ready:
+            # Once until a worker is ready again: the next exits concern the same connections.
+            self._said_none_ready = True
             log.warning("no worker is ready: %d connection(s) wait (up to %.0f s) for a restart",
                         waiting, self._pending_timeout_s)
         # The master's own kills (a fault, a boot timeout, no pong) leave it

@@ -507,6 +507,11 @@ def test_an_exit_with_nobody_left_says_how_many_connections_wait(
     worker.exit(-signal.SIGKILL)
     assert "3 un-acked connection(s) re-dispatched" in caplog.text
     assert "no worker is ready: 5 connection(s) wait (up to 30 s) for a restart" in caplog.text
+    r.serving().exit(-signal.SIGKILL)  # its replacement dies before it is ready: the same connections
+    assert caplog.text.count("no worker is ready") == 1
+    r.serving().ready()
+    r.serving().exit(-signal.SIGKILL)
+    assert caplog.text.count("no worker is ready") == 2  # once more after a worker was ready again
 
 
 def test_a_successor_whose_channel_fails_while_given_sockets_takes_over_nothing(
