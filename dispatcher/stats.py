@@ -49,7 +49,10 @@ class ProcessSampler:
                     "cpu_percent": process.cpu_percent(None),
                     "open_fds": process.num_fds(),
                 }
-        except psutil.Error:
+        except (psutil.Error, OSError):
+            # psutil reads /proc, which takes an fd: at the fd limit that is a
+            # plain OSError (EMFILE). The snapshot goes without these figures
+            # rather than fail.
             self._sample = {}
         return self._sample
 

@@ -80,3 +80,15 @@ def test_at_its_fd_limit_the_master_still_starts_workers_and_answers(server_fact
         os.kill(second, signal.SIGCONT)
     assert all(answer.strip() for answer in answers), [a for a in answers if not a.strip()][:3]
     assert "could not be started" not in server.log
+
+
+def test_the_process_figures_go_missing_rather_than_fail_at_the_fd_limit() -> None:
+    """psutil reads /proc, which needs an fd: at the limit the snapshot must still be taken."""
+    from dispatcher.stats import ProcessSampler
+    from tests.helpers import fd_table_full
+
+    sampler = ProcessSampler(os.getpid(), max_age_s=0.0)
+    with fd_table_full(room=0):
+        figures = sampler.sample()
+    assert figures == {}
+    assert "rss_bytes" in sampler.sample()
