@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
-from shared.accept_errors import OverloadEpisode, is_overload
+from shared.accept_errors import OverloadEpisode, is_listener_gone, is_overload
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Acceptor:
         before = self.accepted
         left = False
         for listener in self._listeners:
-            if closed_to_new_only and not listener.closed_to_new:
+            if listener.sock.fileno() < 0 or (closed_to_new_only and not listener.closed_to_new):
                 continue
             if not self._accept_batch(listener, limit=None):
                 left = True
@@ -155,6 +155,10 @@ class Acceptor:
                 self.errors += 1
                 if is_overload(exc):
                     self._pause_overload(exc)
+                    ended = True
+                    break
+                if is_listener_gone(exc):
+                    # Closed or not a listener: retrying would fail the same way forever.
                     ended = True
                     break
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.

@@ -26,6 +26,7 @@ from shared.protocol import Ping, Pong
 # What a pong may report, and as what.
 _REPORTED: dict[str, tuple[type, ...]] = {
     "handled": (int,), "accepted": (int,), "active": (int,), "loop_lag_ms": (int, float),
+    "draining": (bool,),
 }
 _LIMIT = 2**63
 
@@ -58,6 +59,11 @@ class Pulse:
     def figure(self, key: str) -> int:
         """A reported counter (``handled``, ``accepted``, ``active``), 0 until reported."""
         return int(self.reported.get(key, 0))
+
+    @property
+    def draining(self) -> bool:
+        """Its last pong said it is draining."""
+        return bool(self.reported.get("draining", False))
 
 
 class Pinged(Protocol):

@@ -144,6 +144,8 @@ class MasterAccepts:
         self._loop.call_soon(self._sweep_more)
 
     def _sweep_more(self) -> None:
+        if not self._backlog_left:
+            return  # the stop went on without it (a fast stop, the graceful timeout)
         self._sweep()
         if self._backlog_left and self.scheduler.attached:
             self.scheduler.on_room = self._sweep_later
@@ -163,6 +165,11 @@ class MasterAccepts:
                 await changed.wait()
         finally:
             scheduler.on_settled = None
+            # Settled, cut short or timed out: the listeners close next, and
+            # nothing may sweep them after that.
+            self._backlog_left = False
+            if scheduler.on_room == self._sweep_later:
+                scheduler.on_room = None
 
     def close(self) -> int:
         if self._tick is not None:

@@ -176,6 +176,9 @@ class Supervisor:
         match message:
             case Pong():
                 self._health.on_pong(worker, message)
+                if worker.pulse.draining:
+                    # Under shared and reuseport no refusal would ever say so.
+                    self._drains_by_itself(worker, "its pong says it is draining")
                 # Keeps the distribution's load figure fresh for a worker that is
                 # sent nothing (acks carry it otherwise).
                 self.distribution.report_load(worker, worker.pulse.figure("active"))
@@ -231,23 +234,29 @@ class Supervisor:
         self._loop.call_soon(self.kill, worker, reason)
 
     def on_refusal(self, worker: WorkerProcess) -> None:
+        self._drains_by_itself(worker, "it refused a hand-off")
+
+    def _drains_by_itself(self, worker: WorkerProcess, how: str) -> None:
+        """``worker`` began draining without being told (its own SIGTERM, a custom server that
+        returned, out of fds): its slot must not go idle for as long as its connections live.
+
+        It is retired (killed after the graceful timeout) and its slot restarted
+        as if it had exited: at once if it served, after the backoff if it
+        drains as soon as it is ready (a loop, like a crash loop).
+        """
         if not worker.handle(Event.DRAIN):
-            return  # the master told it to drain (or stop): it answers as told
-        # It began draining by itself (its own SIGTERM, a custom server that
-        # returned, out of fds): a slot it holds must not go idle for as long
-        # as its connections live. It is retired (killed after the graceful
-        # timeout) and its slot started afresh at once.
+            return  # the master told it to drain (or stop), or it said so already
         slot = self.slots.get(worker.id)
         if slot is None or slot.worker is not worker or self.stopping:
-            log.info("%r refused a hand-off (draining); sending it nothing more", worker)
+            log.info("%r is draining (%s); sending it nothing more", worker, how)
             return
-        log.warning("%r drains by itself (it refused a hand-off); starting worker %d afresh, "
-                    "the old one has %g s to finish", worker, slot.id, self._graceful_timeout_s)
+        log.warning("%r drains by itself (%s); starting worker %d afresh, the old one has %g s "
+                    "to finish", worker, how, slot.id, self._graceful_timeout_s)
         slot.worker = None
         self.retire(worker)
         if slot.successor is None:
             slot.cancel_restart()
-            self._start(slot)
+            self._restart(slot, worker.ready_for_s)
         # else: the successor on its way takes the slot once ready.
 
     def on_max_requests(self, worker: WorkerProcess) -> None:
@@ -259,9 +268,14 @@ class Supervisor:
         if reason == PEER_CLOSED:
             # The worker is exiting; its pidfd will say when. One that closed
             # its channel and lives on is of no use.
-            self._loop.call_later(_LINGER_S, worker.kill, signal.SIGKILL)
+            self._loop.call_later(_LINGER_S, self._linger_over, worker)
         else:
             self.kill(worker, reason)
+
+    def _linger_over(self, worker: WorkerProcess) -> None:
+        if worker.returncode is None:
+            worker.handle(Event.STOP)  # the master's kill: its exit is no kill from outside
+            worker.kill(signal.SIGKILL)
 
     def on_exit(self, worker: WorkerProcess) -> None:
         try:

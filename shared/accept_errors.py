@@ -14,6 +14,9 @@ compared on how they recover rather than on how they spread connections.
   firewall rule; the network errors Linux passes on from the new
   connection): skip it and accept the next.
 
+- EBADF, ENOTSOCK, EINVAL: the listener itself is closed or not listening;
+  every retry would fail the same way, so accepting on it stops.
+
 EAGAIN and EINTR are not errors here: there is nothing more to accept now.
 """
 
@@ -27,6 +30,15 @@ from typing import Final
 
 #: The errnos that mean out of a resource rather than one client's failure.
 OVERLOAD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+#: The errnos that mean the listener is unusable (closed, not a socket, not listening).
+LISTENER_GONE_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL})
+
+
+def is_listener_gone(exc: OSError) -> bool:
+    """Return whether ``exc``, raised by ``accept()``, means the listener cannot be accepted on."""
+    return exc.errno in LISTENER_GONE_ERRNOS
 
 
 def is_overload(exc: OSError) -> bool:

@@ -81,3 +81,16 @@ def test_a_backlog_longer_than_the_pending_queue_is_served_not_reset(server_fact
     assert [answer[1:] for answer in answers] == [[str(only)]] * 10
     assert server.wait(timeout=15) == 0
     assert "accepted 7 connection(s) still in the backlog" in server.log
+
+
+def test_a_fast_stop_while_the_backlog_is_still_being_taken_ends(server_factory: type[Server]) -> None:
+    """INT again cuts the sweep short: the closed listeners must not be swept (EBADF) for ever."""
+    server = server_factory("--app", "tests.apps.handlers:blocking_sleep", "--threads", "1",
+                            "--window", "4", "--max-pending", "2", workers=1).start()
+    with clients(server.port, 12, b"sleep 1\n"):
+        server.wait_line(r"pending queue full")
+        server.signal(signal.SIGTERM)
+        server.wait_line(r"stopping gracefully")
+        server.signal(signal.SIGINT)
+        server.wait_line(r"stopping fast")
+        assert server.wait(timeout=10) == 0

@@ -377,7 +377,7 @@ def test_transition_ready_to_draining_on_a_refusal_starts_the_slot_afresh_at_onc
 ) -> None:
     r = rig(graceful_timeout_s=0.2)
     worker = r.serving()
-    worker.ready()
+    _served(worker)
     r.supervisor.on_refusal(worker)  # it began draining by itself
     r.supervisor.on_refusal(worker)
     assert worker.state is S.DRAINING
@@ -390,6 +390,33 @@ def test_transition_ready_to_draining_on_a_refusal_starts_the_slot_afresh_at_onc
     r.run_until(lambda: worker.signals == [signal.SIGKILL])
     worker.exit(-signal.SIGKILL)
     assert len(r.spawned) == 2 and slot.worker is r.spawned[1]
+
+
+def test_a_worker_that_drains_as_soon_as_it_is_ready_is_restarted_after_the_backoff(
+    rig: Callable[..., Rig],
+) -> None:
+    """A custom server that returns at once, again and again, is a loop like a crash loop."""
+    r = rig()
+    worker = r.serving()
+    worker.ready()
+    r.supervisor.on_refusal(worker)
+    slot = r.supervisor.slots.get(0)
+    assert slot is not None and slot.restart_timer is not None and slot.backoff.crashes == 1
+    r.run_until(lambda: len(r.spawned) == 2)
+
+
+def test_a_pong_saying_draining_retires_the_worker_under_any_policy(rig: Callable[..., Rig]) -> None:
+    """Under shared and reuseport a worker is sent nothing, so no refusal would ever tell."""
+    r = rig()
+    worker = r.serving()
+    _served(worker)
+    r.supervisor.on_message(worker, Pong(1, {"draining": False}), [])
+    assert len(r.spawned) == 1 and worker.state is S.READY
+    r.supervisor.on_message(worker, Pong(2, {"draining": True}), [])
+    assert worker.state is S.DRAINING and r.supervisor.slots.retired == {worker.key: worker}
+    assert len(r.spawned) == 2
+    r.supervisor.on_message(worker, Pong(3, {"draining": True}), [])  # said again: nothing more
+    assert len(r.spawned) == 2
 
 
 def test_a_refusal_after_being_told_to_drain_starts_nothing(rig: Callable[..., Rig]) -> None:

@@ -60,7 +60,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shared import syn_filter
-from shared.accept_errors import OverloadEpisode, is_overload
+from shared.accept_errors import OverloadEpisode, is_listener_gone, is_overload
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class Acceptor:
             except OSError as exc:
                 if is_overload(exc):
                     return exc
+                if is_listener_gone(exc):
+                    return None  # closed or not listening: nothing to take, ever
                 log.debug("accept failed: %s; skipping that connection", exc)
                 continue
             return sock
