@@ -101,6 +101,7 @@ class Master:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Measured once serving has begun.
         self._fds: fd_budget.FdBudget | None = None
+        self._fds_at_start: fd_budget.FdBudget | None = None
         self._fds_measured_at = 0.0
         self._held_logged = 0
 
@@ -166,7 +167,7 @@ class Master:
             )
         self._worker_args += self.distribution.start(loop, self.listeners)
         # Counted once everything the master keeps open is open.
-        self._fds = fd_budget.FdBudget.measure()
+        self._fds = self._fds_at_start = fd_budget.FdBudget.measure()
         self._limit_connections(len(self.supervisor.slots))
         self.distribution.on_fd_limit = self._measure_fds_again
         log.info(
@@ -220,14 +221,43 @@ class Master:
             return
         self._fds_measured_at = now
         limit = fd_budget.current_limit()
-        processes = len(self.supervisor.live())
-        fixed = limit - self.distribution.connections_held - fd_budget.FDS_PER_PROCESS * processes
-        measured = fd_budget.FdBudget(limit, max(fixed, self._fds.fixed))
+        measured = self._fds_beside(limit, limit)
         if measured != self._fds:
             log.warning("accept met the fd limit (%d open files; %d fixed fds, counted %d at start): "
-                        "measuring the fd budget again", measured.limit, measured.fixed, self._fds.fixed)
+                        "measuring the fd budget again", measured.limit, measured.fixed,
+                        self._fds_at_start.fixed if self._fds_at_start else 0)
             self._fds = measured
             self._limit_connections(len(self.supervisor.slots))
+
+    def _fds_beside(self, limit: int, open_now: int) -> fd_budget.FdBudget:
+        """The budget, with as fixed what is open beside connections and worker processes."""
+        processes = len(self.supervisor.live())
+        fixed = open_now - self.distribution.connections_held - fd_budget.FDS_PER_PROCESS * processes
+        return fd_budget.FdBudget(limit, fixed)
+
+    def _restore_fds(self) -> None:
+        """Once a second while the budget is below what it was at start: measure, and give it back.
+
+        What was counted at EMFILE may have been passing (control connections,
+        a spawn under way); counted again with fds to spare, the budget
+        returns as far as the limit allows, and no further than at start.
+        """
+        start = self._fds_at_start
+        if start is None or self._fds is None or self._fds == start:
+            return
+        try:
+            open_now = fd_budget.open_fds()
+        except OSError:
+            return  # at the limit still
+        measured = self._fds_beside(fd_budget.current_limit(), open_now)
+        slots = len(self.supervisor.slots)
+        if measured.connections(slots) >= start.connections(slots) and measured.limit >= start.limit:
+            measured = start
+        elif measured.connections(slots) <= self._fds.connections(slots):
+            return
+        log.info("the fd budget grows again: %d connection(s) held at most", measured.connections(slots))
+        self._fds = measured
+        self._limit_connections(slots)
 
     def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
         assert self._loop is not None
@@ -246,6 +276,7 @@ class Master:
 
     def _tick(self) -> None:
         self.supervisor.check_boot(time.monotonic())
+        self._restore_fds()
         config = self.config
         if config.max_requests or (config.max_memory and self.health.interval_s <= 0):
             self.supervisor.recycle_all_due()

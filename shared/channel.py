@@ -278,19 +278,28 @@ class Channel:
         if not self._writing:
             self._flush()
 
-    def try_send_now(self, data: bytes) -> bool:
-        """Send one datagram at once, from any thread; False if it was not sent (queue it then).
+    def send_from_thread(self, data: bytes) -> bool:
+        """Send one datagram from a thread other than the loop's, waiting while the socket is full.
 
-        Not sent when something is queued (it would overtake it), the socket
-        is full, or the channel is closed; the caller then sends it on the loop.
+        A datagram is atomic, so it cannot interleave with the loop's; it may
+        overtake what the loop has queued (for an ack, harmless). Returns
+        once it is in the kernel: True; False if the channel closed first.
         """
-        if self.closed or self._outbox:
-            return False
-        try:
-            self._sock.send(data)
-        except OSError:
-            return False
-        return True
+        while not self.closed:
+            try:
+                self._sock.send(data)
+            except BlockingIOError:
+                with contextlib.suppress(OSError):
+                    poller = select.poll()
+                    poller.register(self._fileno, select.POLLOUT)
+                    poller.poll(1000)  # then look at closed again
+                continue
+            except InterruptedError:
+                continue
+            except OSError:
+                return False
+            return True
+        return False
 
     def _flush(self) -> None:
         while self._outbox:

@@ -92,3 +92,23 @@ def test_the_process_figures_go_missing_rather_than_fail_at_the_fd_limit() -> No
         figures = sampler.sample()
     assert figures == {}
     assert "rss_bytes" in sampler.sample()
+
+
+def test_a_limit_lowered_under_the_master_is_measured_again_and_given_back(
+    server_factory: type[Server],
+) -> None:
+    """EMFILE though the budget said there was room: hold less; once fds are free again, hold as before."""
+    server = server_factory("--app", APP, workers=1, launcher=_at_limit(LIMIT)).start()
+    (only,) = server.worker_pids()
+    os.kill(only, signal.SIGSTOP)
+    try:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (server.fd_count() + 12, LIMIT))
+        with clients(server.port, 40) as socks:
+            server.wait_line(r"accept met the fd limit \(\d+ open files; .*measuring the fd budget again")
+            resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+            os.kill(only, signal.SIGCONT)
+            answers = [read_all(sock) for sock in socks]
+            server.wait_line(r"the fd budget grows again", timeout=10)
+    finally:
+        os.kill(only, signal.SIGCONT)
+    assert all(answer.strip() for answer in answers)

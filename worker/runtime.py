@@ -13,7 +13,8 @@ fd ownership:
   byte (as Node's worker acks after its 'connection' event): streams, one
   ack for the whole hand-off in a callback queued just before the
   connections' tasks (their first step runs no app code); blocking, when a
-  pool thread picks it up; a custom server, when it takes it from
+  pool thread picks it up (sent from the thread, which waits for it to be
+  in the kernel before it calls the handler); a custom server, when it takes it from
   ``connections()``. So a handler that blocks the loop before they start (or
   a pool whose threads are all busy, or a server that stops taking) leaves
   the connections behind it un-acked, and the master, which closes its own
@@ -278,15 +279,17 @@ class Runtime:
         load = 0 if app is None or app.kind is HandlerKind.SERVER else len(self._tasks)
         self.channel.send_bytes(protocol.encode_ack((conn_id,), True, load))
 
-    def _ack_from_thread(self, conn_id: int, load: int) -> None:
-        """``_ack`` for a pool thread: sent from the thread, so it is out before the handler runs."""
-        # A datagram is atomic, so a send from a thread cannot interleave with
-        # the loop's; only the counters and a full socket need the loop.
-        data = protocol.encode_ack((conn_id,), True, load)
-        if self.channel.try_send_now(data):
+    def _ack_from_thread(self, conn_id: int, load: int) -> bool:
+        """``_ack`` for a pool thread, sent from the thread: in the kernel before the handler runs.
+
+        Returns:
+            False if it could not be sent (the channel closed): the handler must not run.
+        """
+        if not self.channel.send_from_thread(protocol.encode_ack((conn_id,), True, load)):
+            return False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
             self._loop.call_soon_threadsafe(self._count_ack)
-        else:
-            self._loop.call_soon_threadsafe(self._ack, conn_id)
+        return True
 
     def _count_ack(self) -> None:
         self.acked += 1
@@ -461,11 +464,11 @@ def _peer(sock: socket.socket) -> Any:
         return None
 
 
-def _run_blocking(app: App, sock: socket.socket, started: Callable[[], None] | None) -> None:
+def _run_blocking(app: App, sock: socket.socket, started: Callable[[], bool] | None) -> None:
     # A plain close, no shutdown: a blocking handler may have given the socket
     # to a child process that still writes to it. So the FIN goes out once the
     # master has closed its copy too (when it reads the ack).
     with sock:
-        if started is not None:
-            started()
+        if started is not None and not started():
+            return  # not acked: the connection is still the master's to give to another worker
         app.handler(sock, _peer(sock))
