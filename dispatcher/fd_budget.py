@@ -24,7 +24,10 @@ again at once. So:
   changes, and measured again when an accept meets EMFILE all the same (the
   limit lowered under a running master, fds held by something not counted).
 
-Nothing here opens or closes an fd; it only counts.
+``Keeper`` applies the budget for the master: at start, when the slot
+count changes, after an EMFILE (measured again, and held less), and once a
+second while it is below what it was at start (given back once fds are
+free again). Nothing here opens or closes an fd; it only counts.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +104,116 @@ class FdBudget:
     def connections(self, slots: int) -> int:
         """How many connections the master may hold with ``slots`` slots (at least 1)."""
         return max(1, self.limit - self.reserve(slots))
+
+
+class Holder(Protocol):
+    """What holds the master's connections (the distribution)."""
+
+    @property
+    def connections_held(self) -> int:
+        """Connections held now, queued and in flight."""
+
+    def hold_at_most(self, connections: int, workers: int) -> int:
+        """Hold no more than ``connections``; return how many fewer than without the bound."""
+
+
+class Keeper:
+    """Keeps the connections a ``Holder`` holds within the master's fd budget.
+
+    Parameters:
+        holder: the distribution.
+        slots: how many worker slots there are now.
+        processes: how many worker processes are alive now (each holds fds).
+        max_pending, window: the settings the budget caps, for the log line.
+    """
+
+    def __init__(self, holder: Holder, slots: Callable[[], int], processes: Callable[[], int],
+                 max_pending: int, window: int) -> None:
+        self._holder = holder
+        self._slots = slots
+        self._processes = processes
+        self._max_pending = max_pending
+        self._window = window
+        self._budget: FdBudget | None = None
+        self._at_start: FdBudget | None = None
+        self._measured_at = 0.0
+        self._logged = 0
+
+    def start(self) -> None:
+        """Measure (once everything the master keeps open is open) and apply."""
+        self._budget = self._at_start = FdBudget.measure()
+        self.apply()
+
+    def apply(self) -> None:
+        """Bound the holder for the slots there are now (at start, and after a scale)."""
+        budget = self._budget
+        if budget is None:
+            return
+        workers = self._slots()
+        held = budget.connections(workers)
+        short = self._holder.hold_at_most(held, workers)
+        if short and held != self._logged:
+            self._logged = held
+            log.warning(
+                "pending queue capped by the fd limit: at most %d connection(s) held, queued and in "
+                "flight (%d fewer than --max-pending %d and %d worker(s) x window %d); open-files "
+                "limit %d, of which %d are kept for workers, control and metrics",
+                held, short, self._max_pending, workers, self._window,
+                budget.limit, min(budget.reserve(workers), budget.limit),
+            )
+            if held < TOO_FEW:
+                log.error("the fd limit (%d) leaves almost nothing for connections; raise it "
+                          "(ulimit -n, LimitNOFILE=) or run fewer workers", budget.limit)
+
+    def limit_met(self) -> None:
+        """Accepting met EMFILE though the budget said there was room: measure again, and hold less.
+
+        The limit was lowered under the master (``prlimit`` on a running
+        process), or something it does not count holds fds. What is open now,
+        less the connections and the worker processes, is the new fixed part.
+        EMFILE says every fd below the limit is open (the kernel gives the
+        lowest free one), so no fd is needed to count them, which at the limit
+        could not be had anyway. At most once a second: each pause would ask
+        again.
+        """
+        now = time.monotonic()
+        if self._budget is None or now - self._measured_at < 1.0:
+            return
+        self._measured_at = now
+        limit = current_limit()
+        measured = self._beside(limit, limit)
+        if measured != self._budget:
+            log.warning("accept met the fd limit (%d open files; %d fixed fds, counted %d at start): "
+                        "measuring the fd budget again", measured.limit, measured.fixed,
+                        self._at_start.fixed if self._at_start else 0)
+            self._budget = measured
+            self.apply()
+
+    def tick(self) -> None:
+        """Once a second while the budget is below what it was at start: measure, and give it back.
+
+        What was counted at EMFILE may have been passing (control connections,
+        a spawn under way); counted again with fds to spare, the budget
+        returns as far as the limit allows, and no further than at start.
+        """
+        start, budget = self._at_start, self._budget
+        if start is None or budget is None or budget == start:
+            return
+        try:
+            open_now = open_fds()
+        except OSError:
+            return  # at the limit still
+        measured = self._beside(current_limit(), open_now)
+        slots = self._slots()
+        if measured.connections(slots) >= start.connections(slots) and measured.limit >= start.limit:
+            measured = start
+        elif measured.connections(slots) <= budget.connections(slots):
+            return
+        log.info("the fd budget grows again: %d connection(s) held at most", measured.connections(slots))
+        self._budget = measured
+        self.apply()
+
+    def _beside(self, limit: int, open_now: int) -> FdBudget:
+        """The budget, with as fixed what is open beside connections and worker processes."""
+        fixed = open_now - self._holder.connections_held - FDS_PER_PROCESS * self._processes()
+        return FdBudget(limit, fixed)

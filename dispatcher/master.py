@@ -99,11 +99,10 @@ class Master:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._services: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: Measured once serving has begun.
-        self._fds: fd_budget.FdBudget | None = None
-        self._fds_at_start: fd_budget.FdBudget | None = None
-        self._fds_measured_at = 0.0
-        self._held_logged = 0
+        self._fds = fd_budget.Keeper(
+            self.distribution, lambda: len(self.supervisor.slots), lambda: len(self.supervisor.live()),
+            config.max_pending, config.window,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -167,9 +166,8 @@ class Master:
             )
         self._worker_args += self.distribution.start(loop, self.listeners)
         # Counted once everything the master keeps open is open.
-        self._fds = self._fds_at_start = fd_budget.FdBudget.measure()
-        self._limit_connections(len(self.supervisor.slots))
-        self.distribution.on_fd_limit = self._measure_fds_again
+        self._fds.start()
+        self.distribution.on_fd_limit = self._fds.limit_met
         log.info(
             "app %s, %d worker(s), policy %s, %s event loop",
             self.config.app, self.config.workers, self.distribution, self._about["loop"],
@@ -184,80 +182,6 @@ class Master:
         await self._shutdown(graceful)
         log.info("stopped")
         return code
-
-    def _limit_connections(self, workers: int) -> None:
-        """Keep what the master holds in connections within its fd budget for ``workers`` slots."""
-        fds = self._fds
-        if fds is None:
-            return
-        held = fds.connections(workers)
-        short = self.distribution.hold_at_most(held, workers)
-        if short and held != self._held_logged:
-            self._held_logged = held
-            log.warning(
-                "pending queue capped by the fd limit: at most %d connection(s) held, queued and in "
-                "flight (%d fewer than --max-pending %d and %d worker(s) x window %d); open-files "
-                "limit %d, of which %d are kept for workers, control and metrics",
-                held, short, self.config.max_pending, workers, self.config.window,
-                fds.limit, min(fds.reserve(workers), fds.limit),
-            )
-            if held < fd_budget.TOO_FEW:
-                log.error("the fd limit (%d) leaves almost nothing for connections; raise it "
-                          "(ulimit -n, LimitNOFILE=) or run fewer workers", fds.limit)
-
-    def _measure_fds_again(self) -> None:
-        """Accepting met EMFILE though the budget said there was room: measure again, and hold less.
-
-        The limit was lowered under the master (``prlimit`` on a running
-        process), or something it does not count holds fds. What is open now,
-        less the connections and the worker processes, is the new fixed part.
-        EMFILE says every fd below the limit is open (the kernel gives the
-        lowest free one), so no fd is needed to count them, which at the limit
-        could not be had anyway. At most once a second: each pause would ask
-        again.
-        """
-        now = time.monotonic()
-        if self._fds is None or now - self._fds_measured_at < 1.0:
-            return
-        self._fds_measured_at = now
-        limit = fd_budget.current_limit()
-        measured = self._fds_beside(limit, limit)
-        if measured != self._fds:
-            log.warning("accept met the fd limit (%d open files; %d fixed fds, counted %d at start): "
-                        "measuring the fd budget again", measured.limit, measured.fixed,
-                        self._fds_at_start.fixed if self._fds_at_start else 0)
-            self._fds = measured
-            self._limit_connections(len(self.supervisor.slots))
-
-    def _fds_beside(self, limit: int, open_now: int) -> fd_budget.FdBudget:
-        """The budget, with as fixed what is open beside connections and worker processes."""
-        processes = len(self.supervisor.live())
-        fixed = open_now - self.distribution.connections_held - fd_budget.FDS_PER_PROCESS * processes
-        return fd_budget.FdBudget(limit, fixed)
-
-    def _restore_fds(self) -> None:
-        """Once a second while the budget is below what it was at start: measure, and give it back.
-
-        What was counted at EMFILE may have been passing (control connections,
-        a spawn under way); counted again with fds to spare, the budget
-        returns as far as the limit allows, and no further than at start.
-        """
-        start = self._fds_at_start
-        if start is None or self._fds is None or self._fds == start:
-            return
-        try:
-            open_now = fd_budget.open_fds()
-        except OSError:
-            return  # at the limit still
-        measured = self._fds_beside(fd_budget.current_limit(), open_now)
-        slots = len(self.supervisor.slots)
-        if measured.connections(slots) >= start.connections(slots) and measured.limit >= start.limit:
-            measured = start
-        elif measured.connections(slots) <= self._fds.connections(slots):
-            return
-        log.info("the fd budget grows again: %d connection(s) held at most", measured.connections(slots))
-        self._fds = measured
-        self._limit_connections(slots)
 
     def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
         assert self._loop is not None
@@ -276,7 +200,7 @@ class Master:
 
     def _tick(self) -> None:
         self.supervisor.check_boot(time.monotonic())
-        self._restore_fds()
+        self._fds.tick()
         config = self.config
         if config.max_requests or (config.max_memory and self.health.interval_s <= 0):
             self.supervisor.recycle_all_due()
@@ -444,7 +368,7 @@ class Master:
     def scale(self, workers: int) -> tuple[int, int]:
         """Run ``workers`` workers from now on; return (added, removed). See ``Supervisor.scale``."""
         changed = self.supervisor.scale(workers)
-        self._limit_connections(len(self.supervisor.slots))
+        self._fds.apply()
         return changed
 
     def send(self, worker_id: int | None, payload: Any) -> int:
