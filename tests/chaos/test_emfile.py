@@ -45,8 +45,8 @@ NOFILE = 128
 #: The master's soft limit, lowered while it serves: this many fds above what it has open.
 MASTER_ROOM = 12
 CLIENTS = 300
-#: A line of the master's about accept errors: when accepting fails, and when it works again.
-ACCEPT_LINE = re.compile(r"\[master\] \w+ (accept failed|accepting again|accepting ran clean)")
+#: A line of the master's about accept errors: when an episode begins, and its summary.
+ACCEPT_LINE = re.compile(r"\[master\] \w+ (accept failed|accepting ran clean)")
 #: How often ``ctl status`` is asked during a flood.
 PROBE_EVERY_S = 0.25
 
