@@ -74,7 +74,6 @@ class Acceptor:
         self._resume_handle: asyncio.TimerHandle | None = None
         self.accepted = 0
         self.errors = 0
-        self.overload_pauses = 0
         #: Told when accepting ran into this process's fd limit (the fd budget was wrong).
         self.on_fd_limit: Callable[[], None] | None = None
         self._fd_limit_met = False
@@ -193,7 +192,6 @@ class Acceptor:
         self._scheduler.on_room = self.resume
 
     def _pause_overload(self, exc: OSError) -> None:
-        self.overload_pauses += 1
         self.overload.paused(exc)
         if exc.errno == errno.EMFILE:
             self._fd_limit_met = True

@@ -251,7 +251,7 @@ class Runtime:
             # order, so it goes out after whatever the loop had queued before
             # (a handler that blocks there leaves every one of them un-acked,
             # and the master's) and before any of them is read from.
-            self._loop.call_soon(self._ack_started, conn_ids)
+            self._loop.call_soon(self._ack, conn_ids)
         for conn_id, fd in zip(conn_ids, fds, strict=True):
             try:
                 sock = socket.socket(fileno=fd)
@@ -259,25 +259,20 @@ class Runtime:
                 log.error("hand-off fd %d is unusable: %s", fd, exc)
                 os.close(fd)
                 if not streams:
-                    self._ack(conn_id)
+                    self._ack((conn_id,))
                 continue
             self._serve(sock, None if streams else conn_id)
 
-    def _ack_started(self, conn_ids: tuple[int, ...]) -> None:
-        """Ack a streams hand-off whose tasks are about to start, with our load."""
-        self.acked += len(conn_ids)
-        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, len(self._tasks)))
-
-    def _ack(self, conn_id: int) -> None:
-        """Tell the master connection ``conn_id`` is ours (its handler starts now), with our load.
+    def _ack(self, conn_ids: tuple[int, ...]) -> None:
+        """Tell the master connections ``conn_ids`` are ours (their handlers start now), with our load.
 
         The load is the master's figure for least-loaded dealing; a custom
         server's connections are the app's, so it reports none.
         """
-        self.acked += 1
+        self.acked += len(conn_ids)
         app = self._app
         load = 0 if app is None or app.kind is HandlerKind.SERVER else len(self._tasks)
-        self.channel.send_bytes(protocol.encode_ack((conn_id,), True, load))
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, load))
 
     def _ack_from_thread(self, conn_id: int, load: int) -> bool:
         """``_ack`` for a pool thread, sent from the thread: in the kernel before the handler runs.
@@ -321,7 +316,7 @@ class Runtime:
             conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
             conn._on_finished = self._on_app_connection_finished
             conn.setblocking(False)
-            taken = None if conn_id is None else functools.partial(self._ack, conn_id)
+            taken = None if conn_id is None else functools.partial(self._ack, (conn_id,))
             self.api._deliver_connection(conn, _peer(conn), taken)
             return
         future: asyncio.Future[Any]
