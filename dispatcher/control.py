@@ -76,6 +76,7 @@ from dispatcher.control_protocol import (
 from dispatcher.messages import MessageHandler
 from dispatcher.rundir import ControlError, is_listening
 from dispatcher.snapshot import Snapshot
+from shared.episode import Episode
 from shared.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,8 @@ class ControlServer:
         #: Refused connections being given time to read their answer.
         self._lingering = 0
         #: Connections refused in the current burst, when the last one was, and when to look again.
-        self._refused = 0
-        self._last_refusal = 0.0
-        self._burst_timer: asyncio.TimerHandle | None = None
+        #: Refusals, one episode per burst (made once the loop runs, in ``start``).
+        self._refusals: Episode | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], CommandResult]] = {
             "status": self._status,
             "stats": self._status,
@@ -220,7 +220,8 @@ class ControlServer:
 
         Connections already open are left to finish their current request.
         """
-        self._end_refusals()
+        if self._refusals is not None:
+            self._refusals.end()
         with contextlib.suppress(ValueError):
             self.operations.message_handlers.remove(self._on_worker_message)
         if self._server is not None:
@@ -291,7 +292,8 @@ class ControlServer:
             idlest.writer.write(error_answer(f"closed to make room: {_TOO_MANY} and this one was the idlest"))
             idlest.writer.close()
             log.debug("control connection closed to make room (idle for %.1f s)", loop.time() - idle_since)
-        self._end_refusals()  # one got in: the refusals, if any, are over
+        if self._refusals is not None:
+            self._refusals.end()  # one got in: the refusals, if any, are over
         connection = _Connection(writer, idle_since=loop.time())
         self._open[connection] = None
         return connection
@@ -311,33 +313,21 @@ class ControlServer:
     # Refusals, logged once per burst
 
     def _note_refusal(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._refused += 1
-        self._last_refusal = loop.time()
-        if self._refused == 1:
-            log.warning("control connection refused: %d open, every one busy with a command "
-                        "(more refusals are counted, and summed up once they stop)", MAX_CONNECTIONS)
-            self._burst_timer = loop.call_later(_REFUSALS_QUIET_S, self._refusals_quiet)
+        if self._refusals is None:
+            self._refusals = Episode(asyncio.get_running_loop(), _REFUSALS_QUIET_S,
+                                     self._refusals_began, self._refusals_ended)
+        self._refusals.happened()
 
-    def _refusals_quiet(self) -> None:
-        # One timer per burst, pushed back while refusals go on, rather than one per refusal.
-        loop = asyncio.get_running_loop()
-        left = self._last_refusal + _REFUSALS_QUIET_S - loop.time()
-        if left > 0:
-            self._burst_timer = loop.call_later(left, self._refusals_quiet)
-        else:
-            self._burst_timer = None
-            self._end_refusals()
+    @staticmethod
+    def _refusals_began() -> None:
+        log.warning("control connection refused: %d open, every one busy with a command "
+                    "(more refusals are counted, and summed up once they stop)", MAX_CONNECTIONS)
 
-    def _end_refusals(self) -> None:
-        """The burst of refusals, if any, is over: sum it up unless its first line said it all."""
-        if self._burst_timer is not None:
-            self._burst_timer.cancel()
-            self._burst_timer = None
-        if self._refused > 1:
+    @staticmethod
+    def _refusals_ended(refused: int, _span_s: float) -> None:
+        if refused > 1:  # else its first line said it all
             log.warning("refused %d control connection(s) in all while %d were open and busy",
-                        self._refused, MAX_CONNECTIONS)
-        self._refused = 0
+                        refused, MAX_CONNECTIONS)
 
     def _admit(self, writer: asyncio.StreamWriter) -> bool:
         """Check the peer's credentials; answer and log a refusal."""

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import time
 from typing import Final
+
+from shared.episode import Episode
 
 #: The errnos that mean out of a resource rather than one client's failure.
 OVERLOAD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -64,50 +65,37 @@ class OverloadEpisode:
     def __init__(self, logger: logging.Logger, loop: asyncio.AbstractEventLoop, pause_s: float,
                  clean_s: float = CLEAN_S) -> None:
         self._log = logger
-        self._loop = loop
         self.pause_s = pause_s
-        self.clean_s = clean_s
-        self._started: float | None = None
-        self._last = 0.0
         self._reason = ""
-        self._timer: asyncio.TimerHandle | None = None
-        #: Pauses in the episode under way (0: none is).
-        self.pauses = 0
+        # Quiet from the last failure: its pause, then clean accepting.
+        self._episode = Episode(loop, clean_s + pause_s, self._began, self._ended)
+
+    @property
+    def clean_s(self) -> float:
+        return self._episode.quiet_s - self.pause_s
+
+    @clean_s.setter
+    def clean_s(self, value: float) -> None:
+        self._episode.quiet_s = value + self.pause_s
 
     @property
     def active(self) -> bool:
-        return self._started is not None
+        return self._episode.active
 
     def paused(self, exc: OSError) -> None:
         """An accept failed with ``exc`` (an overload) and accepting pauses for ``pause_s``."""
-        now = time.monotonic()
-        if self._started is None:
-            self._started = now
+        if not self._episode.active:
             self._reason = exc.strerror or str(exc)
-            self.pauses = 0
-            self._log.warning("accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
-                              self._reason, self.pause_s * 1000)
-            self._timer = self._loop.call_later(self.clean_s + self.pause_s, self._check)
-        self.pauses += 1
-        self._last = now
+        self._episode.happened()
 
-    def _check(self) -> None:
-        self._timer = None
-        assert self._started is not None
-        # Measured from the end of the last pause: the time accepting has run since.
-        clean_for = time.monotonic() - self._last - self.pause_s
-        if clean_for < self.clean_s:
-            self._timer = self._loop.call_later(self.clean_s - clean_for, self._check)
-            return
-        lasted = self._last + self.pause_s - self._started
+    def _began(self) -> None:
+        self._log.warning("accept failed: %s; pausing accepts for %.0f ms at a time until it passes",
+                          self._reason, self.pause_s * 1000)
+
+    def _ended(self, pauses: int, span_s: float) -> None:
         self._log.info("accepting ran clean for %g s: accepts paused %d time(s) over %.1f s (%s)",
-                       self.clean_s, self.pauses, lasted, self._reason)
-        self._started = None
-        self.pauses = 0
+                       self.clean_s, pauses, span_s + self.pause_s, self._reason)
 
     def close(self) -> None:
         """Stop the timer (the acceptor is closing); an episode under way ends unsummarised."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._started = None
+        self._episode.close()
