@@ -1,4 +1,4 @@
-# make run: set up, then serve examples/hello.py.  make test: set up, then lint, type-check, test.
+# make run: set up, then serve examples/fastapi_app.py (APP=examples.hello:handler for the streams one).  make test: set up, then lint, type-check, test.
 # make chaos: set up, then the fault suite in full (about 5 minutes; table in bench/results/chaos.md).
 PYTHON ?= python3
 VENV := .venv
@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages: libcap-dev builds python-prctl, wrk drives the benchmark.
 DEB_PACKAGES := libcap-dev wrk
 BIND ?= 127.0.0.1:8000
+APP ?= examples.fastapi_app:app
 
 .PHONY: setup system-packages run test lint bench chaos clean
 
@@ -29,13 +30,13 @@ system-packages:
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[prctl,dev]' || { \
+	$(PY) -m pip install -q -e '.[prctl,dev,web]' || { \
 		echo "warning: installing with the prctl extra failed; installing without it" >&2; \
-		$(PY) -m pip install -q -e '.[dev]'; }
+		$(PY) -m pip install -q -e '.[dev,web]'; }
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m dispatcher --app examples.hello:handler --bind $(BIND)
+	$(PY) -m dispatcher --app $(APP) --bind $(BIND)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,15 +11,19 @@ from dispatcher.listeners import BindError, BindSpec, parse_bind, systemd_binds
 from dispatcher.master import Master
 from dispatcher.version import __version__
 from shared import cpu_sched, eventloop, logs
-from shared.app_spec import AppLoadError, split_spec
+from shared.app_spec import INTERFACES, AppLoadError, split_spec
 from shared.exitcodes import ExitCode
 from shared.protocol import MAX_FDS
+from shared.web_options import HTTP_CHOICES, LIFESPAN_CHOICES, WS_CHOICES, WebOptions
 
 EPILOG = """\
-handlers (--app MODULE:ATTRIBUTE):
-  async def handler(reader, writer)   asyncio streams, like asyncio.start_server
-  def handler(sock, addr)             blocking, run on a thread pool (--threads)
-  async def serve(worker)             custom server: async for sock, addr in worker.connections()
+apps (--app MODULE:ATTRIBUTE), told apart by --interface auto:
+  async def app(scope, receive, send)   ASGI 3 (FastAPI, Starlette), through uvicorn's protocols
+  def app(environ, start_response)      WSGI (Flask, Django), on a thread pool (--threads)
+  async def handler(reader, writer)     asyncio streams, like asyncio.start_server
+  def handler(sock, addr)               blocking, run on a thread pool (--threads)
+  async def serve(worker)               custom server: async for sock, addr in worker.connections()
+ASGI and WSGI need the web extra: pip install 'rr-dispatcher[web]'.
 
 operating it: python -m dispatcher ctl status (also: stats, scale N, stop, message);
 see python -m dispatcher ctl --help.
@@ -97,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--app", required=True, type=_app, metavar="MODULE:ATTRIBUTE",
         help="the handler to serve, e.g. examples.hello:handler",
+    )
+    parser.add_argument(
+        "--interface", choices=INTERFACES, default=Config.interface,
+        help="how workers serve the app: asgi, wsgi, streams, blocking or server (see below); "
+        "auto: told from the app's signature, and logged at start (default %(default)s)",
+    )
+    parser.add_argument(
+        "--factory", action="store_true",
+        help="MODULE:ATTRIBUTE is a factory: each worker calls it with no arguments to build the app",
     )
     parser.add_argument(
         "--bind", "-b", action="append", type=_bind, metavar="ADDRESS",
@@ -212,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="event loop for the master and workers; auto: uvloop when installed "
         "(default %(default)s)",
     )
+    _add_web_options(parser)
     parser.add_argument(
         "--log-level", choices=logs.LEVELS, default=Config.log_level, help="(default %(default)s)"
     )
@@ -220,6 +234,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="text lines, or one JSON object a line (default %(default)s)",
     )
     return parser
+
+
+def _add_web_options(parser: argparse.ArgumentParser) -> None:
+    defaults = WebOptions()
+    web = parser.add_argument_group(
+        "ASGI and WSGI apps", "named and meant as uvicorn's options; the workers run uvicorn's protocols")
+    web.add_argument("--root-path", default=defaults.root_path, metavar="PATH",
+                     help="the ASGI root_path (WSGI SCRIPT_NAME) for an app mounted below a path "
+                     "by a proxy (default: none)")
+    web.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=defaults.proxy_headers,
+                     help="take the client address and scheme from X-Forwarded-For and X-Forwarded-Proto "
+                     "when the peer is in --forwarded-allow-ips (default: on)")
+    web.add_argument("--forwarded-allow-ips", metavar="IPS", default=defaults.forwarded_allow_ips,
+                     help="comma-separated addresses or networks trusted for proxy headers, or '*' "
+                     "(default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1)")
+    web.add_argument("--timeout-keep-alive", type=_whole_number, default=defaults.timeout_keep_alive,
+                     metavar="SECONDS", help="close a keep-alive connection idle this long "
+                     "(default %(default)s)")
+    web.add_argument("--limit-concurrency", type=_whole_number, metavar="N",
+                     help="per worker: answer 503 beyond N open connections and tasks (default: no limit)")
+    web.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=defaults.access_log,
+                     help="log a line per request, naming the worker (default: on)")
+    web.add_argument("--http", choices=HTTP_CHOICES, default=defaults.http,
+                     help="HTTP/1.1 parser: httptools, or h11 (pure Python); auto: httptools when "
+                     "installed (default %(default)s)")
+    web.add_argument("--ws", choices=WS_CHOICES, default=defaults.ws,
+                     help="WebSocket protocol implementation; none turns WebSockets off "
+                     "(default %(default)s)")
+    web.add_argument("--lifespan", choices=LIFESPAN_CHOICES, default=defaults.lifespan,
+                     help="the ASGI lifespan: on, startup runs in each worker before it is ready and a "
+                     "failure fails the boot; auto, the same unless the app does not support it; off "
+                     "(default %(default)s)")
+    web.add_argument("--ssl-keyfile", metavar="PATH", help="TLS private key (the workers do TLS; "
+                     "the master never reads a byte)")
+    web.add_argument("--ssl-certfile", metavar="PATH", help="TLS certificate chain")
+
+
+def _web_options(args: argparse.Namespace) -> WebOptions:
+    return WebOptions(
+        root_path=args.root_path, proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips, timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency, access_log=args.access_log, http=args.http, ws=args.ws,
+        lifespan=args.lifespan, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+    )
 
 
 def config_from_args(argv: list[str] | None = None) -> Config:
@@ -254,6 +312,9 @@ def config_from_args(argv: list[str] | None = None) -> Config:
     try:
         return Config(
             app=args.app,
+            interface=args.interface,
+            factory=args.factory,
+            web=_web_options(args),
             binds=binds,
             workers=workers,
             policy=args.policy,

@@ -14,7 +14,9 @@ import os
 from dataclasses import dataclass, field
 
 from dispatcher.listeners import DEFAULT_BACKLOG, BindSpec, parse_bind
+from shared.app_spec import INTERFACES
 from shared.protocol import MAX_FDS
+from shared.web_options import WebOptions
 
 DEFAULT_BIND = "127.0.0.1:8000"
 
@@ -39,6 +41,12 @@ class Config:
     """
 
     app: str
+    #: How workers serve the app (``shared.app_spec.INTERFACES``); auto: told from the app object.
+    interface: str = "auto"
+    #: The app spec names a factory: called with no arguments, it returns the app.
+    factory: bool = False
+    #: The ASGI and WSGI interfaces' settings (uvicorn's names).
+    web: WebOptions = field(default_factory=WebOptions)
     binds: list[BindSpec] = field(default_factory=lambda: [parse_bind(DEFAULT_BIND)])
     workers: int = 1
     policy: str = "round-robin"
@@ -75,6 +83,9 @@ class Config:
     gid: int | None = None
 
     def __post_init__(self) -> None:
+        if self.interface not in INTERFACES:
+            raise ValueError(f"--interface must be one of {', '.join(INTERFACES)}, not {self.interface!r}")
+        self.web.check()
         for option, value in (("--workers", self.workers), ("--backlog", self.backlog),
                               ("--max-pending", self.max_pending), ("--reload-batch", self.reload_batch),
                               ("--threads", 1 if self.threads is None else self.threads)):

@@ -60,6 +60,7 @@ from dispatcher.worker_process import WorkerEvents, WorkerProcess, spawn
 from shared import eventloop, protocol
 from shared.exitcodes import ExitCode
 from shared.prctl_extra import prctl_available
+from shared.web_options import WebOptions
 
 log = logging.getLogger(__name__)
 
@@ -397,9 +398,13 @@ class Master:
 
 def _worker_args(config: Config) -> list[str]:
     """What every worker's command line carries, from the settings."""
-    args = ["--app", config.app, "--log-level", config.log_level,
+    args = ["--app", config.app, "--interface", config.interface, "--log-level", config.log_level,
             "--log-format", config.log_format, "--loop", config.loop,
-            "--protocol", str(protocol.VERSION)]
+            "--protocol", str(protocol.VERSION), "--graceful-timeout", str(config.graceful_timeout_s)]
+    if config.factory:
+        args.append("--factory")
+    if config.web != WebOptions():
+        args += ["--web", config.web.to_json()]
     if config.threads is not None:
         args += ["--threads", str(config.threads)]
     if config.uid is not None:

@@ -8,6 +8,9 @@ every other way a spec can be wrong.
 
 from __future__ import annotations
 
+#: ``--interface`` choices: ``auto`` (told from the app object) and the five interfaces a worker has.
+INTERFACES = ("auto", "asgi", "wsgi", "streams", "blocking", "server")
+
 
 class AppLoadError(Exception):
     """The app spec cannot be turned into a handler; the message says why in one line."""

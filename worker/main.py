@@ -16,8 +16,9 @@ import socket
 import sys
 
 from shared import cpu_sched, eventloop, logs, protocol
-from shared.app_spec import AppLoadError
+from shared.app_spec import INTERFACES, AppLoadError
 from shared.exitcodes import ExitCode
+from shared.web_options import WebOptions
 from worker import process
 from worker.app import load
 from worker.runtime import Runtime
@@ -41,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--channel-fd", type=int, required=True, help="inherited channel fd")
     parser.add_argument("--master-pid", type=int, required=True)
     parser.add_argument("--app", required=True, help="MODULE:ATTRIBUTE")
+    parser.add_argument("--interface", choices=INTERFACES, default="auto")
+    parser.add_argument("--factory", action="store_true", help="call the attribute to build the app")
+    parser.add_argument("--web", type=WebOptions.from_json, default=WebOptions(),
+                        help="the ASGI and WSGI interfaces' settings, as JSON (shared.web_options)")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0,
+                        help="how long a drain may take before the master kills this worker")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--uid", type=int, default=None, help="user id to run as")
     parser.add_argument("--gid", type=int, default=None, help="group id to run as")
@@ -57,10 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace, chan: socket.socket) -> ExitCode:
-    runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads, args.own_listeners)
+    runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads, args.own_listeners,
+                      web=args.web, graceful_timeout_s=args.graceful_timeout)
     try:
         try:
-            app = load(args.app)
+            app = load(args.app, args.interface, args.factory)
         except AppLoadError as exc:
             log.debug("app load failed", exc_info=True)
             runtime.fail_boot(ExitCode.APP_LOAD_FAILED, str(exc))

@@ -1,4 +1,4 @@
-"""The worker's event loop: take connections from the master, run the app on them.
+"""The worker's event loop: take connections from the master, give them to the app's interface.
 
 Theory of operation
 -------------------
@@ -8,23 +8,20 @@ sees it.
 
 fd ownership:
 - A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
-  wrap it in a socket object that the connection's task closes when the
-  handler returns, and ack it as its handler starts, before the app reads a
-  byte (as Node's worker acks after its 'connection' event): streams, one
-  ack for the whole hand-off in a callback queued just before the
-  connections' tasks (their first step runs no app code); blocking, when a
-  pool thread picks it up (sent from the thread, which waits for it to be
-  in the kernel before it calls the handler); a custom server, when it takes it from
+  wrap it in a socket object and give it to the app's interface
+  (``worker.interfaces``), whose it is from then on to close. It is acked as
+  its handler starts, before the app reads a byte (as Node's worker acks
+  after its 'connection' event): streams, ASGI and WSGI, one ack for the
+  whole hand-off in a callback queued just before the connections' tasks
+  (their first step runs no app code); blocking, when a pool thread picks
+  it up (sent from the thread, which waits for it to be in the kernel
+  before it calls the handler); a custom server, when it takes it from
   ``connections()``. So a handler that blocks the loop before they start (or
   a pool whose threads are all busy, or a server that stops taking) leaves
   the connections behind it un-acked, and the master, which closes its own
   copy only on the ack, gives them to another worker when this one is
   killed. Blocking handlers and custom servers cost a datagram per
   connection where a burst used to share one.
-- A custom server's connections (handed off or accepted) are the app's to
-  close. The socket it gets counts the connection as handled when it lets go
-  of its fd: ``close()`` (asyncio's transports call it), or ``detach()``
-  (uvloop's transports detach the socket and close the fd themselves).
 - While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
@@ -42,15 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shared import protocol
@@ -67,13 +60,13 @@ from shared.protocol import (
     Ready,
     UserMessage,
 )
-from worker import api
+from shared.web_options import WebOptions
+from worker import api, interfaces
 from worker.acceptor import Acceptor
-from worker.app import App, HandlerKind
+from worker.app import App
 
 log = logging.getLogger(__name__)
 
-_STREAM_LIMIT = 64 * 1024
 # How long an exiting worker may block sending what it still has queued.
 _FLUSH_AT_EXIT_S = 1.0
 # How often the event-loop lag is measured.
@@ -87,9 +80,11 @@ class Runtime:
         worker_id: the slot number the master gave this worker.
         chan_sock: this worker's end of the channel.
         loop: the running loop.
-        threads: thread pool size for blocking handlers.
+        threads: thread pool size for blocking handlers and WSGI apps.
         own_listeners: the ``Listen`` sockets are this worker's alone (reuseport;
             see ``worker.acceptor``).
+        web: the ASGI and WSGI interfaces' settings.
+        graceful_timeout_s: how long a drain may take before the master kills us.
     """
 
     def __init__(
@@ -99,21 +94,25 @@ class Runtime:
         loop: asyncio.AbstractEventLoop,
         threads: int | None,
         own_listeners: bool = False,
+        web: WebOptions | None = None,
+        graceful_timeout_s: float = 30.0,
     ) -> None:
         self.worker_id = worker_id
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._threads = threads
+        self._web = web or WebOptions()
+        self._graceful_timeout_s = graceful_timeout_s
         self._app: App | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._interface: interfaces.Interface | None = None
+        self._acks_per_handoff = True
         self._acceptor = Acceptor(loop, self._serve, own_listeners=own_listeners)
         self._done: asyncio.Future[ExitCode] = loop.create_future()
-        self._server_task: asyncio.Task[Any] | None = None
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._starting: asyncio.Task[None] | None = None
+        self._finishing: asyncio.Task[None] | None = None
         self.draining = False
         self.ready = False
         self.started = time.monotonic()
-        self.handed_off = self.acked = self.refused = self.handled = 0
+        self.handed_off = self.acked = self.refused = 0
         self.loop_lag_s = 0.0
         self._lag_due = 0.0
         self._lag_handle: asyncio.TimerHandle | None = None
@@ -138,30 +137,43 @@ class Runtime:
     # Start and stop
 
     def start(self, app: App) -> None:
-        """Begin serving ``app`` and tell the master we are ready."""
+        """Begin serving ``app``; the master hears we are ready once its interface has started."""
         self._app = app
-        if app.kind is HandlerKind.BLOCKING:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="handler")
         self._loop.add_signal_handler(signal.SIGTERM, self.drain)
-        if app.kind is HandlerKind.SERVER:
-            # A custom server is ready when it starts iterating connections:
-            # its set-up before that may still fail, and must count as a
-            # failed boot, not as a worker that crashed while serving.
-            self.api._on_serving = self._ready
-            self._server_task = self._loop.create_task(app.handler(self.api))
-            self._server_task.add_done_callback(self._on_server_done)
-        else:
-            self._ready()
+        log.info("serving %s through the %s interface", app.spec, app.kind.value)
+        self._starting = self._loop.create_task(self._start(app))
 
-    def _ready(self) -> None:
-        if not self.ready:
-            self.ready = True
-            self.channel.send(Ready())
+    async def _start(self, app: App) -> None:
+        context = interfaces.Context(
+            loop=self._loop, worker_id=self.worker_id, threads=self._threads, web=self._web,
+            graceful_timeout_s=self._graceful_timeout_s, api=self.api, ack=self._ack,
+            ack_from_thread=self._ack_from_thread, drain=self.drain, exit=self._exit,
+        )
+        try:
+            interface = interfaces.create(app, context)
+            self._interface = interface
+            self._acks_per_handoff = interface.acks_per_handoff
+            await interface.start()
+        except interfaces.BootFailed as exc:
+            log.debug("boot failed", exc_info=True)
+            self.fail_boot(ExitCode.WORKER_BOOT_FAILED, str(exc))
+            self._exit(ExitCode.WORKER_BOOT_FAILED)
+            return
+        if self._done.done():
+            return
+        self.ready = True
+        self.channel.send(Ready())
+        if self.draining:  # told to drain while starting
+            self._begin_finishing()
 
     def fail_boot(self, code: ExitCode, message: str) -> None:
         """Tell the master why we cannot serve; the caller exits with ``code``."""
         with contextlib.suppress(ValueError):
             self.channel.send(Error(int(code), message))
+
+    def _exit(self, code: ExitCode) -> None:
+        if not self._done.done():
+            self._done.set_result(code)
 
     async def wait(self) -> ExitCode:
         """Run until drained or the master is gone; return the exit code."""
@@ -172,28 +184,36 @@ class Runtime:
         if self.draining:
             return
         self.draining = True
-        log.info("draining: %d connection(s) open", len(self._tasks))
+        log.info("draining: %d connection(s) open", self.load)
         # Before the app hears of it: a custom server still gets what the
         # listeners' queues held.
         self._acceptor.drain()
         self.api._start_draining()
-        self._maybe_finish()
+        if self.ready:
+            self._begin_finishing()
+        elif self._starting is None:
+            self._exit(ExitCode.OK)  # nothing was ever started
 
-    def _maybe_finish(self) -> None:
-        if not self.draining or self._done.done() or self._tasks:
-            return
-        if self._server_task is not None and not self._server_task.done():
-            return
-        self._done.set_result(ExitCode.OK)
+    def _begin_finishing(self) -> None:
+        interface = self._interface
+        assert interface is not None
+        interface.drain()
+        self._finishing = self._loop.create_task(self._finish(interface))
+
+    async def _finish(self, interface: interfaces.Interface) -> None:
+        await interface.finish()
+        self._exit(ExitCode.OK)
 
     def shutdown(self) -> None:
         """Release what the runtime holds (after the loop stopped serving)."""
         if self._lag_handle is not None:
             self._lag_handle.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for task in (self._starting, self._finishing):
+            if task is not None:
+                task.cancel()
+        if self._interface is not None:
+            self._interface.close()
         self._acceptor.close()
-        self.api._close_untaken()
         # An ack still queued must reach the master, or it would hand the
         # connection to someone else after this worker began reading it.
         self.channel.flush_before_exit(_FLUSH_AT_EXIT_S)
@@ -206,8 +226,7 @@ class Runtime:
             log.warning("master is gone (channel closed); exiting")
         else:
             log.error("channel to master failed: %s; exiting", reason)
-        if not self._done.done():
-            self._done.set_result(ExitCode.MASTER_GONE)
+        self._exit(ExitCode.MASTER_GONE)
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
         # No Handoff case: the channel gives every hand-off to on_handoff, and
@@ -226,8 +245,7 @@ class Runtime:
             case _:
                 close_fds(fds)
                 log.error("unexpected %s from master; exiting", type(message).__name__)
-                if not self._done.done():
-                    self._done.set_result(ExitCode.ERROR)
+                self._exit(ExitCode.ERROR)
 
     def _on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
         count = len(conn_ids)
@@ -238,19 +256,20 @@ class Runtime:
             # for a fresh process.
             log.error("out of file descriptors: refusing hand-offs and draining")
             self.drain()
-        if self.draining or self._app is None:
+        interface = self._interface
+        if self.draining or not self.ready or interface is None:
             self.refused += count
             close_fds(fd for fd in fds if fd >= 0)
             self.channel.send_bytes(protocol.encode_ack(conn_ids, False))
             return
-        streams = self._app.kind is HandlerKind.STREAMS
-        if streams:
+        per_handoff = self._acks_per_handoff
+        if per_handoff:
             # One ack for the hand-off, sent just before its connections' tasks
             # take their first step (which runs no app code: it wraps the
-            # socket in a transport and waits). The loop runs callbacks in
-            # order, so it goes out after whatever the loop had queued before
-            # (a handler that blocks there leaves every one of them un-acked,
-            # and the master's) and before any of them is read from.
+            # socket in a transport). The loop runs callbacks in order, so it
+            # goes out after whatever the loop had queued before (a handler
+            # that blocks there leaves every one of them un-acked, and the
+            # master's) and before any of them is read from.
             self._loop.call_soon(self._ack, conn_ids)
         for conn_id, fd in zip(conn_ids, fds, strict=True):
             try:
@@ -258,21 +277,15 @@ class Runtime:
             except OSError as exc:  # not a socket after all: nothing to serve
                 log.error("hand-off fd %d is unusable: %s", fd, exc)
                 os.close(fd)
-                if not streams:
+                if not per_handoff:
                     self._ack((conn_id,))
                 continue
-            self._serve(sock, None if streams else conn_id)
+            interface.serve(sock, None if per_handoff else conn_id)
 
     def _ack(self, conn_ids: tuple[int, ...]) -> None:
-        """Tell the master connections ``conn_ids`` are ours (their handlers start now), with our load.
-
-        The load is the master's figure for least-loaded dealing; a custom
-        server's connections are the app's, so it reports none.
-        """
+        """Tell the master connections ``conn_ids`` are ours (their handlers start now), with our load."""
         self.acked += len(conn_ids)
-        app = self._app
-        load = 0 if app is None or app.kind is HandlerKind.SERVER else len(self._tasks)
-        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, load))
+        self.channel.send_bytes(protocol.encode_ack(conn_ids, True, self.load))
 
     def _ack_from_thread(self, conn_id: int, load: int) -> bool:
         """``_ack`` for a pool thread, sent from the thread: in the kernel before the handler runs.
@@ -306,83 +319,23 @@ class Runtime:
         listener.setblocking(False)
         self._acceptor.add(listener)
 
-    # Connections
-
-    def _serve(self, sock: socket.socket, conn_id: int | None = None) -> None:
-        """Run the app on ``sock``; a hand-off's ``conn_id`` is acked as its handler starts."""
-        app = self._app
-        assert app is not None
-        if app.kind is HandlerKind.SERVER:
-            conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
-            conn._on_finished = self._on_app_connection_finished
-            conn.setblocking(False)
-            taken = None if conn_id is None else functools.partial(self._ack, (conn_id,))
-            self.api._deliver_connection(conn, _peer(conn), taken)
+    def _serve(self, sock: socket.socket) -> None:
+        """Serve a connection this worker accepted itself (shared, reuseport): never acked."""
+        if self._interface is None:
+            sock.close()
             return
-        future: asyncio.Future[Any]
-        if app.kind is HandlerKind.STREAMS:
-            future = self._loop.create_task(self._run_streams(app, sock))
-        else:
-            sock.setblocking(True)
-            assert self._pool is not None
-            # Its load figure as of now, counting itself: the thread may start
-            # before the future below is counted.
-            started = (None if conn_id is None
-                       else functools.partial(self._ack_from_thread, conn_id, len(self._tasks) + 1))
-            future = self._loop.run_in_executor(self._pool, _run_blocking, app, sock, started)
-        self._tasks.add(future)
-        future.add_done_callback(self._on_connection_done)
+        self._interface.serve(sock, None)
 
-    def _on_app_connection_finished(self) -> None:
-        # The app may close a connection on one of its own threads; the
-        # counters are the loop's.
-        if threading.get_ident() == self._loop_thread:
-            self.handled += 1
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is exiting
-                self._loop.call_soon_threadsafe(self._on_app_connection_finished)
+    # Figures
 
-    def _on_connection_done(self, future: asyncio.Future[Any]) -> None:
-        self._tasks.discard(future)
-        self.handled += 1
-        if not future.cancelled() and future.exception() is not None:
-            exc = future.exception()
-            log.error("handler %s raised", self._app.spec if self._app else "?", exc_info=exc)
-        self._maybe_finish()
+    @property
+    def load(self) -> int:
+        """Connections open now, as the interface counts them (the master's least-loaded figure)."""
+        return 0 if self._interface is None else self._interface.load
 
-    async def _run_streams(self, app: App, sock: socket.socket) -> None:
-        loop = self._loop
-        reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
-        stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await loop.connect_accepted_socket(lambda: stream_protocol, sock=sock)
-        writer = _EndingWriter(transport, stream_protocol, reader, loop)
-        try:
-            await app.handler(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    def _on_server_done(self, task: asyncio.Task[Any]) -> None:
-        if not self.ready:
-            failure = task.exception() if not task.cancelled() else None
-            why = f"raised {type(failure).__name__}: {failure}" if failure else "returned"
-            message = f"server {self._app.spec if self._app else '?'} {why} before serving"
-            log.debug("%s", message, exc_info=failure)
-            self.fail_boot(ExitCode.WORKER_BOOT_FAILED, message)
-            if not self._done.done():
-                self._done.set_result(ExitCode.WORKER_BOOT_FAILED)
-            return
-        if not task.cancelled() and task.exception() is not None:
-            log.error("server %s raised", self._app.spec if self._app else "?",
-                      exc_info=task.exception())
-            if not self._done.done():
-                self._done.set_result(ExitCode.ERROR)
-            return
-        if not self.draining:
-            log.info("server returned; draining")
-            self.drain()
-        self._maybe_finish()
+    @property
+    def handled(self) -> int:
+        return 0 if self._interface is None else self._interface.handled
 
     def stats(self) -> dict[str, Any]:
         """The worker's own counters, as carried in ``Pong``."""
@@ -393,77 +346,8 @@ class Runtime:
             "acked": self.acked,
             "refused": self.refused,
             "accepted": self._acceptor.accepted,
-            "active": len(self._tasks),
+            "active": self.load,
             "handled": self.handled,
             "draining": self.draining,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
         }
-
-
-class _AppConnection(socket.socket):
-    """A connection given to a custom server: letting go of it counts it as handled, once.
-
-    The app owns the socket, so its end is seen only here: a ``close()``
-    (directly, by a ``with`` block, or by asyncio's transport when streams
-    wrapped around it close) or a ``detach()`` (uvloop's transport detaches
-    the socket and closes the fd itself; so may an app that takes the fd).
-    A socket dropped without either is never counted.
-    """
-
-    __slots__ = ("_on_finished",)
-
-    _on_finished: Callable[[], None] | None
-
-    # Counted once the socket has let go of its fd: a count the loop sees never
-    # comes before the close.
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._finished()
-
-    def detach(self) -> int:
-        try:
-            return super().detach()
-        finally:
-            self._finished()
-
-    def _finished(self) -> None:
-        # Copies made by dup() have no callback: only the one given to the app counts.
-        on_finished = getattr(self, "_on_finished", None)
-        if on_finished is not None:
-            self._on_finished = None
-            on_finished()
-
-
-class _EndingWriter(asyncio.StreamWriter):
-    """A StreamWriter whose ``close`` sends the FIN itself, once what is buffered is written.
-
-    A close alone ends a TCP connection only when every copy of the socket is
-    closed, and the master holds one until it reads this worker's ack; under
-    load that can be a scheduling slice after a short handler has finished.
-    Covers the handler's own ``writer.close()`` and ours after it returns.
-    """
-
-    def close(self) -> None:
-        if not self.transport.is_closing() and self.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                self.write_eof()
-        super().close()
-
-
-def _peer(sock: socket.socket) -> Any:
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
-
-
-def _run_blocking(app: App, sock: socket.socket, started: Callable[[], bool] | None) -> None:
-    # A plain close, no shutdown: a blocking handler may have given the socket
-    # to a child process that still writes to it. So the FIN goes out once the
-    # master has closed its copy too (when it reads the ack).
-    with sock:
-        if started is not None and not started():
-            return  # not acked: the connection is still the master's to give to another worker
-        app.handler(sock, _peer(sock))

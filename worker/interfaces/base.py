@@ -1,0 +1,144 @@
+"""The one shape every interface has, and what the runtime gives it.
+
+An interface is how the worker serves the connections it gets: the app's
+own asyncio streams handler, a blocking handler on threads, a custom server,
+or a web app (ASGI, WSGI). The runtime (``worker.runtime``) owns the channel
+to the master: it takes each hand-off, acks it, and refuses it while
+draining. An interface owns what happens to a socket once the runtime gives
+it one, and nothing else:
+
+- ``start()`` gets it ready (a web app's lifespan startup, a custom server's
+  own set-up); the runtime tells the master it is ready only once it returns,
+  and a ``BootFailed`` is a failed boot;
+- ``serve(sock, conn_id)`` takes a connection: the socket is the interface's
+  from then on, to close. ``conn_id`` is None when the runtime acked it
+  already (``acks_per_handoff``: one ack for a whole hand-off, queued before
+  the connections' first step) or the worker accepted it itself; otherwise
+  the interface acks it as its handler takes it (``Context.ack`` on the loop,
+  ``Context.ack_from_thread`` on a pool thread);
+- ``load`` and ``handled``: the connections open now (the master's figure
+  for least-loaded dealing) and finished so far;
+- ``drain()`` asks it to finish what it has and take nothing more;
+  ``finish()`` returns once it has (bounded by the graceful timeout where
+  the interface can tell when a connection is done with);
+- ``close()`` lets go of what is left, at exit.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from shared.exitcodes import ExitCode
+from shared.web_options import WebOptions
+from worker import api
+from worker.app import App
+
+
+class BootFailed(Exception):
+    """The interface cannot start serving; the message is one line naming the app and why."""
+
+
+@dataclass
+class Context:
+    """What the runtime gives an interface."""
+
+    loop: asyncio.AbstractEventLoop
+    worker_id: int
+    #: Thread pool size for blocking handlers and WSGI apps (None: Python's default).
+    threads: int | None
+    web: WebOptions
+    #: How long a drain may take before the master kills the worker.
+    graceful_timeout_s: float
+    api: api.Worker
+    #: Ack connections, on the loop.
+    ack: Callable[[tuple[int, ...]], None]
+    #: Ack one connection from a pool thread with the given load; False if it could not be sent.
+    ack_from_thread: Callable[[int, int], bool]
+    #: The interface is done serving by itself (a custom server returned): drain the worker.
+    drain: Callable[[], None]
+    #: The interface failed while serving: end the worker with this code.
+    exit: Callable[[ExitCode], None]
+
+
+class Interface(abc.ABC):
+    """How a worker serves its connections (see the module docstring for the shape)."""
+
+    #: The name ``--interface`` and the start-up log line use.
+    name: ClassVar[str]
+    #: The runtime acks a whole hand-off before its connections take their first step.
+    acks_per_handoff: ClassVar[bool] = True
+
+    def __init__(self, app: App, context: Context) -> None:
+        self.app = app
+        self.context = context
+
+    async def start(self) -> None:  # noqa: B027 - most interfaces have nothing to set up
+        """Get ready to serve; raise ``BootFailed`` if the app cannot."""
+
+    @abc.abstractmethod
+    def serve(self, sock: Any, conn_id: int | None) -> None:
+        """Take connection ``sock`` (a ``socket.socket``; the interface closes it)."""
+
+    @property
+    @abc.abstractmethod
+    def load(self) -> int:
+        """Connections open now."""
+
+    @property
+    @abc.abstractmethod
+    def handled(self) -> int:
+        """Connections finished so far."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """Take nothing more; finish what is open."""
+
+    @abc.abstractmethod
+    async def finish(self) -> None:
+        """Return once everything open at ``drain()`` is finished."""
+
+    def close(self) -> None:  # noqa: B027 - most interfaces hold nothing beyond their connections
+        """Let go of what is left (the worker is exiting)."""
+
+
+class Tasks:
+    """The futures running connections' handlers: how many are open, how many finished, when none are left."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[BaseException], None]) -> None:
+        self._open: set[asyncio.Future[Any]] = set()
+        self.finished = 0
+        self._on_error = on_error
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._loop = loop
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, future: asyncio.Future[Any]) -> None:
+        self._open.add(future)
+        self._empty.clear()
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._open.discard(future)
+        self.finished += 1
+        if not future.cancelled() and future.exception() is not None:
+            self._on_error(future.exception())  # type: ignore[arg-type]
+        if not self._open:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+
+def peer(sock: Any) -> Any:
+    """The socket's peer address, or None if it has none any more."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None

@@ -1,0 +1,78 @@
+"""``async def handler(reader, writer)``: the app's own asyncio streams handler, one task per connection.
+
+The task wraps the socket in a transport and runs the handler; the socket is
+the transport's from then on, and the writer is closed (FIN first, see
+``_EndingWriter``) when the handler returns. The runtime acks each hand-off
+before its tasks take their first step, which runs no app code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from worker.app import App
+from worker.interfaces.base import Context, Interface, Tasks
+
+log = logging.getLogger(__name__)
+
+_STREAM_LIMIT = 64 * 1024
+
+
+class StreamsInterface(Interface):
+    name = "streams"
+
+    def __init__(self, app: App, context: Context) -> None:
+        super().__init__(app, context)
+        self._tasks = Tasks(self.context.loop, self._raised)
+
+    def _raised(self, exc: BaseException) -> None:
+        log.error("handler %s raised", self.app.spec, exc_info=exc)
+
+    def serve(self, sock: socket.socket, conn_id: int | None) -> None:
+        self._tasks.add(self.context.loop.create_task(self._run(sock)))
+
+    @property
+    def load(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def handled(self) -> int:
+        return self._tasks.finished
+
+    def drain(self) -> None:
+        pass  # the handlers are the app's: they see ``worker.current().draining`` if they care
+
+    async def finish(self) -> None:
+        await self._tasks.wait_empty()
+
+    async def _run(self, sock: socket.socket) -> None:
+        loop = self.context.loop
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.connect_accepted_socket(lambda: stream_protocol, sock=sock)
+        writer = _EndingWriter(transport, stream_protocol, reader, loop)
+        try:
+            await self.app.handler(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+class _EndingWriter(asyncio.StreamWriter):
+    """A StreamWriter whose ``close`` sends the FIN itself, once what is buffered is written.
+
+    A close alone ends a TCP connection only when every copy of the socket is
+    closed, and the master holds one until it reads this worker's ack; under
+    load that can be a scheduling slice after a short handler has finished.
+    Covers the handler's own ``writer.close()`` and ours after it returns.
+    """
+
+    def close(self) -> None:
+        if not self.transport.is_closing() and self.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.write_eof()
+        super().close()
