@@ -58,6 +58,23 @@ def test_the_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) 
     assert parsed == dataclasses.replace(Config(app="a:b"), workers=3)
 
 
+def test_the_web_options_reach_the_workers_as_given() -> None:
+    from dispatcher.master import _worker_args
+    from shared.web_options import WebOptions
+
+    config = config_from_args(["--app", "a:b", "--workers", "1", "--interface", "asgi", "--factory",
+                               "--root-path", "/api", "--no-proxy-headers", "--forwarded-allow-ips", "10.0.0.1",
+                               "--timeout-keep-alive", "7", "--limit-concurrency", "9", "--no-access-log",
+                               "--http", "h11", "--ws", "wsproto", "--lifespan", "on"])
+    web = WebOptions(root_path="/api", proxy_headers=False, forwarded_allow_ips="10.0.0.1",
+                     timeout_keep_alive=7, limit_concurrency=9, access_log=False, http="h11", ws="wsproto",
+                     lifespan="on")
+    assert config.web == web
+    args = _worker_args(config)
+    assert args[args.index("--interface") + 1] == "asgi" and "--factory" in args
+    assert WebOptions.from_json(args[args.index("--web") + 1]) == web
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -69,6 +86,13 @@ def test_the_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) 
         (["--reload-batch", "0"], "--reload-batch must be at least 1"),
         (["--graceful-timeout", "-1"], "--graceful-timeout must not be negative"),
         (["--ping-timeout", "nan"], "--ping-timeout must not be negative"),
+        (["--limit-concurrency", "0"], "--limit-concurrency must be at least 1"),
+        (["--timeout-keep-alive", "-1"], "--timeout-keep-alive must not be negative"),
+        (["--root-path", "api"], "--root-path must start with '/', not 'api'"),
+        (["--ssl-keyfile", "/etc/hostname"], "--ssl-keyfile needs --ssl-certfile"),
+        (["--ssl-certfile", "/no/such/cert.pem"], "--ssl-certfile '/no/such/cert.pem' cannot be read"),
+        (["--interface", "rsgi"], "argument --interface: invalid choice: 'rsgi' (choose from 'auto', "
+         "'asgi', 'wsgi', 'streams', 'blocking', 'server')"),
     ],
 )
 def test_a_bad_setting_is_one_usage_line(args: list[str], message: str) -> None:

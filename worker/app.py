@@ -212,8 +212,8 @@ def load(spec: str, interface: str = "auto", factory: bool = False) -> App:
             ) from None
     if factory:
         if not callable(obj):
-            raise AppLoadError(f"app spec {spec!r}: --factory needs a callable, "
-                               f"not a {type(obj).__name__} object")
+            raise AppLoadError(f"app spec {spec!r}: --factory needs a callable, not an object "
+                               f"of type {type(obj).__name__!r}")
         try:
             obj = obj()
         except Exception as exc:

@@ -109,3 +109,19 @@ async def inherit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     sock = writer.get_extra_info("socket")
     writer.write(f"{worker.current().id} {os.getpid()} {os.get_inheritable(sock.fileno())}\n".encode())
     await writer.drain()
+
+
+def make_asgi() -> Any:
+    """A factory (``--factory``): builds an ASGI app that answers with who we are."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": _me()})
+
+    return app
+
+
+def failing_factory() -> Any:
+    raise RuntimeError("no app today")
