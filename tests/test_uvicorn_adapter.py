@@ -9,6 +9,7 @@ websockets client or a raw stream (for the byte-exact drain cases) on the other 
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import email.utils
 import inspect
@@ -105,8 +106,10 @@ def uvloop_warmed() -> None:
 @pytest.fixture(autouse=True)
 def no_fd_leak(uvloop_warmed: None) -> Iterator[None]:
     """Every test opens and closes connections: none may leave a descriptor behind."""
+    gc.collect()  # what an earlier test left for the collector is not this test's
     before = fd_count()
     yield
+    gc.collect()
     assert fd_count() == before, "file descriptors leaked"
 
 
