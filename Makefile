@@ -46,11 +46,20 @@ test: lint
 	$(PY) -m pytest -q
 
 # The benchmark lab (bench/lab.py: policies x workloads, rolling reload; report and plots in
-# bench/results/), then the micro-benchmarks, saved under .benchmarks/ to compare across commits
-# (add --benchmark-compare). make bench LAB_ARGS=--quick for a short run.
+# bench/results/), then the comparison with uvicorn, gunicorn and granian (bench/peers.py, about
+# 13 minutes; bench/results/peers-latest.md; the peers extra installs them), then the
+# micro-benchmarks, saved under .benchmarks/ to compare across commits (add --benchmark-compare).
+# make bench LAB_ARGS=--quick PEERS_ARGS=--quick for a short run.
 LAB_ARGS ?=
-bench: setup system-packages
+PEERS_ARGS ?=
+PEERS_STAMP := $(VENV)/.peers-installed
+$(PEERS_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -q -e '.[web,peers]'
+	touch $(PEERS_STAMP)
+
+bench: setup system-packages $(PEERS_STAMP)
 	$(PY) -m bench.lab $(LAB_ARGS)
+	$(PY) -m bench.peers $(PEERS_ARGS)
 	$(PY) -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only --benchmark-autosave
 
 # The fault suite in full (tests/chaos, marker chaos): workers killed under load, hung workers,

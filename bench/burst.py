@@ -4,6 +4,8 @@ Every connection is started in the same event-loop turn, sends one
 ``GET`` with ``Connection: close`` to 127.0.0.1 and reads the answer to EOF;
 ``bench.apps:slow`` answers after about a second with the worker that served
 it (``worker 3 pid 1234``), so the client can count connections per worker.
+Another way of naming the worker can be given (``identify``: the
+comparison's apps name it in a header, ``bench.worker_counts.header_worker``).
 Bounded in count (``MAX_CONNECTIONS``) and in time: each connection has a
 deadline, and the whole burst another; whatever is still open then is
 cancelled and counted as failed.
@@ -15,6 +17,7 @@ import asyncio
 import collections
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.load import Request, http_error, http_get
@@ -37,6 +40,8 @@ class BurstResult:
     #: When the burst began (``time.monotonic``): each request's latency is counted from it.
     started_at: float
     requests: list[Request] = field(default_factory=list)
+    #: Which worker an answer names.
+    identify: Callable[[str], int | None] = worker_id
 
     @property
     def ok(self) -> list[Request]:
@@ -61,11 +66,11 @@ class BurstResult:
 
     def per_worker(self) -> dict[int, int]:
         """Connections answered, per worker id."""
-        counts = collections.Counter(worker_id(r.answer) for r in self.ok)
+        counts = collections.Counter(self.identify(r.answer) for r in self.ok)
         return dict(sorted((k, v) for k, v in counts.items() if k is not None))
 
 
-async def _one(port: int, path: str, timeout_s: float) -> Request:
+async def _one(port: int, path: str, timeout_s: float, identify: Callable[[str], int | None]) -> Request:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout_s):
@@ -80,11 +85,12 @@ async def _one(port: int, path: str, timeout_s: float) -> Request:
     finally:
         if writer is not None:
             writer.close()
-    error = http_error(answer) or ("" if worker_id(answer) is not None else "no worker in the answer")
+    error = http_error(answer) or ("" if identify(answer) is not None else "no worker in the answer")
     return Request(time.monotonic(), answer, error)
 
 
-async def burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0) -> BurstResult:
+async def burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0,
+                identify: Callable[[str], int | None] = worker_id) -> BurstResult:
     """Open ``connections`` connections to 127.0.0.1:``port`` at once; one request each.
 
     Parameters:
@@ -92,6 +98,7 @@ async def burst(port: int, connections: int, path: str = "/", timeout_s: float =
         path: the request target (e.g. ``/?ms=1000``).
         timeout_s: deadline of each connection, from the start of the burst;
             the burst as a whole ends 5 s later at most.
+        identify: which worker an answer names (default: the body's ``worker N``).
 
     Returns:
         Every connection's request (cancelled ones failed as ``timeout``).
@@ -101,8 +108,8 @@ async def burst(port: int, connections: int, path: str = "/", timeout_s: float =
     """
     if not 1 <= connections <= MAX_CONNECTIONS:
         raise ValueError(f"connections must be 1 to {MAX_CONNECTIONS}, not {connections}")
-    result = BurstResult(connections, time.monotonic())
-    tasks = [asyncio.create_task(_one(port, path, timeout_s)) for _ in range(connections)]
+    result = BurstResult(connections, time.monotonic(), identify=identify)
+    tasks = [asyncio.create_task(_one(port, path, timeout_s, identify)) for _ in range(connections)]
     done, pending = await asyncio.wait(tasks, timeout=timeout_s + 5.0)
     for task in pending:
         task.cancel()
@@ -117,6 +124,7 @@ async def burst(port: int, connections: int, path: str = "/", timeout_s: float =
     return result
 
 
-def run_burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0) -> BurstResult:
+def run_burst(port: int, connections: int, path: str = "/", timeout_s: float = 15.0,
+              identify: Callable[[str], int | None] = worker_id) -> BurstResult:
     """``burst`` on a fresh event loop (blocking)."""
-    return asyncio.run(burst(port, connections, path, timeout_s))
+    return asyncio.run(burst(port, connections, path, timeout_s, identify))

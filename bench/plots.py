@@ -31,7 +31,7 @@ COLORS = {"round-robin": "#1f77b4", "shared": "#ff7f0e", "reuseport": "#2ca02c"}
 DPI = 110
 
 
-def _stats(values: Sequence[float]) -> tuple[float, float, float]:
+def bar_stats(values: Sequence[float]) -> tuple[float, float, float]:
     """(median, median - min, max - median) of the finite values, for a bar and its error bar."""
     mid, low, high = bounds(values)
     if math.isnan(mid):
@@ -39,12 +39,12 @@ def _stats(values: Sequence[float]) -> tuple[float, float, float]:
     return mid, mid - low, high - mid
 
 
-def _bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[Sequence[float]]]],
+def bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[Sequence[float]]]],
           fmt: str) -> None:
     """Grouped bars on ``ax``: for each (name, color, values per label), median bars with min-max."""
     width = 0.8 / len(series)
     for i, (name, color, per_label) in enumerate(series):
-        stats = [_stats(v) for v in per_label]
+        stats = [bar_stats(v) for v in per_label]
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
         mids = [s[0] for s in stats]
         ax.bar(xs, mids, width, color=color, label=name,
@@ -72,7 +72,7 @@ def throughput(cells: Sequence[Cell], workloads: Sequence[Workload], policies: S
     fig, axes = _panels(workloads)
     for ax, workload in zip(axes, workloads, strict=True):
         per_policy = [_values(cells, workload.key, p, lambda c: c.requests_per_s) for p in policies]
-        _bars(ax, policies, [("req/s", "#888888", per_policy)], ".0f")
+        bars(ax, policies, [("req/s", "#888888", per_policy)], ".0f")
         for patch, policy in zip(ax.patches, policies, strict=True):
             patch.set_facecolor(COLORS.get(policy, "#888888"))
         ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
@@ -92,7 +92,7 @@ def latency(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequ
             ("p50", "#9ecae1", [_values(cells, workload.key, p, lambda c: c.p50_ms) for p in policies]),
             ("p99", "#08519c", [_values(cells, workload.key, p, lambda c: c.p99_ms) for p in policies]),
         ]
-        _bars(ax, policies, series, ".0f" if workload.burst else ".2f")
+        bars(ax, policies, series, ".0f" if workload.burst else ".2f")
         ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
         ax.set_ylabel("latency, ms" if ax is axes[0] else "")
         ax.tick_params(axis="x", labelsize=8)
@@ -116,7 +116,7 @@ def w4_balance(cells: Sequence[Cell], workload: Workload, policies: Sequence[str
         ranked = [sorted(c.handled.values(), reverse=True) for c in runs]
         n = min(len(r) for r in ranked)
         even = statistics.median(sum(r) for r in ranked) / n
-        stats = [_stats([float(r[i]) for r in ranked]) for i in range(n)]
+        stats = [bar_stats([float(r[i]) for r in ranked]) for i in range(n)]
         left = g * (n + 2)
         xs = [left + i for i in range(n)]
         ax.bar(xs, [s[0] for s in stats], 0.8, color=COLORS.get(policy, "#888888"), label=policy,

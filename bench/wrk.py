@@ -55,16 +55,20 @@ def find() -> str | None:
     return wrk
 
 
-def command(wrk: str, port: int | str, path: str, duration_s: int, connections: int, threads: int,
-            close: bool = True) -> list[str]:
-    """wrk against 127.0.0.1:``port``; ``close``: ``Connection: close`` (a new connection per request)."""
+def command(wrk: str, port: int | str, path: str, duration_s: float, connections: int, threads: int,
+            close: bool = True, script: str | None = None) -> list[str]:
+    """wrk against 127.0.0.1:``port``; ``close``: ``Connection: close`` (a new connection per request).
+
+    ``script``: a Lua script for ``-s`` (``bench.worker_counts.LUA``).
+    """
     return [
-        wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s}s",
-        *(["-H", "Connection: close"] if close else []), "--latency", f"http://{HOST}:{port}{path}",
+        wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
+        *(["-H", "Connection: close"] if close else []), *(["-s", script] if script else []), "--latency",
+        f"http://{HOST}:{port}{path}",
     ]
 
 
-def run(line: list[str], duration_s: int,
+def run(line: list[str], duration_s: float,
         alongside: contextlib.AbstractContextManager[object] | None = None) -> tuple[WrkResult, str]:
     """Run wrk (``line``) to its end, with ``alongside`` entered meanwhile; return its figures and output.
 
