@@ -21,6 +21,7 @@ the burst client; the worker pids from the server (``Running.worker_pids``).
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import time
@@ -30,6 +31,7 @@ from bench import wrk
 from bench.burst import run_burst
 from bench.load import ask, http_get
 from bench.peer_servers import Kind, Running
+from bench.proc import cpu_of
 from bench.stats import percentile
 from bench.worker_counts import Spread, header_worker, parse, spread
 
@@ -96,6 +98,9 @@ class PeerCell:
     per_worker: dict[int, int]
     #: Answers naming a pid that is not one of the workers.
     strangers: int = 0
+    #: CPU seconds during the load: of the workers, and of the server's other processes (master, supervisor).
+    workers_cpu_s: float = math.nan
+    other_cpu_s: float = math.nan
     load_output: str = ""
 
     @property
@@ -113,6 +118,11 @@ class PeerCell:
     @property
     def counted(self) -> int:
         return self.spread.total + self.strangers
+
+    def cpu_us_per_request(self, workers: bool) -> float:
+        """The workers' (else the other processes') CPU time per request, in microseconds."""
+        cpu = self.workers_cpu_s if workers else self.other_cpu_s
+        return cpu * 1e6 / self.requests if self.requests else math.nan
 
 
 @dataclass
@@ -206,13 +216,19 @@ def run_group(settings: Settings, kind: Kind, workloads: list[Workload], layout:
             group.nodelay = _probe_nodelay(kind, server.port)
         for workload in workloads:
             line = wrk_line(settings, workload, server.port, pinned)
+            processes = {pid: pid for pid in server.process_pids()}
+            before = cpu_of(processes)
             result, output = wrk.run(line, settings.duration_s)
-            counts = spread(parse(output), server.worker_pids())
+            used = {pid: max(0.0, t - before[pid]) for pid, t in cpu_of(processes).items()}
+            workers = server.worker_pids()
+            counts = spread(parse(output), workers)
             group.cells.append(PeerCell(
                 server=kind.key, workload=workload.key, layout=layout, repeat=repeat,
                 requests=result.requests, requests_per_s=result.requests_per_s, p50_ms=result.p50_ms,
                 p99_ms=result.p99_ms, errors=result.errors, error_detail=result.error_detail,
                 per_worker=counts.counts, strangers=counts.strangers,
+                workers_cpu_s=sum(t for pid, t in used.items() if pid in workers),
+                other_cpu_s=sum(t for pid, t in used.items() if pid not in workers),
                 load_output=f"$ {shlex.join(line)}\n{output}",
             ))
             time.sleep(GAP_S)

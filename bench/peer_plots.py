@@ -1,5 +1,7 @@
 """The comparison's PNG plots (matplotlib, Agg), drawn with ``bench.plots.bars``: median bars, min-max.
 
+Constrained layout, so that the title of many stacked panels keeps clear of the first one.
+
 - ``throughput``: requests/s, a panel per workload, a bar per server and layout;
 - ``latency``: p50 and p99, a row of panels per layout, a panel per workload;
 - ``w4_balance``: W4's answers per worker, busiest first, one group per server;
@@ -34,7 +36,7 @@ def _short(server: str) -> str:
 def throughput(cells: Sequence[PeerCell], workloads: Sequence[str], servers: Sequence[str],
                layouts: Sequence[str], path: Path, subtitle: str) -> None:
     fig, axes = plt.subplots(len(workloads), 1, figsize=(max(8.0, 1.2 * len(servers)), 3.2 * len(workloads)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax, workload in zip(axes[:, 0], workloads, strict=True):
         shown = [s for s in servers if select(cells, s, workload)]
         series = [
@@ -51,7 +53,6 @@ def throughput(cells: Sequence[PeerCell], workloads: Sequence[str], servers: Seq
         ax.tick_params(axis="x", labelsize=7)
         ax.legend(fontsize=7)
     fig.suptitle(f"Throughput per server (median, min{DASH}max)\n{subtitle}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
@@ -61,7 +62,7 @@ def latency(cells: Sequence[PeerCell], workloads: Sequence[str], servers: Sequen
     pairs = [(layout, w) for layout in layouts for w in workloads
              if any(select(cells, s, w, layout) for s in servers)]
     fig, axes = plt.subplots(len(pairs), 1, figsize=(max(8.0, 1.2 * len(servers)), 3.0 * len(pairs)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax, (layout, workload) in zip(axes[:, 0], pairs, strict=True):
         shown = [s for s in servers if select(cells, s, workload, layout)]
         series = [
@@ -74,13 +75,12 @@ def latency(cells: Sequence[PeerCell], workloads: Sequence[str], servers: Sequen
         ax.tick_params(axis="x", labelsize=7)
         ax.legend(fontsize=7)
     fig.suptitle(f"Latency per server (median, min{DASH}max)\n{subtitle}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
 def w4_balance(cells: Sequence[PeerCell], servers: Sequence[str], path: Path, subtitle: str) -> None:
-    fig, ax = plt.subplots(figsize=(10.0, 4.2))
+    fig, ax = plt.subplots(figsize=(10.0, 4.2), layout="constrained")
     ticks: list[float] = []
     names: list[str] = []
     even: float | None = None
@@ -107,20 +107,18 @@ def w4_balance(cells: Sequence[PeerCell], servers: Sequence[str], path: Path, su
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"W4: answers per worker, busiest first (median, min{DASH}max over runs)\n{subtitle}",
                  fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
 def rss(idles: Sequence[Idle], servers: Sequence[str], path: Path, subtitle: str) -> None:
     shown = [s for s in servers if rss_mib(idles, s)]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(shown)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(shown)), 3.6), layout="constrained")
     bars(ax, [_short(s) for s in shown], [("idle worker RSS", "#6a51a3", [rss_mib(idles, s) for s in shown])],
          ".1f")
     ax.set_ylabel("MiB")
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title(f"Idle worker RSS after the loads (median, min{DASH}max over workers and runs)\n{subtitle}",
                  fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

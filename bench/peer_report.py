@@ -69,10 +69,17 @@ def workload_table(cells: Sequence[PeerCell], workload: str, servers: Sequence[s
                 spread((c.jain for c in mine), ".3f"),
                 spread((100 * c.busiest_share for c in mine), ".0f"),
                 _shares(mine),
+                _cpu(mine),
                 f"{_errors(mine)} in {len(mine)}",
             ])
     return table(["server", "layout", "req/s", "p50 ms", "p99 ms", "Jain", "busiest %",
-                  "share % per worker, busiest first", "errors in runs"], rows)
+                  "share % per worker, busiest first", "CPU µs/req workers + rest", "errors in runs"], rows)
+
+
+def _cpu(cells: Sequence[PeerCell]) -> str:
+    workers = median(c.cpu_us_per_request(workers=True) for c in cells)
+    rest = median(c.cpu_us_per_request(workers=False) for c in cells)
+    return "n/a" if math.isnan(workers) else f"{workers:.1f} + {rest:.1f}"
 
 
 def w4_runs(cells: Sequence[PeerCell], servers: Sequence[str]) -> str:

@@ -134,6 +134,26 @@ WSGI_KEYS = tuple(k for k, kind in KINDS.items() if kind.interface == "wsgi")
 NODELAY_EXTRA = Kind("uvicorn-asyncio", "uvicorn --workers --loop asyncio", "uvicorn", "asgi", loop="asyncio")
 
 
+#: What each family's options are, and why, for the report.
+NOTES = {
+    "dispatcher": "`--interface asgi|wsgi --loop uvloop --http httptools --no-access-log`: uvicorn's "
+                  "httptools protocol in each worker, as uvicorn runs it; WSGI through a thread pool of "
+                  "`--threads 4`.",
+    "uvicorn": "`--workers N --loop uvloop --http httptools --no-access-log`: the supervisor binds one "
+               "socket and every worker accepts on it.",
+    "gunicorn": "`-k uvicorn_worker.UvicornWorker` (its loop and http are `auto`: uvloop and httptools, "
+                "both installed) or `-k gthread --threads 4`; no `--access-logfile`, so no access log; one "
+                "shared socket.",
+    "granian": "`--runtime-threads 1` (its default: one Rust I/O thread per worker, as the others have one "
+               "event loop per worker; more would only compete for the 2 cores, and granian itself warns "
+               "that Rust threads are almost never the limit), runtime mode `auto` (the multi-threaded "
+               "runtime for ASGI and WSGI), `--loop uvloop` for the ASGI app's Python loop, "
+               "`--blocking-threads 4` for WSGI (as gunicorn's `--threads 4`; its default would be "
+               "backpressure/2, 256 threads), `--no-access-log` (its default); the main process binds one "
+               "socket the workers share.",
+}
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that was free a moment ago (the kernel's pick for port 0)."""
     with socket.socket() as sock:
@@ -256,6 +276,10 @@ class Running:
         for child in children:
             self._seen.setdefault(child.pid, child)
         return children
+
+    def process_pids(self) -> list[int]:
+        """The server's first process and its live descendants."""
+        return [self.pid, *(c.pid for c in self._remember())]
 
     def worker_pids(self) -> list[int]:
         """The live processes of the server that loaded the app (not the supervisor), sorted."""

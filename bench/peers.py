@@ -96,7 +96,7 @@ from bench.peer_report import (
     workload_table,
     workload_title,
 )
-from bench.peer_servers import KINDS, NODELAY_EXTRA, Running, describe
+from bench.peer_servers import KINDS, NODELAY_EXTRA, NOTES, Running, describe
 from bench.server import ROOT, StartError
 from bench.stats import DASH
 from bench.worker_counts import write_script
@@ -337,6 +337,8 @@ def write_report(args: argparse.Namespace, settings: Settings, servers: list[str
     def body(links: dict[str, str]) -> str:
         lines = [f"# Servers compared, {stamp}", "", _about(args, settings), ""]
         lines += [f"- {note}" for note in results.notes]
+        lines += ["", "Servers:", "", *(f"- {family}: {note}" for family, note in NOTES.items()
+                                        if any(KINDS[k].family == family for k in servers))]
         lines += ["", "## Targets", "", "Same run, side by side.", "", *target_lines(found), ""]
         for w in ran:
             lines += [f"## {workload_title(w)}", "", workload_table(cells, w, servers, layouts), ""]
