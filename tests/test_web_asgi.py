@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import re
+import signal
 import ssl
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from bench.server import HOST, Server
@@ -277,3 +279,18 @@ def test_an_app_of_the_other_interface_is_refused(server_factory: type[Server], 
     assert len(lines) == 1, server.log
     assert spec in lines[0]
     assert "Traceback" not in server.log
+
+
+def test_a_graceful_stop_closes_websockets_with_1012_and_runs_the_lifespan_shutdown(
+        server_factory: type[Server], tmp_path: Path) -> None:
+    server = server_factory("--app", APP, workers=2, env={"WEB_TEST_DIR": str(tmp_path)}).start()
+    workers = set(server.worker_pids())
+    with connect(f"ws://{HOST}:{server.port}/ws", open_timeout=TIMEOUT_S, close_timeout=TIMEOUT_S) as ws:
+        ws.send("pid")
+        assert int(ws.recv(timeout=TIMEOUT_S)) in workers
+        server.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=TIMEOUT_S)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert server.wait(timeout=TIMEOUT_S) == 0
+    assert all((tmp_path / f"shutdown-{pid}").exists() for pid in workers)
