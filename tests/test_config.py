@@ -63,7 +63,8 @@ def test_the_web_options_reach_the_workers_as_given() -> None:
     from shared.web_options import WebOptions
 
     config = config_from_args(["--app", "a:b", "--workers", "1", "--interface", "asgi", "--factory",
-                               "--root-path", "/api", "--no-proxy-headers", "--forwarded-allow-ips", "10.0.0.1",
+                               "--root-path", "/api", "--no-proxy-headers",
+                               "--forwarded-allow-ips", "10.0.0.1",
                                "--timeout-keep-alive", "7", "--limit-concurrency", "9", "--no-access-log",
                                "--http", "h11", "--ws", "wsproto", "--lifespan", "on"])
     web = WebOptions(root_path="/api", proxy_headers=False, forwarded_allow_ips="10.0.0.1",

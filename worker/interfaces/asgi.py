@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from worker.app import App
 from worker.interfaces.base import BootFailed, Context, Interface
+from worker.uvicorn_adapter import EmbeddedServer, LifespanFailed, check_version
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,11 @@ class AsgiInterface(Interface):
 
     def __init__(self, app: App, context: Context) -> None:
         super().__init__(app, context)
-        from worker import uvicorn_adapter
-
-        self._lifespan_failed = uvicorn_adapter.LifespanFailed
-        warning = uvicorn_adapter.check_version()
+        warning = check_version()
         if warning:
             log.warning("%s", warning)
         try:
-            self._server = uvicorn_adapter.EmbeddedServer(
+            self._server = EmbeddedServer(
                 self._asgi_app(), context.web, worker_id=context.worker_id, wsgi=self.wsgi)
         except ValueError as exc:
             raise BootFailed(f"app {app.spec}: {exc}") from exc
@@ -62,7 +60,7 @@ class AsgiInterface(Interface):
     async def start(self) -> None:
         try:
             await self._server.startup()
-        except self._lifespan_failed as exc:
+        except LifespanFailed as exc:
             raise BootFailed(f"app {self.app.spec}: lifespan startup failed: {exc}") from exc
 
     def serve(self, sock: socket.socket, conn_id: int | None) -> None:
