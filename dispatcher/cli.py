@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads", type=_whole_number, metavar="N",
-        help="thread pool size per worker for blocking handlers "
+        help="thread pool size per worker for blocking handlers and WSGI apps "
         "(default: Python's, min(32, CPUs + 4))",
     )
     parser.add_argument(

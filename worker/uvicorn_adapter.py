@@ -282,19 +282,18 @@ class EmbeddedServer:
         return protocol_class(config=self._config, server_state=self._state, app_state=self._lifespan.state,
                               _loop=asyncio.get_running_loop())
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Serve one accepted, connected socket, which is the transport's from now on (it closes it).
+    def serve(self, sock: socket.socket) -> None:
+        """Start serving one accepted, connected socket, which is the transport's from now on (it closes it).
 
-        Returns once the transport is made (after the TLS handshake); a failure is logged, not raised.
+        The transport is made in a task of this module's (after the TLS handshake, if any), so that
+        wait_closed() can abort a handshake that hangs; a failure is logged, not raised. Nothing is
+        read from the socket before that task's first step.
         """
-        # A task of our own, so that wait_closed() can abort a handshake that hangs whatever becomes
-        # of the caller's task, and the caller's cancellation stays the caller's.
         task = asyncio.get_running_loop().create_task(self._connect(sock))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
         # Cancelled before it ran: nothing took the socket.
         task.add_done_callback(lambda done: sock.close() if done.cancelled() else None)
-        await asyncio.wait((task,))
 
     async def _connect(self, sock: socket.socket) -> None:
         peer = _peer(sock)
@@ -305,7 +304,7 @@ class EmbeddedServer:
             # The transport, if made, has closed the socket (asyncio closes this very object, uvloop
             # detaches it): closing it again is a no-op then, and closes it if no transport took it.
             sock.close()
-            log.debug("worker %d: connection from %s failed before serving: %r", self._worker_id, peer, exc)
+            log.debug("connection from %s failed before serving: %r", peer, exc)
             return
         if self._app.draining:
             # Connected (a TLS handshake finished, say) after drain() began.
@@ -351,7 +350,7 @@ class EmbeddedServer:
             connection.shutdown()
         except Exception:
             # A state its shutdown() did not expect must not stop the drain: the connection goes anyway.
-            log.debug("worker %d: shutdown of %r failed", self._worker_id, connection, exc_info=True)
+            log.debug("shutdown of %r failed", connection, exc_info=True)
             if connection.transport is not None:
                 connection.transport.close()
 
@@ -373,8 +372,8 @@ class EmbeddedServer:
             return
         connections = list(self._connections)
         tasks = [*self._state.tasks, *self._connecting]
-        log.warning("worker %d: %d connection(s) and %d task(s) left after %gs: aborting them",
-                    self._worker_id, len(connections), len(tasks), timeout_s)
+        log.warning("%d connection(s) and %d task(s) left after %gs: aborting them",
+                    len(connections), len(tasks), timeout_s)
         for connection in connections:
             if connection.transport is not None:
                 connection.transport.abort()
@@ -394,10 +393,9 @@ class EmbeddedServer:
         try:
             await asyncio.wait_for(self._lifespan.shutdown(), timeout_s)
         except TimeoutError:
-            log.warning("worker %d: the app's lifespan shutdown took longer than %gs; left unfinished",
-                        self._worker_id, timeout_s)
+            log.warning("the app's lifespan shutdown took longer than %gs; left unfinished", timeout_s)
         except Exception:
-            log.exception("worker %d: the app's lifespan shutdown failed", self._worker_id)
+            log.exception("the app's lifespan shutdown failed")
 
     def close(self) -> None:
         """Stop the header refresh and the first-request graces; idempotent, safe before startup()."""

@@ -16,7 +16,6 @@ aborted, so the lifespan shutdown gets its turn before the master's kill.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from typing import Any, ClassVar
@@ -48,10 +47,7 @@ class AsgiInterface(Interface):
                 self._asgi_app(), context.web, worker_id=context.worker_id, wsgi=self.wsgi)
         except ValueError as exc:
             raise BootFailed(f"app {app.spec}: {exc}") from exc
-        self._queued = 0
         self._served = 0
-        self._connecting: set[asyncio.Task[None]] = set()
-        self._drained: asyncio.Task[None] | None = None
         self._deadline = 0.0
 
     def _asgi_app(self) -> Any:
@@ -64,40 +60,24 @@ class AsgiInterface(Interface):
             raise BootFailed(f"app {self.app.spec}: lifespan startup failed: {exc}") from exc
 
     def serve(self, sock: socket.socket, conn_id: int | None) -> None:
-        # Counted at once: the ack that goes out before the task runs carries this load.
-        self._queued += 1
         self._served += 1
-        task = self.context.loop.create_task(self._connect(sock))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
-
-    async def _connect(self, sock: socket.socket) -> None:
-        self._queued -= 1
-        await self._server.serve(sock)
+        # Counted from now on, so the ack that goes out before its first step carries it.
+        self._server.serve(sock)
 
     @property
     def load(self) -> int:
-        return self._queued + self._server.open_connections
+        return self._server.open_connections
 
     @property
     def handled(self) -> int:
         return self._served - self.load
 
     def drain(self) -> None:
-        if self._drained is None:
-            loop = self.context.loop
-            self._deadline = loop.time() + self.context.graceful_timeout_s
-            self._drained = loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        # A connection still being made (a TLS handshake) is drained once it is.
-        if self._connecting:
-            await asyncio.wait(set(self._connecting), timeout=FIRST_REQUEST_GRACE_S)
+        # A connection still being made (a TLS handshake) is drained once it is, by the adapter.
+        self._deadline = self.context.loop.time() + self.context.graceful_timeout_s
         self._server.drain(FIRST_REQUEST_GRACE_S)
 
     async def finish(self) -> None:
-        assert self._drained is not None
-        await self._drained
         reserve = min(SHUTDOWN_RESERVE_S, self.context.graceful_timeout_s / 4)
         loop = self.context.loop
         await self._server.wait_closed(max(0.0, self._deadline - reserve - loop.time()))
