@@ -257,8 +257,6 @@ def test_failing_lifespan_startup_stops_the_master(server_factory: type[Server],
     assert master and all(spec in line and "lifespan startup failed" in line for line in master), server.log
 
 
-@pytest.mark.xfail(strict=True, reason="uvicorn's traceback per worker, and the error once per worker "
-                                       "and again as 'failed to boot': not one line")
 @pytest.mark.parametrize(("spec", "lifespan", "error"), LIFESPAN_FAILURES)
 def test_failing_lifespan_startup_is_one_log_line(server_factory: type[Server], spec: str, lifespan: str,
                                                   error: str) -> None:
