@@ -253,7 +253,8 @@ def _add_web_options(parser: argparse.ArgumentParser) -> None:
                      metavar="SECONDS", help="close a keep-alive connection idle this long "
                      "(default %(default)s)")
     web.add_argument("--limit-concurrency", type=_whole_number, metavar="N",
-                     help="per worker: answer 503 beyond N open connections and tasks (default: no limit)")
+                     help="per worker: answer 503 to a request when N connections or N tasks are open, "
+                     "its own connection counted, as uvicorn does (default: no limit)")
     web.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=defaults.access_log,
                      help="log a line per request, naming the worker (default: on)")
     web.add_argument("--http", choices=HTTP_CHOICES, default=defaults.http,

@@ -115,6 +115,8 @@ class Supervisor:
         self._next_key = 0
         self._fatal = False
         self._said_none_ready = False
+        # The last boot failure logged: every worker fails the same way, and one line says it.
+        self._boot_error_said: str | None = None
 
     @property
     def _loop(self) -> asyncio.AbstractEventLoop:
@@ -194,7 +196,11 @@ class Supervisor:
                 worker.life.note_error(text)
                 if code == ExitCode.APP_LOAD_FAILED:
                     log.debug("%r: cannot load app: %s", worker, text)
+                elif code == ExitCode.WORKER_BOOT_FAILED and text == self._boot_error_said:
+                    log.debug("%r: %s (again)", worker, text)
                 else:
+                    if code == ExitCode.WORKER_BOOT_FAILED:
+                        self._boot_error_said = text
                     log.error("%r: %s", worker, text)
             case _:
                 close_fds(fds)
@@ -209,6 +215,7 @@ class Supervisor:
             return
         self._health.arm(worker)  # the ping timeout counts from here
         self._said_none_ready = False
+        self._boot_error_said = None
         self.changed.set()
         try:
             self.distribution.add(worker)
@@ -321,6 +328,8 @@ class Supervisor:
             code = ExitCode(returncode) if returncode in _FATAL_EXITS else ExitCode.WORKER_BOOT_FAILED
             if worker.life.error and code is ExitCode.APP_LOAD_FAILED:
                 log.error("cannot load app: %s", worker.life.error)
+            elif worker.life.error and worker.life.error == self._boot_error_said:
+                log.error("worker %d failed to boot (the error above): stopping", slot.id)
             else:
                 log.error("worker %d failed to boot: %s", slot.id, worker.life.error or worker.exit_reason)
             self._on_fatal(code)

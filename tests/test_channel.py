@@ -9,7 +9,6 @@ import errno
 import gc
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,13 +43,6 @@ class Recorder:
 
     def on_closed(self, reason: str) -> None:
         self.closed.append(reason)
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def run_until(loop: asyncio.AbstractEventLoop, predicate: object, timeout: float = 5.0) -> None:

@@ -68,13 +68,6 @@ def escaped(loop: asyncio.AbstractEventLoop) -> list[dict[str, Any]]:
     return caught
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 @contextlib.contextmanager
 def running(
     loop: asyncio.AbstractEventLoop, handler: Callable[..., Any], threads: int | None = None

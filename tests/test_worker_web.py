@@ -16,8 +16,6 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
-
 from shared import protocol
 from shared.channel import socketpair
 from tests.test_worker_runtime import hand_off, next_message
@@ -44,13 +42,6 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @contextlib.contextmanager

@@ -199,6 +199,15 @@ class _Outermost:
         return "the app's lifespan startup failed"
 
 
+def _demote_errors(record: logging.LogRecord) -> bool:
+    """A logging filter: errors become debug records (dropped unless the worker logs at debug level)."""
+    if record.levelno >= logging.ERROR:
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
+
+
 def _require(option: str, value: str) -> None:
     package = _PACKAGES.get(value)
     if package is None:
@@ -264,7 +273,14 @@ class EmbeddedServer:
         Raises:
             LifespanFailed: the app failed its startup (or, with lifespan "on", does not support it).
         """
-        await self._lifespan.startup()
+        # uvicorn logs a failed startup as errors with the app's traceback; the master's one line
+        # says it (LifespanFailed), and the traceback stays at debug level.
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(_demote_errors)
+        try:
+            await self._lifespan.startup()
+        finally:
+            uvicorn_log.removeFilter(_demote_errors)
         if self._lifespan.should_exit:
             raise LifespanFailed(self._app.failure())
         self._started = True

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,6 +37,8 @@ from shared.exitcodes import ExitCode
 from shared.web_options import WebOptions
 from worker import api
 from worker.app import App
+
+log = logging.getLogger(__name__)
 
 
 class BootFailed(Exception):
@@ -103,6 +106,35 @@ class Interface(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most interfaces hold nothing beyond their connections
         """Let go of what is left (the worker is exiting)."""
+
+
+class TaskInterface(Interface):
+    """An interface that runs each connection's handler as a future of its own (streams, blocking).
+
+    The handlers are the app's: draining asks nothing of them (they can see
+    ``worker.current().draining``), and the drain is over when the last returns.
+    """
+
+    def __init__(self, app: App, context: Context) -> None:
+        super().__init__(app, context)
+        self._tasks = Tasks(context.loop, self._raised)
+
+    def _raised(self, exc: BaseException) -> None:
+        log.error("handler %s raised", self.app.spec, exc_info=exc)
+
+    @property
+    def load(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def handled(self) -> int:
+        return self._tasks.finished
+
+    def drain(self) -> None:
+        pass
+
+    async def finish(self) -> None:
+        await self._tasks.wait_empty()
 
 
 class Tasks:

@@ -11,28 +11,21 @@ it, so the FIN goes out once the master has closed its copy too).
 from __future__ import annotations
 
 import functools
-import logging
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from worker.app import App
-from worker.interfaces.base import Context, Interface, Tasks, peer
-
-log = logging.getLogger(__name__)
+from worker.interfaces.base import Context, TaskInterface, peer
 
 
-class BlockingInterface(Interface):
+class BlockingInterface(TaskInterface):
     name = "blocking"
     acks_per_handoff = False
 
     def __init__(self, app: App, context: Context) -> None:
         super().__init__(app, context)
         self._pool = ThreadPoolExecutor(context.threads, thread_name_prefix="handler")
-        self._tasks = Tasks(context.loop, self._raised)
-
-    def _raised(self, exc: BaseException) -> None:
-        log.error("handler %s raised", self.app.spec, exc_info=exc)
 
     def serve(self, sock: socket.socket, conn_id: int | None) -> None:
         sock.setblocking(True)
@@ -41,20 +34,6 @@ class BlockingInterface(Interface):
         started = (None if conn_id is None
                    else functools.partial(self.context.ack_from_thread, conn_id, len(self._tasks) + 1))
         self._tasks.add(self.context.loop.run_in_executor(self._pool, _run, self.app, sock, started))
-
-    @property
-    def load(self) -> int:
-        return len(self._tasks)
-
-    @property
-    def handled(self) -> int:
-        return self._tasks.finished
-
-    def drain(self) -> None:
-        pass
-
-    async def finish(self) -> None:
-        await self._tasks.wait_empty()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -10,43 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 
-from worker.app import App
-from worker.interfaces.base import Context, Interface, Tasks
-
-log = logging.getLogger(__name__)
+from worker.interfaces.base import TaskInterface
 
 _STREAM_LIMIT = 64 * 1024
 
 
-class StreamsInterface(Interface):
+class StreamsInterface(TaskInterface):
     name = "streams"
-
-    def __init__(self, app: App, context: Context) -> None:
-        super().__init__(app, context)
-        self._tasks = Tasks(self.context.loop, self._raised)
-
-    def _raised(self, exc: BaseException) -> None:
-        log.error("handler %s raised", self.app.spec, exc_info=exc)
 
     def serve(self, sock: socket.socket, conn_id: int | None) -> None:
         self._tasks.add(self.context.loop.create_task(self._run(sock)))
-
-    @property
-    def load(self) -> int:
-        return len(self._tasks)
-
-    @property
-    def handled(self) -> int:
-        return self._tasks.finished
-
-    def drain(self) -> None:
-        pass  # the handlers are the app's: they see ``worker.current().draining`` if they care
-
-    async def finish(self) -> None:
-        await self._tasks.wait_empty()
 
     async def _run(self, sock: socket.socket) -> None:
         loop = self.context.loop
