@@ -22,7 +22,8 @@ fd ownership:
   copy only on the ack, gives them to another worker when this one is
   killed. Blocking handlers and custom servers cost a datagram per
   connection where a burst used to share one.
-- While draining we refuse: ``Ack(accepted=False)`` and close our copy; the
+- While draining (or before we are ready: a web app's lifespan startup may
+  still run) we refuse: ``Ack(accepted=False)`` and close our copy; the
   master still holds its own and gives the connection to another worker.
 - A ``Listen`` fd (shared and reuseport policies) becomes a listening socket
   we accept on ourselves (``worker.acceptor``); it is closed when draining
