@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -284,14 +285,16 @@ def _about(args: argparse.Namespace, settings: Settings) -> str:
 
 def _commands(args: argparse.Namespace, settings: Settings, servers: Sequence[str]) -> list[str]:
     python = report.python()
-    lines = ["```", "# the comparison itself", " ".join([python, "-m", "bench.peers", *sys.argv[1:]]), "",
+    lines = ["```", "# the comparison itself", shlex.join([python, "-m", "bench.peers", *sys.argv[1:]]), "",
              "# servers (W1-W3; W4 with --workers/-w 8 instead); pinned: the same under `taskset -c 1`"]
     lines += [f"# {label(k)}\n{describe(KINDS[k], settings.workers, settings.wsgi_threads)}"
               for k in servers]
-    lines += ["", "# loads (PORT: the server's); pinned: under `taskset -c 0`"]
+    lines += ["", "# loads (PORT: the server's); pinned: under `taskset -c 0`; COUNTS.lua is "
+              "bench.worker_counts.LUA, written to a temporary file"]
+    shown = dataclasses.replace(settings, script="COUNTS.lua")
     for w in (WORKLOADS[k] for k in ("W1", "W2", "W3")):
         if w.key in args.workloads:
-            lines.append(f"# {w.key}\n{' '.join(wrk_line(settings, w, 'PORT', False))}")
+            lines.append(f"# {w.key}\n{shlex.join(wrk_line(shown, w, 'PORT', False))}")
     if "W4" in args.workloads:
         lines.append(f"# W4\n{burst_call(settings, WORKLOADS['W4'])}")
     if args.reload:
