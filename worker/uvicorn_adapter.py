@@ -31,7 +31,9 @@ its drain, WebSocket and access-log tests the behaviours; re-check them all on a
   ``encoded_headers``, ``date_header``;
 - the HTTP protocol classes (h11, httptools): built with ``config=, server_state=, app_state=, _loop=``;
   ``cycle`` is None until the first request; ``shutdown()``; ``transport``; a response with
-  ``connection: close`` closes the connection after it;
+  ``connection: close`` closes the connection after it; httptools' (``HttpToolsProtocol``) adds that
+  header itself to a response started after its ``shutdown()``, so requests begun before the drain
+  skip the middleware there;
 - the WebSocket protocol classes: ``shutdown()`` (close code 1012), ``transport``;
 - the lifespan classes (``uvicorn.lifespan.on.LifespanOn``, ``off.LifespanOff``): built with the config;
   ``startup()``, ``shutdown()``, ``should_exit``, ``state``;
@@ -161,11 +163,18 @@ class _Outermost:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.draining = False
+        #: The HTTP protocol says ``connection: close`` itself once its ``shutdown()`` ran (httptools
+        #: does; h11 only closes after the response): then a request begun before the drain needs no
+        #: wrapping, and the hot path is the app's own call.
+        self.protocol_says_close = False
         self.startup_message: str | None = None
         self.lifespan_error: Exception | None = None
 
     async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
         if scope["type"] == "http":
+            if self.protocol_says_close and not self.draining:
+                return await self.app(scope, receive, send)
+
             async def send_http(message: _Message) -> None:
                 # Checked per response, not per request: drain() may come while the app works.
                 if self.draining and message["type"] == "http.response.start":
@@ -206,6 +215,15 @@ def _demote_errors(record: logging.LogRecord) -> bool:
             return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
     return True
+
+
+def _says_close_itself(protocol_class: type[asyncio.Protocol]) -> bool:
+    """Whether the HTTP protocol adds ``connection: close`` to a response once its ``shutdown()`` ran."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools is not installed: the protocol is h11's
+        return False
+    return issubclass(protocol_class, HttpToolsProtocol)
 
 
 def _require(option: str, value: str) -> None:
@@ -259,6 +277,7 @@ class EmbeddedServer:
             raise ValueError(f"--ssl-certfile/--ssl-keyfile cannot be used: {exc}") from None
         except (ImportError, ImportFromStringError) as exc:
             raise ValueError(f"--http {options.http} / --ws {ws} cannot be loaded: {exc}") from None
+        self._app.protocol_says_close = _says_close_itself(self._config.http_protocol_class)
         self._state = ServerState()
         self._lifespan: _Lifespan = self._config.lifespan_class(self._config)
         self._started = False
