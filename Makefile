@@ -47,7 +47,7 @@ test: lint
 
 # The benchmark lab (bench/lab.py: policies x workloads, rolling reload; report and plots in
 # bench/results/), then the comparison with uvicorn, gunicorn and granian (bench/peers.py, about
-# 13 minutes; bench/results/peers-latest.md; the peers extra installs them), then the
+# 12 minutes; bench/results/peers-latest.md; the peers extra installs them), then the
 # micro-benchmarks, saved under .benchmarks/ to compare across commits (add --benchmark-compare).
 # make bench LAB_ARGS=--quick PEERS_ARGS=--quick for a short run.
 LAB_ARGS ?=

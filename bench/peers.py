@@ -1,6 +1,6 @@
 """This project against uvicorn, gunicorn and granian, on the same apps, workers, loop and machine.
 
-    .venv/bin/python -m bench.peers               # the full run of `make bench` (about 13 minutes)
+    .venv/bin/python -m bench.peers               # the full run of `make bench` (about 12 minutes)
     .venv/bin/python -m bench.peers --quick       # 1 s runs, 1 repeat: under 3 minutes
     .venv/bin/python -m bench.peers --servers round-robin,uvicorn --workloads W2 --layouts pinned --repeats 5
 
