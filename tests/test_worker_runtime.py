@@ -427,3 +427,22 @@ def test_an_empty_datagram_from_the_master_is_a_protocol_error(
     messages = [r.getMessage() for r in caplog.records if r.name == "worker.runtime"]
     assert "channel to master failed: empty datagram (protocol error); exiting" in messages
     assert not [m for m in messages if "master is gone" in m]
+
+
+def test_an_interface_that_fails_to_start_fails_the_boot_in_one_line(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a worker that never gets ready: the master hears why, and the worker exits as a failed boot."""
+    from worker import interfaces
+
+    def broken(app: Any, context: Any) -> Any:
+        raise PermissionError(13, "Permission denied", "/srv/app/worker/interfaces/streams.py")
+
+    monkeypatch.setattr(interfaces, "create", broken)
+    with running(loop, streams_answer) as (runtime, master_end):
+        assert loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10)) is ExitCode.WORKER_BOOT_FAILED
+        error = next_message(loop, master_end, protocol.Error)
+        assert isinstance(error, protocol.Error) and error.code == ExitCode.WORKER_BOOT_FAILED
+        assert error.message == ("app test:handler: the streams interface failed to start: PermissionError: "
+                                 "[Errno 13] Permission denied: '/srv/app/worker/interfaces/streams.py'")
+        assert not runtime.ready

@@ -155,9 +155,13 @@ class Runtime:
             self._interface = interface
             self._acks_per_handoff = interface.acks_per_handoff
             await interface.start()
-        except interfaces.BootFailed as exc:
+        except Exception as exc:
+            # A BootFailed is one line already; anything else is a bug or the app's, named as it is.
+            why = str(exc) if isinstance(exc, interfaces.BootFailed) else (
+                f"app {app.spec}: the {app.kind.value} interface failed to start: "
+                f"{type(exc).__name__}: {exc}")
             log.debug("boot failed", exc_info=True)
-            self.fail_boot(ExitCode.WORKER_BOOT_FAILED, str(exc))
+            self.fail_boot(ExitCode.WORKER_BOOT_FAILED, why)
             self._exit(ExitCode.WORKER_BOOT_FAILED)
             return
         if self._done.done():
