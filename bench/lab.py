@@ -75,16 +75,14 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
-from bench import controlplane, plots, proc, profile, report, wrk
+from bench import cli, controlplane, plots, proc, profile, report, wrk
 from bench.matrix import (
     POLICIES,
     RUN_ERRORS,
@@ -116,16 +114,6 @@ BUSY_LOAD_PER_CORE = 0.5
 Result = TypeVar("Result")
 
 
-def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if not items or unknown:
-        raise argparse.ArgumentTypeError(
-            f"{what}: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(allowed)}"
-        )
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,9 +122,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="2 s runs, 1 repeat, fixed-name copies left alone (unless given otherwise)")
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick 2)")
     parser.add_argument("--repeats", type=int, help="runs per cell and per reload (default 3; --quick 1)")
-    parser.add_argument("--policies", type=lambda t: _csv(t, POLICIES, "--policies"), default=list(POLICIES),
+    parser.add_argument("--policies", type=lambda t: cli.choices(t, POLICIES, "--policies"),
+                        default=list(POLICIES),
                         help=f"comma-separated, in this order (default {','.join(POLICIES)})")
-    parser.add_argument("--workloads", type=lambda t: _csv(t, WORKLOADS, "--workloads"),
+    parser.add_argument("--workloads", type=lambda t: cli.choices(t, WORKLOADS, "--workloads"),
                         default=list(WORKLOADS), help=f"comma-separated (default {','.join(WORKLOADS)})")
     parser.add_argument("--connections", type=int, default=16, help="wrk -c for W1-W3 (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="wrk -t (default %(default)s)")
@@ -153,7 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the CPU that received them (on loopback, the wrk thread's); adds a 'same CPU %%' "
                         "column")
     parser.add_argument("--no-reload", dest="reload", action="store_false", help="skip the rolling reload")
-    parser.add_argument("--reload-policies", type=lambda t: _csv(t, POLICIES, "--reload-policies"),
+    parser.add_argument("--reload-policies", type=lambda t: cli.choices(t, POLICIES, "--reload-policies"),
                         help="policies of the rolling reload (default: --policies)")
     parser.add_argument("--reload-workers", type=int, default=4, help="default %(default)s")
     parser.add_argument("--reload-clients", type=int, default=4, help="default %(default)s")
@@ -193,10 +182,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 def _cell_line(cell: Cell, elapsed_s: float) -> str:
     errors = f"{cell.errors} ({cell.error_detail})" if cell.error_detail else str(cell.errors)
     return (
@@ -212,10 +197,6 @@ class Results:
     reloads: list[ReloadRun] = dataclasses.field(default_factory=list)
     failures: list[str] = dataclasses.field(default_factory=list)
     load_at_start: tuple[float, float, float] = dataclasses.field(default_factory=os.getloadavg)
-
-
-def _loadavg(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
 
 
 def _attempt(results: Results, what: str, run: Callable[[], Result]) -> Result | None:
@@ -375,7 +356,7 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
             "",
             *proc.machine(settings.wrk),
             f"- lab wall time: {elapsed_s / 60:.1f} min; load average (1, 5, 15 min) at the start "
-            f"{_loadavg(results.load_at_start)}, at the end {_loadavg(os.getloadavg())} (other work "
+            f"{proc.loadavg(results.load_at_start)}, at the end {proc.loadavg(os.getloadavg())} (other work "
             "on the machine shows here)",
             "",
             "## Commands",
@@ -417,17 +398,11 @@ def write_report(args: argparse.Namespace, settings: Settings, chosen: list[Work
 
 
 def _json(args: argparse.Namespace, results: Results) -> dict[str, Any]:
-    def strip(obj: Any) -> dict[str, Any]:
-        data = dataclasses.asdict(obj)
-        for key in ("server_log", "load_output"):
-            data.pop(key, None)
-        return data
-
     return {
         "argv": sys.argv,
         "policies": args.policies,
-        "cells": [strip(c) for c in results.cells],
-        "reloads": [strip(r) for r in results.reloads],
+        "cells": [report.without_logs(c) for c in results.cells],
+        "reloads": [report.without_logs(r) for r in results.reloads],
         "failures": results.failures,
     }
 
@@ -451,26 +426,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cores = os.cpu_count() or 1
     if os.getloadavg()[0] > BUSY_LOAD_PER_CORE * cores:
-        print(f"warning: the machine is busy (load average {_loadavg(os.getloadavg())} on {cores} "
+        print(f"warning: the machine is busy (load average {proc.loadavg(os.getloadavg())} on {cores} "
               "cores): the figures will be noisy", file=sys.stderr)
     stamp = report.timestamp()
-    # TERM and HUP unwind like Ctrl-C, so the current run's server is stopped too. INT is set
-    # explicitly as well: a shell starts background jobs with INT ignored.
-    previous = {
-        sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    }
-    try:
-        if args.control_plane:
-            return controlplane.run(settings, args.repeats, args.out, stamp)
-        if sampler is not None:
-            return profile.run(settings, sampler, args.out, stamp)
-        return run_lab(args, settings, stamp)
-    except KeyboardInterrupt as exc:
-        print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
-        return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # TERM and HUP unwind like Ctrl-C, so the current run's server is stopped too.
+    with cli.interrupting_signals():
+        try:
+            if args.control_plane:
+                return controlplane.run(settings, args.repeats, args.out, stamp)
+            if sampler is not None:
+                return profile.run(settings, sampler, args.out, stamp)
+            return run_lab(args, settings, stamp)
+        except KeyboardInterrupt as exc:
+            print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
+            return 130
 
 
 def run_lab(args: argparse.Namespace, settings: Settings, stamp: str) -> int:

@@ -31,7 +31,7 @@ from bench.apps import LOCALITY_DIR_ENV
 from bench.burst import BurstResult, run_burst
 from bench.proc import cpu_of, process_cpu_s
 from bench.server import Server
-from bench.stats import jain_index, percentile
+from bench.stats import jain_index, percentile, ranked_shares
 from dispatcher.ctl import CtlError
 from dispatcher.snapshot import Snapshot
 
@@ -174,8 +174,7 @@ class Cell:
     @property
     def shares(self) -> list[float]:
         """Each worker's share of the connections, busiest first."""
-        total = self.connections
-        return sorted((n / total for n in self.handled.values()), reverse=True) if total else []
+        return ranked_shares(self.handled.values())
 
     @property
     def jain(self) -> float:

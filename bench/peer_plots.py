@@ -10,7 +10,6 @@ Constrained layout, so that the title of many stacked panels keeps clear of the 
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import matplotlib.pyplot as plt
 
 from bench.peer_matrix import Idle, PeerCell
 from bench.peer_report import label, rss_mib, select
-from bench.plots import DPI, bar_stats, bars
+from bench.plots import DPI, bars, rank_stats
+from bench.stats import DASH
 
 LAYOUT_COLORS = {"pinned": "#1f77b4", "unpinned": "#ff7f0e"}
-DASH = chr(8211)
 
 
 def _short(server: str) -> str:
@@ -89,10 +88,8 @@ def w4_balance(cells: Sequence[PeerCell], servers: Sequence[str], path: Path, su
         runs = [c for c in select(cells, server, "W4") if c.per_worker]
         if not runs:
             continue
-        ranked = [sorted(c.per_worker.values(), reverse=True) for c in runs]
-        n = min(len(r) for r in ranked)
-        even = statistics.median(sum(r) for r in ranked) / n
-        stats = [bar_stats([float(r[i]) for r in ranked]) for i in range(n)]
+        stats, even = rank_stats([c.per_worker.values() for c in runs])
+        n = len(stats)
         xs = [left + i for i in range(n)]
         ax.bar(xs, [s[0] for s in stats], 0.8, yerr=[[s[1] for s in stats], [s[2] for s in stats]],
                capsize=2, ecolor="#333333")

@@ -43,7 +43,7 @@ import psutil
 from bench.load import ask, http_error, http_get
 from bench.peer_probe import READY_DIR_ENV
 from bench.report import python
-from bench.server import HOST, ROOT, Server, StartError
+from bench.server import HOST, ROOT, Server, StartError, end_process
 
 #: Bound on a start: every worker has loaded the app and ``/`` answered.
 START_TIMEOUT_S = 40.0
@@ -338,18 +338,7 @@ class Running:
         if self._server is not None:
             self._server.stop(timeout)
         elif self._proc is not None:
-            if self._proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                print(f"  {self.kind.label} {self.pid} still running {timeout:g} s after SIGTERM: killing",
-                      file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(5.0)
+            end_process(self._proc, signal.SIGTERM, timeout, self.kind.label)
         for process in self._seen.values():
             # psutil checks the creation time first: a reused pid is left alone.
             with contextlib.suppress(psutil.Error):

@@ -57,16 +57,14 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
-from bench import peer_plots, proc, report, wrk
+from bench import cli, peer_plots, proc, report, wrk
 from bench.matrix import RUN_ERRORS
 from bench.peer_matrix import (
     IDLE_SETTLE_S,
@@ -110,15 +108,6 @@ TRIAL_TIMEOUT_S = 20.0
 Result = TypeVar("Result")
 
 
-def _csv(text: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if not items or unknown:
-        raise argparse.ArgumentTypeError(
-            f"{what}: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(allowed)}")
-    return items
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,12 +116,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 3; --quick 1)")
     parser.add_argument("--repeats", type=int, help="runs per cell (default 3; --quick 1)")
     parser.add_argument("--reload-repeats", type=int, help="reloads per server (default: --repeats)")
-    parser.add_argument("--servers", type=lambda t: _csv(t, list(KINDS), "--servers"), default=list(KINDS),
-                        help=f"comma-separated (default {','.join(KINDS)})")
-    parser.add_argument("--workloads", type=lambda t: _csv(t, list(WORKLOADS), "--workloads"),
+    parser.add_argument("--servers", type=lambda t: cli.choices(t, list(KINDS), "--servers"),
+                        default=list(KINDS), help=f"comma-separated (default {','.join(KINDS)})")
+    parser.add_argument("--workloads", type=lambda t: cli.choices(t, list(WORKLOADS), "--workloads"),
                         default=list(WORKLOADS), help="comma-separated (default W1,W2,W3,W4)")
-    parser.add_argument("--layouts", type=lambda t: _csv(t, LAYOUTS, "--layouts"), default=list(LAYOUTS),
-                        help="comma-separated (default pinned,unpinned)")
+    parser.add_argument("--layouts", type=lambda t: cli.choices(t, LAYOUTS, "--layouts"),
+                        default=list(LAYOUTS), help="comma-separated (default pinned,unpinned)")
     parser.add_argument("--workers", type=int, default=2, help="workers for W1-W3 and reloads (default 2)")
     parser.add_argument("--wsgi-threads", type=int, default=4, help="WSGI threads per worker (default 4)")
     parser.add_argument("--burst-connections", type=int, help="W4 (default 400; --quick 200)")
@@ -157,10 +146,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.reload_repeats < 0:
         parser.error("--duration must be positive, --reload-repeats not negative")
     return args
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 @dataclasses.dataclass
@@ -387,8 +372,7 @@ def write_report(args: argparse.Namespace, settings: Settings, servers: list[str
         lines += [
             "", "## Machine", "", *proc.machine(settings.wrk),
             f"- lab wall time: {elapsed_s / 60:.1f} min; load average (1, 5, 15 min) at the start "
-            f"{' '.join(f'{x:.2f}' for x in results.load_at_start)}, at the end "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            f"{proc.loadavg(results.load_at_start)}, at the end {proc.loadavg(os.getloadavg())}",
             f"- versions: {_versions()}",
             "", "## Commands", "", "From the repository root; PORT is a free port picked for each run, DIR a "
             "private temporary directory.", "", *_commands(args, settings, servers),
@@ -423,18 +407,13 @@ def _versions() -> str:
 
 
 def _json(args: argparse.Namespace, results: Results, found: Sequence[Any]) -> dict[str, Any]:
-    def strip(obj: Any) -> dict[str, Any]:
-        data = dataclasses.asdict(obj)
-        for key in ("server_log", "load_output"):
-            data.pop(key, None)
-        return data
-
     return {
         "argv": sys.argv,
-        "cells": [{**strip(c), "jain": c.jain, "busiest_share": c.busiest_share} for c in results.cells],
-        "idle": [strip(i) for i in results.idles],
+        "cells": [{**report.without_logs(c), "jain": c.jain, "busiest_share": c.busiest_share}
+                  for c in results.cells],
+        "idle": [report.without_logs(i) for i in results.idles],
         "nodelay": {k: {"verdict": n.verdict, "answers": n.answers} for k, n in results.nodelays.items()},
-        "reloads": [strip(r) for r in results.reloads],
+        "reloads": [report.without_logs(r) for r in results.reloads],
         "targets": [{"what": t.what, "met": t.met, "figures": t.figures} for t in found],
         "failures": results.failures,
         "notes": results.notes,
@@ -450,31 +429,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         wsgi_threads=args.wsgi_threads, burst_connections=args.burst_connections,
                         burst_workers=args.burst_workers)
     stamp = report.timestamp()
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    results = Results()
-    started = time.monotonic()
-    script = Path(write_script())
-    try:
-        settings = dataclasses.replace(settings, script=str(script))
-        servers = list(args.servers)
-        if any(KINDS[k].dispatcher for k in servers):
-            why = trial_dispatcher(args.workers)
-            if why:
-                servers = [k for k in servers if not KINDS[k].dispatcher]
-                results.notes.append(
-                    f"this project's servers left out: its ASGI server did not start ({why})")
-                print(f"this project's servers left out: {why}", file=sys.stderr)
-        if not servers:
-            print("no server to run", file=sys.stderr)
-            return 1
-        run_all(args, settings, servers, results)
-    except KeyboardInterrupt as exc:
-        print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
-        return 130
-    finally:
-        script.unlink(missing_ok=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with cli.interrupting_signals():
+        results = Results()
+        started = time.monotonic()
+        script = Path(write_script())
+        try:
+            settings = dataclasses.replace(settings, script=str(script))
+            servers = list(args.servers)
+            if any(KINDS[k].dispatcher for k in servers):
+                why = trial_dispatcher(args.workers)
+                if why:
+                    servers = [k for k in servers if not KINDS[k].dispatcher]
+                    results.notes.append(
+                        f"this project's servers left out: its ASGI server did not start ({why})")
+                    print(f"this project's servers left out: {why}", file=sys.stderr)
+            if not servers:
+                print("no server to run", file=sys.stderr)
+                return 1
+            run_all(args, settings, servers, results)
+        except KeyboardInterrupt as exc:
+            print(f"\ninterrupted ({exc or 'Ctrl-C'}); nothing written", file=sys.stderr)
+            return 130
+        finally:
+            script.unlink(missing_ok=True)
     if not results.cells and not results.reloads:
         print("every run failed; nothing written", file=sys.stderr)
         return 1

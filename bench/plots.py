@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -37,6 +37,16 @@ def bar_stats(values: Sequence[float]) -> tuple[float, float, float]:
     if math.isnan(mid):
         return math.nan, 0.0, 0.0
     return mid, mid - low, high - mid
+
+
+def rank_stats(runs: Sequence[Iterable[int]]) -> tuple[list[tuple[float, float, float]], float]:
+    """Counts per worker over ``runs``, ranked busiest first in each run (the busiest is a different
+    worker from run to run): ``bar_stats`` per rank, over as many ranks as the run with the fewest
+    workers has; and the even share, the median total over the runs / those ranks."""
+    ranked = [sorted(counts, reverse=True) for counts in runs]
+    n = min(len(r) for r in ranked)
+    even = statistics.median(sum(r) for r in ranked) / n
+    return [bar_stats([float(r[i]) for r in ranked]) for i in range(n)], even
 
 
 def bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Sequence[Sequence[float]]]],
@@ -113,10 +123,8 @@ def w4_balance(cells: Sequence[Cell], workload: Workload, policies: Sequence[str
         runs = [c for c in cells if c.workload == workload.key and c.policy == policy and c.handled]
         if not runs:
             continue
-        ranked = [sorted(c.handled.values(), reverse=True) for c in runs]
-        n = min(len(r) for r in ranked)
-        even = statistics.median(sum(r) for r in ranked) / n
-        stats = [bar_stats([float(r[i]) for r in ranked]) for i in range(n)]
+        stats, even = rank_stats([c.handled.values() for c in runs])
+        n = len(stats)
         left = g * (n + 2)
         xs = [left + i for i in range(n)]
         ax.bar(xs, [s[0] for s in stats], 0.8, color=COLORS.get(policy, "#888888"), label=policy,

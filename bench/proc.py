@@ -87,6 +87,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def loadavg(load: tuple[float, float, float]) -> str:
+    """A load average (1, 5, 15 min, as ``os.getloadavg`` gives it) for a report: ``0.12 0.34 0.56``."""
+    return " ".join(f"{x:.2f}" for x in load)
+
+
 def machine(wrk: str) -> list[str]:
     """The machine, as Markdown bullets: cores, CPU model, kernel, Python, wrk, the loop."""
     loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"

@@ -6,6 +6,7 @@ or measures anything.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import shlex
@@ -13,6 +14,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.matrix import POLICIES, Cell, Workload
 from bench.rolling import ReloadRun
@@ -35,6 +37,14 @@ def relative(path: Path) -> str:
 def python() -> str:
     """This interpreter, as the reports' commands name it (``.venv/bin/python``)."""
     return relative(Path(sys.executable))
+
+
+def without_logs(record: Any) -> dict[str, Any]:
+    """A run's dataclass as the report's JSON gives it: its fields but the logs (those go to ``.raw``)."""
+    data = dataclasses.asdict(record)
+    for key in ("server_log", "load_output"):
+        data.pop(key, None)
+    return data
 
 
 def server_command(*args: str, workers: int) -> str:

@@ -92,6 +92,26 @@ def _control_of(args: Sequence[str]) -> str | None:
     return None
 
 
+def end_process(proc: subprocess.Popen[bytes], sig: Signals, timeout: float, who: str) -> int | None:
+    """``sig`` to ``proc`` by PID unless it has exited, wait up to ``timeout``, then SIGKILL it.
+
+    Returns:
+        Its exit code (None if even SIGKILL did not end it within 5 s).
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {who} {proc.pid} still running {timeout:g} s after {sig.name}: killing", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(5.0)
+    return None
+
+
 class Server:
     """A ``python -m dispatcher`` process: its log, its control socket, its processes.
 
@@ -415,18 +435,7 @@ class Server:
 
     def _end(self, sig: Signals, timeout: float) -> int | None:
         self.worker_pids()
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-        try:
-            self.exit_code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"  master {self.pid} still running {timeout:g} s after {sig.name}: killing",
-                  file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.exit_code = self.proc.wait(5.0)
+        self.exit_code = end_process(self.proc, sig, timeout, "master")
         for process in self._seen.values():
             # psutil checks the process's creation time first: a reused pid is left alone.
             with contextlib.suppress(psutil.Error):

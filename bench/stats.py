@@ -1,4 +1,4 @@
-"""Summaries of the lab's repeated figures: median, min-max spread, percentile, Jain's index.
+"""Summaries of the lab's repeated figures: median, min-max spread, percentile, ranked shares, Jain's index.
 
 NaN stands for a figure a run could not have (no connections, no samples)
 and is left out of every summary.
@@ -47,6 +47,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, round(q * len(ordered) + 0.5))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def ranked_shares(counts: Iterable[float]) -> list[float]:
+    """Each count's share of their sum, largest first; empty if the sum is 0."""
+    values = list(counts)
+    total = sum(values)
+    return sorted((n / total for n in values), reverse=True) if total else []
 
 
 def jain_index(counts: Sequence[float]) -> float:

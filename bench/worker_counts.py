@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from bench.peer_probe import WORKER_HEADER
-from bench.stats import jain_index
+from bench.stats import jain_index, ranked_shares
 
 LUA = f"""\
 -- Counts answers per value of the {WORKER_HEADER} header, per thread; done() prints them.
@@ -103,8 +103,7 @@ class Spread:
     @property
     def shares(self) -> list[float]:
         """Each worker's share, busiest first."""
-        total = self.total
-        return sorted((n / total for n in self.counts.values()), reverse=True) if total else []
+        return ranked_shares(self.counts.values())
 
     @property
     def busiest_share(self) -> float:
