@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages: libcap-dev builds python-prctl, wrk drives the benchmark.
-DEB_PACKAGES := libcap-dev wrk
+# Debian packages: libcap-dev builds python-prctl, wrk drives the benchmark, haproxy stands in front of
+# two instances in the scaling-out test.
+DEB_PACKAGES := libcap-dev wrk haproxy
 BIND ?= 127.0.0.1:8000
 APP ?= examples.fastapi_app:app
 
@@ -17,13 +18,14 @@ system-packages:
 	@missing=""; \
 	dpkg -s libcap-dev >/dev/null 2>&1 || missing="$$missing libcap-dev"; \
 	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing Debian packages:$$missing"; \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "warning: missing$$missing (not root or no apt-get); python-prctl may fail to build and make bench needs wrk" >&2; \
+			echo "warning: missing$$missing (not root or no apt-get); python-prctl may fail to build, make bench needs wrk, the HAProxy test is skipped" >&2; \
 		fi; \
 	fi
 
