@@ -47,11 +47,12 @@ async def asgi(scope: dict[str, Any], receive: Callable[..., Any], send: Callabl
         return
     body = json.dumps({"client": scope["client"]}).encode()
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
 def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     body = json.dumps({"client": [environ["REMOTE_ADDR"], int(environ.get("REMOTE_PORT", 0))]}).encode()
-    start_response("200 OK", [("Content-Type", "application/json")])
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
