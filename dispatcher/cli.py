@@ -118,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         "LISTEN_FDS); port 0 picks a free port, logged at start",
     )
     parser.add_argument(
+        "--proxy-protocol", action="store_true",
+        help="peers in --forwarded-allow-ips (a load balancer, HAProxy) open each connection with a "
+        "PROXY protocol header, v1 or v2: the workers read it and every interface sees the client it "
+        "names (ASGI scope['client'], WSGI REMOTE_ADDR, the access log, a streams writer's peername, "
+        "a blocking or custom server's addr); such a peer's connection without a valid header within "
+        "5s is closed (logged once per burst). Any other peer is not trusted: its connection is "
+        "served as is, and a header it sends reaches the app as data. A Unix-socket peer is trusted "
+        "only with --forwarded-allow-ips '*'",
+    )
+    parser.add_argument(
         "--workers", "-w", type=_whole_number, metavar="N",
         help="worker processes (default: $WEB_CONCURRENCY, else the number of CPUs)",
     )
@@ -247,7 +257,8 @@ def _add_web_options(parser: argparse.ArgumentParser) -> None:
                      help="take the client address and scheme from X-Forwarded-For and X-Forwarded-Proto "
                      "when the peer is in --forwarded-allow-ips (default: on)")
     web.add_argument("--forwarded-allow-ips", metavar="IPS", default=defaults.forwarded_allow_ips,
-                     help="comma-separated addresses or networks trusted for proxy headers, or '*' "
+                     help="comma-separated addresses or networks trusted for proxy headers (and for "
+                     "--proxy-protocol, whatever the interface), or '*' "
                      "(default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1)")
     web.add_argument("--timeout-keep-alive", type=_whole_number, default=defaults.timeout_keep_alive,
                      metavar="SECONDS", help="close a keep-alive connection idle this long "
@@ -317,6 +328,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             factory=args.factory,
             web=_web_options(args),
             binds=binds,
+            proxy_protocol=args.proxy_protocol,
             workers=workers,
             policy=args.policy,
             window=args.window,

@@ -48,6 +48,8 @@ class Config:
     #: The ASGI and WSGI interfaces' settings (uvicorn's names).
     web: WebOptions = field(default_factory=WebOptions)
     binds: list[BindSpec] = field(default_factory=lambda: [parse_bind(DEFAULT_BIND)])
+    #: Peers in ``web.forwarded_allow_ips`` send a PROXY protocol header (v1 or v2), read by the workers.
+    proxy_protocol: bool = False
     workers: int = 1
     policy: str = "round-robin"
     #: Round-robin: hand-offs a worker may hold un-acked (Node: 1), at most one hand-off's worth.

@@ -403,6 +403,8 @@ def _worker_args(config: Config) -> list[str]:
             "--protocol", str(protocol.VERSION), "--graceful-timeout", str(config.graceful_timeout_s)]
     if config.factory:
         args.append("--factory")
+    if config.proxy_protocol:
+        args.append("--proxy-protocol")
     if config.web != WebOptions():
         args += ["--web", config.web.to_json()]
     if config.threads is not None:

@@ -2,7 +2,9 @@
 
 The master checks them once (``check``) and passes them to each worker as one
 JSON argument; the worker gives them to uvicorn (``worker.uvicorn_adapter``).
-They mean nothing to the streams, blocking and custom-server interfaces.
+They mean nothing to the streams, blocking and custom-server interfaces,
+except ``forwarded_allow_ips``, which also says whose PROXY protocol header
+is trusted (``--proxy-protocol``, ``shared.allow_ips``), whatever the interface.
 """
 
 from __future__ import annotations

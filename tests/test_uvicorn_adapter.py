@@ -187,8 +187,10 @@ async def http_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
 class Served:
     """An EmbeddedServer behind the test's listening socket: each accepted socket goes to serve()."""
 
-    def __init__(self, app: Any, options: WebOptions | None = None, *, wsgi: bool = False) -> None:
+    def __init__(self, app: Any, options: WebOptions | None = None, *, wsgi: bool = False,
+                 client: Any = None) -> None:
         self.server = EmbeddedServer(app, options or WebOptions(), worker_id=7, wsgi=wsgi)
+        self.client = client  # what serve() is told the client is (a PROXY protocol header's)
         self.listener = socket.create_server((HOST, 0))
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
@@ -206,7 +208,7 @@ class Served:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(self.listener)
-            self.server.serve(sock)
+            self.server.serve(sock, client=self.client)
 
     async def __aexit__(self, *exc: object) -> None:
         self.accepting.cancel()
@@ -257,6 +259,44 @@ async def close_client(writer: asyncio.StreamWriter) -> None:
 
 
 # --- contract tests: the uvicorn internals the adapter touches ------------------------------------------
+
+
+async def client_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with ``scope["client"]``: over HTTP as the body, over a WebSocket as a text message."""
+    if scope["type"] == "http":
+        body = json.dumps(scope["client"]).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(scope["client"])})
+        await send({"type": "websocket.close"})
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(("http", "ws"), [("h11", "wsproto"), ("httptools", "websockets-sansio")])
+def test_the_client_given_to_serve_is_scope_client_the_access_log_and_a_websockets(
+    loop: str, http: str, ws: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's protocols take the client from the transport they are given in connection_made
+    (its ``socket`` extra's getpeername(), else ``peername``), and hand a WebSocket the same one."""
+    caplog.set_level(logging.INFO, "uvicorn.access")
+
+    async def scenario() -> tuple[Any, Any]:
+        options = WebOptions(http=http, ws=ws, lifespan="off")
+        async with Served(client_app, options, client=("203.0.113.7", 4711)) as served:
+            reader, writer = await served.raw()
+            writer.write(get())
+            _, _, body = await read_response(reader)
+            await close_client(writer)
+            async with ws_connect(f"ws://{HOST}:{served.port}/") as ws_client:
+                message = await within(ws_client.recv())
+        return json.loads(body), json.loads(message)
+
+    assert run(scenario(), loop) == (["203.0.113.7", 4711], ["203.0.113.7", 4711])
+    assert any('203.0.113.7:4711 - "GET / HTTP/1.1" 200' in record.getMessage() for record in caplog.records)
 
 
 def test_installed_uvicorn_is_in_the_tested_range() -> None:

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the ASGI and WSGI interfaces' settings, as JSON (shared.web_options)")
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="how long a drain may take before the master kills this worker")
+    parser.add_argument("--proxy-protocol", action="store_true",
+                        help="peers in the web settings' forwarded_allow_ips send a PROXY protocol header")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--uid", type=int, default=None, help="user id to run as")
     parser.add_argument("--gid", type=int, default=None, help="group id to run as")
@@ -65,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace, chan: socket.socket) -> ExitCode:
     runtime = Runtime(args.id, chan, asyncio.get_running_loop(), args.threads, args.own_listeners,
-                      web=args.web, graceful_timeout_s=args.graceful_timeout)
+                      web=args.web, graceful_timeout_s=args.graceful_timeout,
+                      proxy_protocol=args.proxy_protocol)
     try:
         try:
             app = load(args.app, args.interface, args.factory)

@@ -30,6 +30,14 @@ fd ownership:
   starts (after taking what its queue holds, if it is closing for good), or
   at once if it is not a listening stream socket. Connections it accepts are
   ours alone and are never acked.
+- ``--proxy-protocol``: each connection, handed off or accepted here, first
+  goes through ``worker.proxy_header``, which peeks at its header and gives
+  it to the interface with the client it names. It only peeks: the
+  interface consumes the header at its ack point (streams and the web
+  interfaces are acked already when the peek starts, so it is consumed
+  then; blocking and custom servers consume it when they ack). One closed
+  for want of a header is acked then (it is ours: the master must let go).
+  A drain waits for the headers being read.
 - If the master goes away (EOF on the channel), the process exits at once;
   the kernel closes whatever it held. A protocol error on the channel (an
   empty datagram among them, which reads like EOF and is not) is logged as
@@ -48,6 +56,7 @@ import time
 from typing import Any
 
 from shared import protocol
+from shared.allow_ips import AllowIps
 from shared.channel import PEER_CLOSED, Channel, close_fds
 from shared.exitcodes import ExitCode
 from shared.protocol import (
@@ -62,9 +71,10 @@ from shared.protocol import (
     UserMessage,
 )
 from shared.web_options import WebOptions
-from worker import api, interfaces
+from worker import api, interfaces, proxy_header
 from worker.acceptor import Acceptor
 from worker.app import App
+from worker.interfaces.base import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +96,7 @@ class Runtime:
             see ``worker.acceptor``).
         web: the ASGI and WSGI interfaces' settings.
         graceful_timeout_s: how long a drain may take before the master kills us.
+        proxy_protocol: trusted peers (``web.forwarded_allow_ips``) send a PROXY protocol header first.
     """
 
     def __init__(
@@ -97,6 +108,7 @@ class Runtime:
         own_listeners: bool = False,
         web: WebOptions | None = None,
         graceful_timeout_s: float = 30.0,
+        proxy_protocol: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self._loop = loop
@@ -107,6 +119,10 @@ class Runtime:
         self._interface: interfaces.Interface | None = None
         self._acks_per_handoff = True
         self._acceptor = Acceptor(loop, self._serve, own_listeners=own_listeners)
+        self._headers = (proxy_header.HeaderReader(loop, AllowIps.parse(self._web.forwarded_allow_ips))
+                         if proxy_protocol else None)
+        self._reading = Tasks(loop, lambda exc: log.error("reading a PROXY protocol header failed",
+                                                          exc_info=exc))
         self._done: asyncio.Future[ExitCode] = loop.create_future()
         self._starting: asyncio.Task[None] | None = None
         self._finishing: asyncio.Task[None] | None = None
@@ -206,6 +222,7 @@ class Runtime:
         self._finishing = self._loop.create_task(self._finish(interface))
 
     async def _finish(self, interface: interfaces.Interface) -> None:
+        await self._reading.wait_empty()  # bounded by the header timeout
         await interface.finish()
         self._exit(ExitCode.OK)
 
@@ -216,6 +233,9 @@ class Runtime:
         for task in (self._starting, self._finishing):
             if task is not None:
                 task.cancel()
+        if self._headers is not None:
+            self._headers.close()
+        self._reading.cancel_all()
         if self._interface is not None:
             self._interface.close()
         self._acceptor.close()
@@ -285,7 +305,7 @@ class Runtime:
                 if not per_handoff:
                     self._ack((conn_id,))
                 continue
-            interface.serve(sock, None if per_handoff else conn_id)
+            self._give(interface, sock, None if per_handoff else conn_id)
 
     def _ack(self, conn_ids: tuple[int, ...]) -> None:
         """Tell the master connections ``conn_ids`` are ours (their handlers start now), with our load."""
@@ -329,14 +349,42 @@ class Runtime:
         if self._interface is None:
             sock.close()
             return
-        self._interface.serve(sock, None)
+        self._give(self._interface, sock, None)
+
+    def _give(self, interface: interfaces.Interface, sock: socket.socket, conn_id: int | None) -> None:
+        """Give ``sock`` to the interface, after its PROXY protocol header if there is one to read."""
+        if self._headers is None:
+            interface.serve(sock, conn_id)
+            return
+        self._reading.add(self._loop.create_task(self._give_proxied(self._headers, interface, sock, conn_id)))
+
+    async def _give_proxied(self, headers: proxy_header.HeaderReader, interface: interfaces.Interface,
+                            sock: socket.socket, conn_id: int | None) -> None:
+        try:
+            proxied = await headers.read(sock)
+        except BaseException:
+            sock.close()  # cancelled at exit: nothing was consumed, un-acked ones go elsewhere
+            raise
+        if proxied is not None and conn_id is None and proxied.length:
+            # Acked already (or never to be): the header goes now; the interface reads what follows.
+            skipped = proxy_header.skip(sock, proxied.length)
+            proxied = proxy_header.Proxied(proxied.client) if skipped else None
+        if proxied is None:
+            # The FIN now: the master's copy, if any, is open until it reads the ack.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            if conn_id is not None:
+                self._ack((conn_id,))  # ours, and closed: the master must let go of its copy
+            return
+        interface.serve(sock, conn_id, proxied)
 
     # Figures
 
     @property
     def load(self) -> int:
         """Connections open now, as the interface counts them (the master's least-loaded figure)."""
-        return 0 if self._interface is None else self._interface.load
+        return len(self._reading) + (0 if self._interface is None else self._interface.load)
 
     @property
     def handled(self) -> int:

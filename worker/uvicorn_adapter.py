@@ -18,6 +18,9 @@ Theory of operation:
   ``shutdown()`` closes idle keep-alive connections, marks in-flight requests to close after their
   response and closes WebSockets with 1012. A connection with no request yet is not shut down at once
   (uvicorn would close it): it gets the grace to send its first request, then is shut down.
+- Client address (``--proxy-protocol``). ``serve(sock, client=...)``: the protocol is given a transport
+  whose ``peername`` (and ``socket``'s ``getpeername()``) is that client, so ``scope["client"]``, the
+  access log and a WebSocket it upgrades to (uvicorn hands it the same transport) all name it.
 - Default headers. ``date`` and ``server`` are what ``ServerState.default_headers`` holds, refreshed
   once a second as uvicorn's ``Server.on_tick`` does.
 
@@ -30,6 +33,10 @@ its drain, WebSocket and access-log tests the behaviours; re-check them all on a
   factory), ``http_protocol_class``, ``ws_protocol_class``, ``lifespan_class``, ``ssl``,
   ``encoded_headers``, ``date_header``;
 - the HTTP protocol classes (h11, httptools): built with ``config=, server_state=, app_state=, _loop=``;
+  ``connection_made(transport)`` takes the client from the transport's ``socket`` extra
+  (``getpeername()``), else its ``peername``, and a WebSocket upgrade passes the WebSocket protocol
+  the same transport; the only transport methods they call are ``write``, ``close``, ``is_closing``,
+  ``pause_reading``, ``resume_reading``, ``set_protocol`` and ``get_extra_info``;
   ``cycle`` is None until the first request; ``shutdown()``; ``transport``; a response with
   ``connection: close`` closes the connection after it; httptools' (``HttpToolsProtocol``) adds that
   header itself to a response started after its ``shutdown()``, so requests begun before the drain
@@ -243,6 +250,41 @@ def _peer(sock: socket.socket) -> object:
         return "?"
 
 
+class _ClientSocket:
+    """The transport's socket as uvicorn's protocols see it: ``getpeername()`` is the client."""
+
+    def __init__(self, sock: Any, client: Any) -> None:
+        self._sock = sock
+        self._client = client
+
+    def getpeername(self) -> Any:
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _ClientTransport:
+    """A transport as uvicorn's protocols see it: ``client`` is its peer; the rest is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, client: Any) -> None:
+        self._transport = transport
+        self._client = client
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._client
+        if name == "socket":
+            sock = self._transport.get_extra_info("socket")
+            return default if sock is None else _ClientSocket(sock, self._client)
+        return self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class EmbeddedServer:
     """uvicorn's HTTP/1.1 and WebSocket protocols serving sockets accepted elsewhere, in the running loop."""
 
@@ -312,29 +354,38 @@ class EmbeddedServer:
         # Due at the turn of the next wall-clock second, so `date` is never more than a moment stale.
         self._refresh = asyncio.get_running_loop().call_later(1.0 - now % 1.0, self._refresh_headers)
 
-    def _make_protocol(self) -> asyncio.Protocol:
+    def _make_protocol(self, client: Any = None) -> asyncio.Protocol:
         protocol_class: Callable[..., asyncio.Protocol] = self._config.http_protocol_class
-        return protocol_class(config=self._config, server_state=self._state, app_state=self._lifespan.state,
-                              _loop=asyncio.get_running_loop())
+        protocol = protocol_class(config=self._config, server_state=self._state,
+                                  app_state=self._lifespan.state, _loop=asyncio.get_running_loop())
+        if client is not None:
+            made = protocol.connection_made
 
-    def serve(self, sock: socket.socket) -> None:
+            def connection_made(transport: asyncio.BaseTransport) -> None:
+                made(cast(asyncio.Transport, _ClientTransport(cast(asyncio.Transport, transport), client)))
+
+            protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+    def serve(self, sock: socket.socket, client: Any = None) -> None:
         """Start serving one accepted, connected socket, which is the transport's from now on (it closes it).
 
         The transport is made in a task of this module's (after the TLS handshake, if any), so that
         wait_closed() can abort a handshake that hangs; a failure is logged, not raised. Nothing is
-        read from the socket before that task's first step.
+        read from the socket before that task's first step. ``client``: the address the app is to
+        see instead of the socket's peer (a PROXY protocol header's), ``getpeername()``-shaped.
         """
-        task = asyncio.get_running_loop().create_task(self._connect(sock))
+        task = asyncio.get_running_loop().create_task(self._connect(sock, client))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
         # Cancelled before it ran: nothing took the socket.
         task.add_done_callback(lambda done: sock.close() if done.cancelled() else None)
 
-    async def _connect(self, sock: socket.socket) -> None:
-        peer = _peer(sock)
+    async def _connect(self, sock: socket.socket, client: Any) -> None:
+        peer = _peer(sock) if client is None else client
         try:
             _, protocol = await asyncio.get_running_loop().connect_accepted_socket(
-                self._make_protocol, sock=sock, ssl=self._config.ssl)
+                lambda: self._make_protocol(client), sock=sock, ssl=self._config.ssl)
         except (Exception, asyncio.CancelledError) as exc:
             # The transport, if made, has closed the socket (asyncio closes this very object, uvloop
             # detaches it): closing it again is a no-op then, and closes it if no transport took it.

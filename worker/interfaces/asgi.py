@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from worker.app import App
 from worker.interfaces.base import BootFailed, Context, Interface
+from worker.proxy_header import AS_IS, Proxied
 from worker.uvicorn_adapter import EmbeddedServer, LifespanFailed, check_version
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,10 @@ class AsgiInterface(Interface):
         except LifespanFailed as exc:
             raise BootFailed(f"app {self.app.spec}: lifespan startup failed: {exc}") from exc
 
-    def serve(self, sock: socket.socket, conn_id: int | None) -> None:
+    def serve(self, sock: socket.socket, conn_id: int | None, proxied: Proxied = AS_IS) -> None:
         self._served += 1
         # Counted from now on, so the ack that goes out before its first step carries it.
-        self._server.serve(sock)
+        self._server.serve(sock, client=proxied.client)
 
     @property
     def load(self) -> int:

@@ -10,12 +10,16 @@ it one, and nothing else:
 - ``start()`` gets it ready (a web app's lifespan startup, a custom server's
   own set-up); the runtime tells the master it is ready only once it returns,
   and a ``BootFailed`` is a failed boot;
-- ``serve(sock, conn_id)`` takes a connection: the socket is the interface's
-  from then on, to close. ``conn_id`` is None when the runtime acked it
-  already (``acks_per_handoff``: one ack for a whole hand-off, queued before
-  the connections' first step) or the worker accepted it itself; otherwise
-  the interface acks it as its handler takes it (``Context.ack`` on the loop,
-  ``Context.ack_from_thread`` on a pool thread);
+- ``serve(sock, conn_id, proxied)`` takes a connection: the socket is the
+  interface's from then on, to close. ``conn_id`` is None when the runtime
+  acked it already (``acks_per_handoff``: one ack for a whole hand-off,
+  queued before the connections' first step) or the worker accepted it
+  itself; otherwise the interface acks it as its handler takes it
+  (``Context.ack`` on the loop, ``Context.ack_from_thread`` on a pool
+  thread). ``proxied`` (``--proxy-protocol``, ``worker.proxy_header``): the
+  client the app is to see instead of the socket's peer (``client_of``),
+  and the header bytes the interface skips right after its ack (only ever
+  with a ``conn_id``: otherwise the runtime skipped them);
 - ``load`` and ``handled``: the connections open now (the master's figure
   for least-loaded dealing) and finished so far;
 - ``drain()`` asks it to finish what it has and take nothing more;
@@ -37,6 +41,7 @@ from shared.exitcodes import ExitCode
 from shared.web_options import WebOptions
 from worker import api
 from worker.app import App
+from worker.proxy_header import AS_IS, Proxied
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ class Interface(abc.ABC):
         """Get ready to serve; raise ``BootFailed`` if the app cannot."""
 
     @abc.abstractmethod
-    def serve(self, sock: Any, conn_id: int | None) -> None:
+    def serve(self, sock: Any, conn_id: int | None, proxied: Proxied = AS_IS) -> None:
         """Take connection ``sock`` (a ``socket.socket``; the interface closes it)."""
 
     @property
@@ -167,6 +172,10 @@ class Tasks:
     async def wait_empty(self) -> None:
         await self._empty.wait()
 
+    def cancel_all(self) -> None:
+        for future in list(self._open):
+            future.cancel()
+
 
 def peer(sock: Any) -> Any:
     """The socket's peer address, or None if it has none any more."""
@@ -174,3 +183,8 @@ def peer(sock: Any) -> Any:
         return sock.getpeername()
     except OSError:
         return None
+
+
+def client_of(sock: Any, proxied: Proxied) -> Any:
+    """The client the app sees: the PROXY protocol header's, else the socket's peer (``peer``)."""
+    return proxied.client if proxied.client is not None else peer(sock)

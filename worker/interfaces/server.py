@@ -10,6 +10,9 @@ The connections are the app's to close. The socket it gets counts the
 connection as handled when it lets go of its fd: ``close()`` (asyncio's
 transports call it), or ``detach()`` (uvloop's transports detach the socket
 and close the fd themselves).
+
+With ``--proxy-protocol``, ``addr`` is the client the header names, and the
+header is skipped as the server takes the connection, right after its ack.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.exitcodes import ExitCode
+from worker import proxy_header
 from worker.app import App
-from worker.interfaces.base import BootFailed, Context, Interface, peer
+from worker.interfaces.base import BootFailed, Context, Interface, client_of
+from worker.proxy_header import AS_IS, Proxied
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +72,17 @@ class ServerInterface(Interface):
             log.info("server returned; draining")
             self.context.drain()
 
-    def serve(self, sock: socket.socket, conn_id: int | None) -> None:
+    def serve(self, sock: socket.socket, conn_id: int | None, proxied: Proxied = AS_IS) -> None:
         conn = _AppConnection(sock.family, sock.type, sock.proto, sock.detach())
         conn._on_finished = self._finished
         conn.setblocking(False)
-        taken = None if conn_id is None else functools.partial(self.context.ack, (conn_id,))
-        self.context.api._deliver_connection(conn, peer(conn), taken)
+        taken = None if conn_id is None else functools.partial(self._take, conn_id, conn, proxied.length)
+        self.context.api._deliver_connection(conn, client_of(conn, proxied), taken)
+
+    def _take(self, conn_id: int, conn: socket.socket, header_length: int) -> None:
+        self.context.ack((conn_id,))
+        if header_length and not proxy_header.skip(conn, header_length):
+            log.debug("connection %d went before its PROXY protocol header could be skipped", conn_id)
 
     def _finished(self) -> None:
         # The app may close a connection on one of its own threads; the
