@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics", metavar="HOST:PORT",
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, and probes: /healthz (200 "
+        "while the master's event loop answers) and /readyz (200 while a worker is ready and the "
+        "master is not stopping; else 503 and why). Unauthenticated: bind a private "
+        "address (default: off)",
     )
     parser.add_argument(
         "--loop", choices=eventloop.CHOICES, default=Config.loop,

@@ -10,8 +10,9 @@ The loop is gunicorn's arbiter, split by concept:
   retiring processes (``lifecycle`` holds the rules, ``recycling`` says when
   one is due, ``reload`` replaces them all in batches);
 - ``health``: pings; ``messages``: user messages both ways;
-- ``control`` and ``metrics``: the operator's interfaces, which see the
-  master only as the operations they need and a ``snapshot``.
+- ``control`` and ``metrics`` (with ``probes``): the operator's interfaces,
+  which see the master only as the operations they need, a ``snapshot`` and
+  its ``readiness``.
 
 This module builds them in that order (each part gets only what exists
 already), then starts them, runs the timers (boot timeouts and recycling
@@ -218,6 +219,19 @@ class Master:
         elif not graceful:
             self._fast.set()
 
+    def readiness(self) -> str | None:
+        """None while the master would serve a new connection, else why not (what ``/readyz`` says).
+
+        Ready: serving, not stopping, and at least one worker ready.
+        """
+        if self._stop is None:
+            return "not serving yet"
+        if self._stop.done() or self.stopping:
+            return "stopping"
+        if not self.supervisor.slots.serving():
+            return "no worker is ready"
+        return None
+
     def _on_fatal(self, code: ExitCode) -> None:
         self.request_stop(code, graceful=False)
 
@@ -265,10 +279,10 @@ class Master:
         if self.config.metrics:
             from dispatcher.metrics import MetricsServer
 
-            metrics = MetricsServer(self.snapshot, self.config.metrics)
+            metrics = MetricsServer(self.snapshot, self.config.metrics, readiness=self.readiness)
             metrics.start()
             self._services.append(metrics)
-            log.info("metrics at http://%s/metrics", metrics.address)
+            log.info("metrics at http://%s/metrics (probes: /healthz, /readyz)", metrics.address)
 
     # Stopping
 
