@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     parser.add_argument(
+        "--drain-delay", type=_seconds, default=Config.drain_delay_s, metavar="SECONDS",
+        help="on TERM/INT, first keep accepting and serving this long while /readyz (see --metrics) "
+        "answers 503, so a load balancer's health check takes this instance out before its "
+        "listeners close; then stop gracefully. TERM or INT again skips the delay, QUIT stops "
+        "fast (default %(default)s: no delay)",
+    )
+    parser.add_argument(
         "--threads", type=_whole_number, metavar="N",
         help="thread pool size per worker for blocking handlers and WSGI apps "
         "(default: Python's, min(32, CPUs + 4))",
@@ -228,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics", metavar="HOST:PORT",
-        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, and probes: /healthz (200 "
+        "while the master's event loop answers) and /readyz (200 while a worker is ready and the "
+        "master is not stopping or draining; else 503 and why). Unauthenticated: bind a private "
+        "address (default: off)",
     )
     parser.add_argument(
         "--loop", choices=eventloop.CHOICES, default=Config.loop,
@@ -337,6 +347,7 @@ def config_from_args(argv: list[str] | None = None) -> Config:
             max_pending=args.max_pending,
             pending_timeout_s=args.pending_timeout,
             graceful_timeout_s=args.graceful_timeout,
+            drain_delay_s=args.drain_delay,
             threads=args.threads,
             log_level=args.log_level,
             log_format=args.log_format,

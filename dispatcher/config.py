@@ -60,6 +60,8 @@ class Config:
     max_pending: int = 1024
     pending_timeout_s: float = 30.0
     graceful_timeout_s: float = 30.0
+    #: On TERM/INT, keep serving this long with /readyz answering 503 before the graceful stop.
+    drain_delay_s: float = 0.0
     threads: int | None = None
     log_level: str = "info"
     log_format: str = "text"
@@ -95,6 +97,7 @@ class Config:
                 raise ValueError(f"{option} must be at least 1")
         for option, number in (("--pending-timeout", self.pending_timeout_s),
                                ("--graceful-timeout", self.graceful_timeout_s),
+                               ("--drain-delay", self.drain_delay_s),
                                ("--ping-interval", self.ping_interval_s),
                                ("--ping-timeout", self.ping_timeout_s),
                                ("--boot-timeout", self.boot_timeout_s),

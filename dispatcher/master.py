@@ -10,8 +10,9 @@ The loop is gunicorn's arbiter, split by concept:
   retiring processes (``lifecycle`` holds the rules, ``recycling`` says when
   one is due, ``reload`` replaces them all in batches);
 - ``health``: pings; ``messages``: user messages both ways;
-- ``control`` and ``metrics``: the operator's interfaces, which see the
-  master only as the operations they need and a ``snapshot``.
+- ``control`` and ``metrics`` (with ``probes``): the operator's interfaces,
+  which see the master only as the operations they need, a ``snapshot`` and
+  its ``readiness``.
 
 This module builds them in that order (each part gets only what exists
 already), then starts them, runs the timers (boot timeouts and recycling
@@ -96,6 +97,9 @@ class Master:
         self.sampler = ProcessSampler(os.getpid())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future[tuple[ExitCode, bool]] | None = None
+        #: While a drain delay runs: its timer, which begins the stop, and what /readyz says.
+        self._drain: asyncio.TimerHandle | None = None
+        self._drain_reason = ""
         self._fast = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._services: list[Any] = []
@@ -152,6 +156,9 @@ class Master:
                 listener.close()
             for handle in self._timers.values():
                 handle.cancel()
+            if self._drain is not None:
+                self._drain.cancel()
+                self._drain = None
             for service in self._services:
                 service.close()
 
@@ -211,12 +218,56 @@ class Master:
         if self.config.max_memory:
             self.supervisor.recycle_all_due()
 
-    def request_stop(self, code: ExitCode = ExitCode.OK, graceful: bool = True) -> None:
-        """Begin stopping; a fast stop also cuts short a graceful one under way."""
-        if self._stop is not None and not self._stop.done():
-            self._stop.set_result((code, graceful))
-        elif not graceful:
-            self._fast.set()
+    def request_stop(self, code: ExitCode = ExitCode.OK, graceful: bool = True,
+                     drain_delay_s: float = 0.0) -> None:
+        """Begin stopping; a fast stop also cuts short a graceful one under way.
+
+        Parameters:
+            drain_delay_s: a graceful stop first keeps serving this long while
+                ``readiness`` (``/readyz``) says it is draining, so a load
+                balancer stops sending new connections before the listeners
+                close. Another request while that delay runs (any kind, with
+                or without a delay) ends it: the stop it asks for begins at once.
+        """
+        if self._stop is None or self._stop.done():
+            if not graceful:
+                self._fast.set()
+            return
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        elif graceful and drain_delay_s > 0:
+            assert self._loop is not None
+            self._drain_reason = f"draining for {drain_delay_s:g} s before stopping"
+            self._drain = self._loop.call_later(drain_delay_s, self._drain_over, code, drain_delay_s)
+            return
+        self._stop.set_result((code, graceful))
+
+    def _drain_over(self, code: ExitCode, delay_s: float) -> None:
+        self._drain = None
+        log.info("drain delay of %g s over: stopping gracefully (up to %g s; INT to stop fast)",
+                 delay_s, self.config.graceful_timeout_s)
+        self.request_stop(code, graceful=True)
+
+    @property
+    def draining(self) -> bool:
+        """True while a drain delay runs: serving as usual, but ``readiness`` says not ready."""
+        return self._drain is not None
+
+    def readiness(self) -> str | None:
+        """None while the master would serve a new connection, else why not (what ``/readyz`` says).
+
+        Ready: serving, not stopping nor in a drain delay, and at least one worker ready.
+        """
+        if self._drain is not None:
+            return self._drain_reason
+        if self._stop is None:
+            return "not serving yet"
+        if self._stop.done() or self.stopping:
+            return "stopping"
+        if not self.supervisor.slots.serving():
+            return "no worker is ready"
+        return None
 
     def _on_fatal(self, code: ExitCode) -> None:
         self.request_stop(code, graceful=False)
@@ -225,6 +276,7 @@ class Master:
         # asyncio's own handler only wrote to the loop's wake-up fd; this runs on the loop.
         stopping = self.stopping or (self._stop is not None and self._stop.done())
         workers = len(self.supervisor.slots)
+        delay_s = self.config.drain_delay_s
         if sig == signal.SIGHUP:
             self._spawn_task(self.reload(), "reload")
         elif sig == signal.SIGTTIN:
@@ -234,13 +286,21 @@ class Master:
             if not stopping and workers > 1:
                 self.scale(workers - 1)
         elif sig == signal.SIGQUIT:
-            log.info("SIGQUIT: stopping fast")
+            log.info("SIGQUIT: stopping fast%s", " (the drain delay cut short)" if self.draining else "")
             self.request_stop(ExitCode.OK, graceful=False)
         elif stopping and sig == signal.SIGINT:
             log.info("SIGINT again: stopping fast")
             self.request_stop(ExitCode.OK, graceful=False)
         elif stopping:
             log.info("%s again: already stopping", sig.name)
+        elif self.draining:
+            log.info("%s during the drain delay: stopping gracefully now (up to %g s; INT again to "
+                     "stop fast)", sig.name, self.config.graceful_timeout_s)
+            self.request_stop(ExitCode.OK, graceful=True)
+        elif delay_s > 0:
+            log.info("%s: draining for %g s before stopping (readyz says 503); %s again to stop now",
+                     sig.name, delay_s, sig.name.removeprefix("SIG"))
+            self.request_stop(ExitCode.OK, graceful=True, drain_delay_s=delay_s)
         else:
             log.info("%s: stopping gracefully (up to %g s; INT again to stop fast)", sig.name,
                      self.config.graceful_timeout_s)
@@ -265,10 +325,13 @@ class Master:
         if self.config.metrics:
             from dispatcher.metrics import MetricsServer
 
-            metrics = MetricsServer(self.snapshot, self.config.metrics)
+            metrics = MetricsServer(self.snapshot, self.config.metrics, readiness=self.readiness)
             metrics.start()
             self._services.append(metrics)
-            log.info("metrics at http://%s/metrics", metrics.address)
+            log.info("metrics at http://%s/metrics (probes: /healthz, /readyz)", metrics.address)
+        elif self.config.drain_delay_s:
+            log.warning("--drain-delay without --metrics: no /readyz tells a load balancer to stop "
+                        "sending connections during the delay")
 
     # Stopping
 

@@ -8,18 +8,19 @@ So there is no prometheus_client multiprocess mode and no shared files, only
 one dedicated ``CollectorRegistry`` holding one ``Collector``.
 
 - The master's loop thread calls ``start`` and ``close``. ``start`` binds the
-  HTTP socket (prometheus_client's own WSGI server) and starts its daemon
-  thread; ``close`` shuts that server down and joins the thread.
+  HTTP socket (prometheus_client's threading WSGI server and its
+  ``make_wsgi_app``) and starts its daemon thread; ``close`` shuts that
+  server down and joins the thread. Given a readiness function, the same
+  listener answers ``/healthz`` and ``/readyz`` too (``dispatcher.probes``
+  wraps the metrics app); every other path is the metrics app's, as before.
 - The HTTP thread (one per request: the server is threading) runs
-  ``collect`` at scrape time. It never reads master state itself: it
-  schedules the snapshot function on the loop with ``call_soon_threadsafe``
-  and waits for the result on a ``concurrent.futures.Future``, so the numbers
-  are one consistent snapshot taken between two loop callbacks.
+  ``collect`` at scrape time. It never reads master state itself: it has the
+  snapshot taken on the loop (``dispatcher.threadsafe.call_on_loop``), so the
+  numbers are one consistent snapshot taken between two loop callbacks.
 - If the loop does not answer within ``timeout_s`` (it is blocked, busy or
   already stopped), or the snapshot raises, the scrape yields only
   ``dispatcher_scrape_error 1``: a scrape never hangs and nothing raises on
-  the loop. A future that timed out is cancelled, so a loop that catches up
-  later skips the work.
+  the loop.
 
 Counters come straight from the snapshot, whose per-worker counts are
 already kept monotonic across restarts by each slot's ``Totals``.
@@ -28,20 +29,23 @@ already kept monotonic across restarts by each slot's ``Totals``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import WSGIApplication
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from dispatcher import probes
 from dispatcher.lifecycle import WorkerState
 from dispatcher.listeners import BindError, parse_bind
 from dispatcher.snapshot import MasterFigures, Snapshot, WorkerFigures
+from dispatcher.threadsafe import LoopUnavailable, call_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +62,18 @@ class MetricsServer:
         snapshot: the master's snapshot function (only ever called on its loop).
         bind: ``HOST:PORT`` or ``[IPV6]:PORT``; port 0 picks a free port.
         timeout_s: how long a scrape waits for the master's loop.
+        readiness: if given, ``/healthz`` and ``/readyz`` are served too, and
+            this says why the master is not ready (``dispatcher.probes``).
+        probe_timeout_s: how long a probe waits for the master's loop.
 
     Raises:
         BindError: ``bind`` is not a TCP address.
     """
 
     def __init__(self, snapshot: Callable[[], Snapshot], bind: str,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 readiness: probes.Readiness | None = None,
+                 probe_timeout_s: float = probes.DEFAULT_TIMEOUT_S) -> None:
         spec = parse_bind(bind)
         if spec.is_unix:
             raise BindError(f"metrics bind {bind!r}: expected HOST:PORT, not a Unix socket")
@@ -72,6 +81,8 @@ class MetricsServer:
         self._take = snapshot
         self.spec = spec
         self.timeout_s = timeout_s
+        self._readiness = readiness
+        self.probe_timeout_s = probe_timeout_s
         #: ``HOST:PORT`` with the real port, once started.
         self.address = bind
         self.registry = CollectorRegistry(auto_describe=False)
@@ -88,12 +99,13 @@ class MetricsServer:
             BindError: the address cannot be bound; nothing is left open.
             RuntimeError: no event loop is running in this thread.
         """
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         assert self.spec.host is not None and self.spec.port is not None
+        app: WSGIApplication = make_wsgi_app(self.registry)
+        if self._readiness is not None:
+            app = probes.Probes(loop, self._readiness, self.probe_timeout_s).around(app)
         try:
-            self._httpd, self._thread = start_http_server(
-                self.spec.port, self.spec.host, self.registry
-            )
+            self._httpd, self._thread = _serve(app, self.spec.host, self.spec.port)
         except OSError as exc:
             raise BindError(f"metrics bind {self.spec.text!r}: {exc.strerror or exc}") from exc
         sock = self._httpd.socket
@@ -118,50 +130,40 @@ class MetricsServer:
         loop = self._loop
         if loop is None:
             return None
-        if _running_loop() is loop:
-            # Called on the loop itself (generate_latest in the master): waiting would deadlock.
-            return self._snapshot_here()
-        future: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
         try:
-            loop.call_soon_threadsafe(_fill, future, self._take)
-        except RuntimeError:  # the loop is closed
-            log.warning("metrics scrape: the master's event loop is closed")
-            return None
-        try:
-            return future.result(self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            log.warning("metrics scrape: the master did not answer in %g s", self.timeout_s)
+            return call_on_loop(loop, self._take, self.timeout_s)
+        except LoopUnavailable as exc:
+            log.warning("metrics scrape: %s", exc)
         except Exception as exc:
             log.warning("metrics scrape: snapshot failed: %r", exc)
         return None
 
-    def _snapshot_here(self) -> Snapshot | None:
-        try:
-            return self._take()
-        except Exception as exc:
-            log.warning("metrics scrape: snapshot failed: %r", exc)
-            return None
+
+class _QuietHandler(WSGIRequestHandler):
+    """Logs no line per request (a scrape or probe every second would flood the log)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    # Not the thread id: a finished loop thread's id can be reused by an HTTP thread.
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def _serve(app: WSGIApplication, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Bind ``host:port`` (IPv4 or IPv6, as it resolves) and serve ``app`` on a daemon thread.
 
+    prometheus_client's ``start_http_server``, with the app passed in.
 
-def _fill(future: concurrent.futures.Future[Snapshot], snapshot: Callable[[], Snapshot]) -> None:
-    """Run on the loop: put ``snapshot()`` or its exception in ``future``, never raise."""
-    if not future.set_running_or_notify_cancel():
-        return  # the scrape gave up already
-    try:
-        result = snapshot()
-    except Exception as exc:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+    Raises:
+        OSError: the address cannot be resolved or bound.
+    """
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 class SnapshotCollector:

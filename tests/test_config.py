@@ -32,6 +32,7 @@ def test_the_window_is_at_most_one_handoffs_worth_of_fds() -> None:
         ({"threads": 0}, "--threads must be at least 1"),
         ({"max_pending": 0}, "--max-pending must be at least 1"),
         ({"boot_timeout_s": -1.0}, "--boot-timeout must not be negative"),
+        ({"drain_delay_s": -0.5}, "--drain-delay must not be negative"),
         ({"max_memory": -1}, "--max-memory must not be negative"),
     ],
 )
@@ -56,6 +57,11 @@ def test_the_command_line_defaults_are_configs(monkeypatch: pytest.MonkeyPatch) 
     parsed = config_from_args(["--app", "a:b"])
     # workers: the command line's default is the machine's (WEB_CONCURRENCY, or its CPUs).
     assert parsed == dataclasses.replace(Config(app="a:b"), workers=3)
+
+
+def test_the_drain_delay_is_read_in_seconds() -> None:
+    assert config_from_args(["--app", "a:b", "--workers", "1", "--drain-delay", "2.5"]).drain_delay_s == 2.5
+    assert Config(app="a:b").drain_delay_s == 0
 
 
 def test_the_web_options_reach_the_workers_as_given() -> None:
@@ -86,6 +92,7 @@ def test_the_web_options_reach_the_workers_as_given() -> None:
         (["--workers", "0"], "--workers must be at least 1"),
         (["--reload-batch", "0"], "--reload-batch must be at least 1"),
         (["--graceful-timeout", "-1"], "--graceful-timeout must not be negative"),
+        (["--drain-delay", "-1"], "--drain-delay must not be negative"),
         (["--ping-timeout", "nan"], "--ping-timeout must not be negative"),
         (["--limit-concurrency", "0"], "--limit-concurrency must be at least 1"),
         (["--timeout-keep-alive", "-1"], "--timeout-keep-alive must not be negative"),
