@@ -29,8 +29,9 @@ operating it: python -m dispatcher ctl status (also: stats, scale N, stop, messa
 see python -m dispatcher ctl --help.
 
 signals: TERM/INT stop gracefully (stop accepting, let open connections
-finish up to --graceful-timeout, then kill); a second INT, or QUIT, stops
-fast. HUP: rolling reload (new workers first, then the old ones drain).
+finish up to --graceful-timeout, then kill), after --drain-delay if given
+(/readyz says 503 meanwhile; TERM/INT again skips it); a second INT, or
+QUIT, stops fast. HUP: rolling reload (new workers first, then the old ones drain).
 TTIN/TTOU: one worker more/less.
 
 exit codes: 0 stopped, 1 error, 2 bad usage, 3 worker failed to boot,
