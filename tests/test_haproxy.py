@@ -80,6 +80,26 @@ class Instance:
         return self.server
 
 
+#: deploy/haproxy.cfg, the configuration the README shows, is what runs here, with these changes:
+#: the test's addresses, an admin socket to read the servers' states, and faster checks and timeouts.
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+
+
+def haproxy_config(instances: list[Instance], frontend_fd: int, stats: Path) -> str:
+    text = EXAMPLE.read_text()
+    kept = [line for line in text.splitlines() if not line.strip().startswith("server ")]
+    text = "\n".join(kept) + "\n" + "".join(
+        f"    server {i.name} {HOST}:{i.port} check port {i.admin_port}\n" for i in instances)
+    for old, new in (("    bind :80", f"    bind fd@{frontend_fd}"),
+                     ("global\n", f"global\n    stats socket {stats} level admin\n"),
+                     ("default-server inter 1s", "default-server inter 200ms"),
+                     ("maxconn 4096", "maxconn 500"),
+                     ("timeout server 30s", "timeout server 3s")):
+        assert old in text, f"{EXAMPLE} no longer has {old!r}: update the test with it"
+        text = text.replace(old, new, 1)
+    return text
+
+
 class HAProxy:
     """``haproxy`` in the foreground on an inherited frontend socket, with an admin stats socket."""
 
@@ -88,36 +108,8 @@ class HAProxy:
         self.frontend.set_inheritable(True)
         self.port: int = self.frontend.getsockname()[1]
         self.stats = folder / "haproxy.sock"
-        servers = "\n".join(
-            f"    server {i.name} {HOST}:{i.port} check port {i.admin_port}" for i in instances)
         config = folder / "haproxy.cfg"
-        config.write_text(f"""\
-global
-    stats socket {self.stats} level admin
-    maxconn 1000
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 10s
-    timeout server 3s
-    # What the README recommends: a request that found no connection, or no answer before the
-    # instance went away, is sent again, to the other instance.
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response response-timeout
-
-frontend web
-    bind fd@{self.frontend.fileno()}
-    default_backend instances
-
-backend instances
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 200ms fall 1 rise 2 send-proxy-v2
-{servers}
-""")
+        config.write_text(haproxy_config(instances, self.frontend.fileno(), self.stats))
         self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], pass_fds=(self.frontend.fileno(),),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
