@@ -30,12 +30,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from shared import proxy_protocol
 from shared.allow_ips import AllowIps
 from shared.episode import Episode
+from worker.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,66 @@ class Proxied:
 AS_IS = Proxied()
 
 
+#: An interface's ``serve(sock, conn_id, proxied)``.
+Serve = Callable[[socket.socket, "int | None", Proxied], None]
+
+
 class HeaderReader:
-    """Reads the PROXY protocol header of connections from trusted peers."""
+    """Reads the PROXY protocol header of connections from trusted peers, then gives them on.
+
+    Parameters:
+        ack: the runtime's ack, for a handed-off connection closed here for want of a header.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, allow: AllowIps,
-                 timeout_s: float = HEADER_TIMEOUT_S) -> None:
+                 ack: Callable[[tuple[int, ...]], None], timeout_s: float = HEADER_TIMEOUT_S) -> None:
         self._loop = loop
         self._allow = allow
+        self._ack = ack
         self.timeout_s = timeout_s
         self._first: tuple[Any, str] = (None, "")
         self.rejected = 0
         self._episode = Episode(loop, _QUIET_S, self._log_first, self._log_burst)
+        self._reading = Tasks(loop, lambda exc: log.error("reading a PROXY protocol header failed",
+                                                          exc_info=exc))
+
+    @property
+    def reading(self) -> int:
+        """Connections whose header is being read: part of the worker's load."""
+        return len(self._reading)
+
+    async def wait_read(self) -> None:
+        """Return once no header is being read (each is bounded by ``timeout_s``)."""
+        await self._reading.wait_empty()
+
+    def give(self, sock: socket.socket, conn_id: int | None, serve: Serve) -> None:
+        """Read ``sock``'s header in a task of its own, then ``serve`` it with the client the header names.
+
+        ``conn_id`` None: acked already (or accepted by the worker itself), so
+        the header is consumed at once; otherwise the interface consumes it at
+        its ack point. A connection with no valid header is closed (and acked:
+        it is ours, the master must let go of its copy).
+        """
+        self._reading.add(self._loop.create_task(self._give(sock, conn_id, serve)))
+
+    async def _give(self, sock: socket.socket, conn_id: int | None, serve: Serve) -> None:
+        try:
+            proxied = await self.read(sock)
+        except BaseException:
+            sock.close()  # cancelled at exit: nothing was consumed, un-acked ones go elsewhere
+            raise
+        if proxied is not None and conn_id is None and proxied.length:
+            # Acked already (or never to be): the header goes now; the interface reads what follows.
+            proxied = Proxied(proxied.client) if skip(sock, proxied.length) else None
+        if proxied is None:
+            # The FIN now: the master's copy, if any, is open until it reads the ack.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            if conn_id is not None:
+                self._ack((conn_id,))
+            return
+        serve(sock, conn_id, proxied)
 
     async def read(self, sock: socket.socket) -> Proxied | None:
         """What ``sock``'s header says, without consuming it; None: no valid header (logged; close it)."""
@@ -145,6 +196,7 @@ class HeaderReader:
 
     def close(self) -> None:
         self._episode.close()
+        self._reading.cancel_all()
 
 
 def skip(sock: socket.socket, length: int) -> bool:

@@ -74,7 +74,6 @@ from shared.web_options import WebOptions
 from worker import api, interfaces, proxy_header
 from worker.acceptor import Acceptor
 from worker.app import App
-from worker.interfaces.base import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +118,9 @@ class Runtime:
         self._interface: interfaces.Interface | None = None
         self._acks_per_handoff = True
         self._acceptor = Acceptor(loop, self._serve, own_listeners=own_listeners)
-        self._headers = (proxy_header.HeaderReader(loop, AllowIps.parse(self._web.forwarded_allow_ips))
+        self._headers = (proxy_header.HeaderReader(loop, AllowIps.parse(self._web.forwarded_allow_ips),
+                                                   self._ack)
                          if proxy_protocol else None)
-        self._reading = Tasks(loop, lambda exc: log.error("reading a PROXY protocol header failed",
-                                                          exc_info=exc))
         self._done: asyncio.Future[ExitCode] = loop.create_future()
         self._starting: asyncio.Task[None] | None = None
         self._finishing: asyncio.Task[None] | None = None
@@ -222,7 +220,8 @@ class Runtime:
         self._finishing = self._loop.create_task(self._finish(interface))
 
     async def _finish(self, interface: interfaces.Interface) -> None:
-        await self._reading.wait_empty()  # bounded by the header timeout
+        if self._headers is not None:
+            await self._headers.wait_read()  # bounded by the header timeout
         await interface.finish()
         self._exit(ExitCode.OK)
 
@@ -235,7 +234,6 @@ class Runtime:
                 task.cancel()
         if self._headers is not None:
             self._headers.close()
-        self._reading.cancel_all()
         if self._interface is not None:
             self._interface.close()
         self._acceptor.close()
@@ -355,36 +353,16 @@ class Runtime:
         """Give ``sock`` to the interface, after its PROXY protocol header if there is one to read."""
         if self._headers is None:
             interface.serve(sock, conn_id)
-            return
-        self._reading.add(self._loop.create_task(self._give_proxied(self._headers, interface, sock, conn_id)))
-
-    async def _give_proxied(self, headers: proxy_header.HeaderReader, interface: interfaces.Interface,
-                            sock: socket.socket, conn_id: int | None) -> None:
-        try:
-            proxied = await headers.read(sock)
-        except BaseException:
-            sock.close()  # cancelled at exit: nothing was consumed, un-acked ones go elsewhere
-            raise
-        if proxied is not None and conn_id is None and proxied.length:
-            # Acked already (or never to be): the header goes now; the interface reads what follows.
-            skipped = proxy_header.skip(sock, proxied.length)
-            proxied = proxy_header.Proxied(proxied.client) if skipped else None
-        if proxied is None:
-            # The FIN now: the master's copy, if any, is open until it reads the ack.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-            if conn_id is not None:
-                self._ack((conn_id,))  # ours, and closed: the master must let go of its copy
-            return
-        interface.serve(sock, conn_id, proxied)
+        else:
+            self._headers.give(sock, conn_id, interface.serve)
 
     # Figures
 
     @property
     def load(self) -> int:
         """Connections open now, as the interface counts them (the master's least-loaded figure)."""
-        return len(self._reading) + (0 if self._interface is None else self._interface.load)
+        reading = 0 if self._headers is None else self._headers.reading
+        return reading + (0 if self._interface is None else self._interface.load)
 
     @property
     def handled(self) -> int:

@@ -42,6 +42,7 @@ from shared.web_options import WebOptions
 from worker import api
 from worker.app import App
 from worker.proxy_header import AS_IS, Proxied
+from worker.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -140,41 +141,6 @@ class TaskInterface(Interface):
 
     async def finish(self) -> None:
         await self._tasks.wait_empty()
-
-
-class Tasks:
-    """The futures running connections' handlers: how many are open, how many finished, when none are left."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[BaseException], None]) -> None:
-        self._open: set[asyncio.Future[Any]] = set()
-        self.finished = 0
-        self._on_error = on_error
-        self._empty = asyncio.Event()
-        self._empty.set()
-        self._loop = loop
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def add(self, future: asyncio.Future[Any]) -> None:
-        self._open.add(future)
-        self._empty.clear()
-        future.add_done_callback(self._done)
-
-    def _done(self, future: asyncio.Future[Any]) -> None:
-        self._open.discard(future)
-        self.finished += 1
-        if not future.cancelled() and future.exception() is not None:
-            self._on_error(future.exception())  # type: ignore[arg-type]
-        if not self._open:
-            self._empty.set()
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
-
-    def cancel_all(self) -> None:
-        for future in list(self._open):
-            future.cancel()
 
 
 def peer(sock: Any) -> Any:
