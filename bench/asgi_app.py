@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from bench.peer_probe import PID, SLEEP_S, WORKER_HEADER, burn_cpu, mark_ready, tcp_nodelay
+from bench.peer_probe import PID, SLEEP_S, WORKER_HEADER, answer_lifespan, burn_cpu, mark_ready, tcp_nodelay
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,16 +35,6 @@ _HEADERS = [(b"content-type", b"text/plain"), (WORKER_HEADER.encode(), str(PID).
 mark_ready()
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
 def _nodelay(scope: Scope) -> bytes:
     client, server = scope.get("client"), scope.get("server")
     peer = (str(client[0]), int(client[1])) if client else None
@@ -53,7 +43,7 @@ def _nodelay(scope: Scope) -> bytes:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await answer_lifespan(receive, send)
         return
     if scope["type"] != "http":
         return

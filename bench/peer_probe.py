@@ -24,6 +24,8 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 WORKER_HEADER = "x-worker"
 READY_DIR_ENV = "BENCH_PEER_READY_DIR"
@@ -31,6 +33,18 @@ READY_DIR_ENV = "BENCH_PEER_READY_DIR"
 CPU_BURN_S = 0.002
 SLEEP_S = 1.0
 PID = os.getpid()
+
+
+async def answer_lifespan(receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+                          send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+    """Answer an ASGI lifespan scope: nothing to start or stop, so no server logs that it is unsupported."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 def mark_ready() -> None:

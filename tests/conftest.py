@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     """A fresh event loop, not running: the test runs it (the metrics tests have one on a thread)."""
     loop = asyncio.new_event_loop()
     yield loop
+    loop.close()
+
+
+@pytest.fixture
+def loop_on_a_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh event loop running on a thread of its own, stopped and closed after the test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    assert not thread.is_alive()
     loop.close()
 
 

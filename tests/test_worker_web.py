@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from bench.peer_probe import answer_lifespan
 from shared import protocol
 from shared.channel import socketpair
 from tests.test_worker_runtime import hand_off, next_message
@@ -28,9 +29,7 @@ runtime_of_test: list[Runtime] = []
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await answer_lifespan(receive, send)
         return
     # What the runtime had acked when the app first saw this connection.
     calls.append(runtime_of_test[0].acked)

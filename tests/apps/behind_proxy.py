@@ -10,18 +10,15 @@ import json
 import os
 from typing import Any
 
+from bench.peer_probe import answer_lifespan
+
 INSTANCE = os.environ.get("INSTANCE", "?")
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     body = json.dumps({"instance": INSTANCE, "pid": os.getpid(), "client": scope.get("client")}).encode()

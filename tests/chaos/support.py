@@ -85,6 +85,15 @@ class Recorder:
             pytest.fail(f"{scenario}: missed {'; '.join(targets.missed)}\nfigures: {figure}", pytrace=False)
 
 
+def full_and_short(full: object, short: object, timeout_s: int, name: str = "size") -> pytest.MarkDecorator:
+    """Run a scenario at two sizes: ``full`` in ``make chaos`` only (marker chaos, its own timeout), ``short``
+    in every ``make test``, against the same targets."""
+    return pytest.mark.parametrize(name, [
+        pytest.param(full, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(timeout_s)]),
+        pytest.param(short, id="short"),
+    ])
+
+
 def machine() -> list[str]:
     loop = "uvloop" if _has_uvloop() else "asyncio"
     return [

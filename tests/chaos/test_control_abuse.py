@@ -28,11 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from bench.server import Server
 from dispatcher.control import IDLE_TIMEOUT_S
-from tests.chaos.support import Recorder, StatusProbe, Targets
+from tests.chaos.support import Recorder, StatusProbe, Targets, full_and_short
 
 APP = "tests.apps.chaos:handler"
 NOBODY = 65534
@@ -154,10 +152,7 @@ def _answer(sock: socket.socket, line: bytes) -> dict[str, object]:
     return answer if isinstance(answer, dict) else {"not an object": answer}
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(120)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=120)
 def test_the_control_socket_refuses_and_answers_errors_and_stays_usable(
     server_factory: type[Server], record: Recorder, size: Size
 ) -> None:

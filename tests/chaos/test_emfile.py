@@ -36,6 +36,7 @@ from tests.chaos.support import (
     Targets,
     count_lines,
     count_processes,
+    full_and_short,
     seconds,
     served_within,
 )
@@ -75,10 +76,7 @@ def nofile_limit(pid: int) -> str:
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(360)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=360)
 def test_the_master_at_its_fd_limit_pauses_accepting_and_recovers(server_factory: type[Server],
                                                                    record: Recorder, size: Size) -> None:
     launcher = ("prlimit", f"--nofile={NOFILE}:{NOFILE}", sys.executable, "-m", "dispatcher")

@@ -36,6 +36,7 @@ from tests.chaos.support import (
     Targets,
     count_lines,
     count_processes,
+    full_and_short,
     kill_random,
     seconds,
     served_within,
@@ -66,10 +67,7 @@ SHORT = Size(kills=3)
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(240)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=240)
 def test_workers_come_back_at_the_fd_limit_under_a_flood(server_factory: type[Server], record: Recorder,
                                                          size: Size) -> None:
     launcher = ("prlimit", f"--nofile={NOFILE}:{NOFILE}", sys.executable, "-m", "dispatcher")

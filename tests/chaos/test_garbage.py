@@ -15,13 +15,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import ask
 from bench.server import Server
 from shared import protocol
 from shared.protocol import Drain, Handoff, Hello, Listen, Ping, Ready
-from tests.chaos.support import Recorder, Targets, ready_pids
+from tests.chaos.support import Recorder, Targets, full_and_short, ready_pids
 from tests.helpers import wait_for
 
 APP = "tests.apps.evil:handler"
@@ -104,10 +102,7 @@ def _times(took: list[float | None]) -> str:
     return f"x{len(known)} {min(known):.2f}-{max(known):.2f} s"
 
 
-@pytest.mark.parametrize("kinds", [
-    pytest.param(FULL_KINDS, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(240)]),
-    pytest.param(SHORT_KINDS, id="short"),
-])
+@full_and_short(FULL_KINDS, SHORT_KINDS, timeout_s=240, name="kinds")
 def test_garbage_from_a_worker_gets_it_replaced(server_factory: type[Server], record: Recorder,
                                                 kinds: list[str]) -> None:
     lines = dict(KINDS)

@@ -22,12 +22,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import Load, read_all
 from bench.server import HOST, Server
 from tests.apps.chaos import ANSWER
-from tests.chaos.support import Recorder, Targets
+from tests.chaos.support import Recorder, Targets, full_and_short
 from tests.helpers import wait_for
 
 APP = "tests.apps.chaos:handler"
@@ -65,10 +63,7 @@ def _outcome(sock: socket.socket) -> str:
     return "ok" if re.fullmatch(ANSWER, answer) else ("empty" if not answer else "partial")
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(180)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=180)
 def test_a_hung_worker_is_replaced_and_nothing_is_lost(server_factory: type[Server], record: Recorder,
                                                        size: Size) -> None:
     server = server_factory("--app", APP, "--ping-interval", str(PING_INTERVAL_S),

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psutil
-import pytest
 
 from bench.flood import Flood
 from bench.server import Server
 from tests.apps.chaos import ANSWER
-from tests.chaos.support import Recorder, Targets
+from tests.chaos.support import Recorder, Targets, full_and_short
 from tests.helpers import wait_for
 
 APP = "tests.apps.chaos:handler"
@@ -47,10 +46,7 @@ def _settled(server: Server) -> tuple[int, int]:
     return server.fd_count(), master.memory_info().rss
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(240)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=240)
 def test_the_master_keeps_no_fd_or_memory_per_connection(server_factory: type[Server], record: Recorder,
                                                          size: Size) -> None:
     server = server_factory("--app", APP, workers=2).start()

@@ -14,12 +14,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import Load
 from bench.server import Server
 from tests.apps.chaos import ANSWER
-from tests.chaos.support import Recorder, Targets, gone
+from tests.chaos.support import Recorder, Targets, full_and_short, gone
 
 APP = "tests.apps.chaos:handler"
 WITHIN_S = 1.0
@@ -38,10 +36,7 @@ FULL = Size(rounds=20, workers=4, clients=4)
 SHORT = Size(rounds=1, workers=2, clients=2)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(120)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=120)
 def test_workers_are_gone_within_a_second_of_the_master(server_factory: type[Server], record: Recorder,
                                                         size: Size) -> None:
     took: list[float | None] = []

@@ -14,12 +14,10 @@ import re
 import time
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import Load
 from bench.server import Server
 from tests.apps.chaos import ANSWER
-from tests.chaos.support import Recorder, Sampler, Targets, kill_random, ready_pids, seconds
+from tests.chaos.support import Recorder, Sampler, Targets, full_and_short, kill_random, ready_pids, seconds
 
 APP = "tests.apps.chaos:handler"
 #: Both targets wait on this.
@@ -41,10 +39,7 @@ FULL = Size(workers=4, clients=4, kill_every_s=0.2, for_s=20.0)
 SHORT = Size(workers=4, clients=3, kill_every_s=0.2, for_s=3.0)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(150)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=150)
 def test_sigkill_a_random_worker_every_200_ms_under_load(server_factory: type[Server], record: Recorder,
                                                          size: Size) -> None:
     server = server_factory("--app", APP, workers=size.workers).start()

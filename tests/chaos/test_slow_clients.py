@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import Load, ask
 from bench.server import HOST, Server
 from tests.apps.chaos import ANSWER
@@ -30,6 +28,7 @@ from tests.chaos.support import (
     Recorder,
     Targets,
     count_processes,
+    full_and_short,
     seconds,
 )
 
@@ -78,10 +77,7 @@ def slow_clients(port: int, count: int) -> Iterator[list[socket.socket]]:
             sock.close()
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(120)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=120)
 def test_slow_clients_at_the_workers_fd_limit(server_factory: type[Server], record: Recorder,
                                               size: Size) -> None:
     server = server_factory("--app", APP, workers=size.workers,

@@ -16,12 +16,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-import pytest
-
 from bench.load import Load, failure_kind
 from bench.server import Server
 from tests.apps.chaos import ANSWER
-from tests.chaos.support import Recorder, Targets, gone
+from tests.chaos.support import Recorder, Targets, full_and_short, gone
 
 APP = "tests.apps.chaos:handler"
 WORKERS = 4
@@ -38,10 +36,7 @@ FULL = Size(stops=20, reloads=10, clients=8)
 SHORT = Size(stops=1, reloads=1, clients=4)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FULL, id="full", marks=[pytest.mark.chaos, pytest.mark.timeout(300)]),
-    pytest.param(SHORT, id="short"),
-])
+@full_and_short(FULL, SHORT, timeout_s=300)
 def test_graceful_stop_and_rolling_reload_under_load(server_factory: type[Server], record: Recorder,
                                                      size: Size) -> None:
     targets = Targets()
