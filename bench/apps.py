@@ -5,6 +5,10 @@
   CPU-bound handler would); ``/?ms=N`` burns N ms instead (0 to 1000).
 - ``slow``: waits about 1 s (``asyncio.sleep``, the event loop stays free)
   before answering; ``/?ms=N`` waits N ms instead (0 to 10000).
+- ``light``: the lightest handler a custom server would have (W0): reads
+  the request head with ``readuntil``, writes a fixed ``200`` and closes.
+  No HTTP parser, no worker id: what is left of a connection's cost is the
+  hand-off, the event loop and the kernel.
 - ``locality``: answers at once, and counts the requests it served on the
   CPU that received them (``SO_INCOMING_CPU`` of the connection, which on
   loopback is the CPU the client thread sent from, against the CPU the
@@ -12,7 +16,7 @@
   counts to ``DIR/PID.json`` every ``LOCALITY_FLUSH_S`` while it serves
   (``python -m bench.lab --locality`` reads them).
 
-All answer ``200`` with the worker's id and pid, in the body
+All but ``light`` answer ``200`` with the worker's id and pid, in the body
 (``worker 3 pid 1234``) and in the ``x-worker-id`` header, so a client can
 count connections per worker. The HTTP loop is ``examples.hello``'s.
 """
@@ -104,6 +108,18 @@ async def cpu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
 async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Wait about 1 s (``?ms=N``: N ms) per request without blocking the loop, then answer."""
     await serve_http(reader, writer, _slow_answer)
+
+
+_LIGHT_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
+
+
+async def light(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read one request head, answer a fixed 200, close (the connection ends with the handler)."""
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return
+    writer.write(_LIGHT_ANSWER)
 
 
 # sched_getcpu(3): the CPU the calling thread runs on (os has no binding for it).
