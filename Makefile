@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages: libcap-dev builds python-prctl, wrk drives the benchmark, haproxy stands in front of
-# two instances in the scaling-out test.
-DEB_PACKAGES := libcap-dev wrk haproxy
+# Debian packages: gcc and python3-dev build the compiled hand-off (shared/_hotpath.c), libcap-dev
+# builds python-prctl, wrk drives the benchmark, haproxy stands in front of two instances in the
+# scaling-out test.
+DEB_PACKAGES := gcc python3-dev libcap-dev wrk haproxy
 BIND ?= 127.0.0.1:8000
 APP ?= examples.fastapi_app:app
 
@@ -16,6 +17,9 @@ setup: $(STAMP)
 
 system-packages:
 	@missing=""; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+		|| missing="$$missing python3-dev"; \
 	dpkg -s libcap-dev >/dev/null 2>&1 || missing="$$missing libcap-dev"; \
 	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
 	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
@@ -25,11 +29,12 @@ system-packages:
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "warning: missing$$missing (not root or no apt-get); python-prctl may fail to build, make bench needs wrk, the HAProxy test is skipped" >&2; \
+			echo "warning: missing$$missing (not root or no apt-get); without gcc and Python's headers the hand-off runs in pure Python (slower), python-prctl may fail to build, make bench needs wrk, the HAProxy test is skipped" >&2; \
 		fi; \
 	fi
 
-$(STAMP): pyproject.toml | system-packages
+# The compiled hand-off is built by the install: a change to its source installs again.
+$(STAMP): pyproject.toml shared/_hotpath.c | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[prctl,dev,web]' || { \

@@ -6,9 +6,10 @@ Each listening socket is non-blocking and watched by the event loop. When
 one is readable, connections are accepted in a batch until EAGAIN (bounded
 per wake-up, so one busy listener cannot starve the channels) and each fd
 goes straight to the scheduler, which owns it from then on and sends the
-batch's hand-offs when the batch ends (``flush``). ``_accept``
-returns the bare fd (close-on-exec, from accept4): no socket object is built
-for a connection the master only passes on.
+batch's hand-offs when the batch ends (``flush``). The batch is accepted
+in one call (``shared.hotpath.accept_fds``, compiled where built): bare fds
+(close-on-exec, from accept4), no socket object and no address for a
+connection the master only passes on.
 
 Accepting pauses, by removing the listeners from the loop, in two cases:
 - the scheduler's pending queue is full: the kernel backlog holds the rest,
@@ -29,19 +30,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
 from dispatcher.listeners import Listener
 from dispatcher.scheduler import Scheduler
 from shared.accept_errors import OverloadEpisode, is_listener_gone, is_overload
+from shared.hotpath import accept_fds
 
 log = logging.getLogger(__name__)
 
 # Connections accepted per wake-up before the loop gets a turn.
 _BATCH = 64
-# socket._accept: accept4() returning the bare fd, no socket object.
-_Accept = Callable[[], tuple[int, object]]
 # A queue that fills and drains all the time would log on every cycle.
 _FULL_LOG_INTERVAL_S = 10.0
 
@@ -137,7 +138,6 @@ class Acceptor:
 
     def _accept_batch(self, listener: Listener, limit: int | None) -> bool:
         """Accept up to ``limit`` (and the queue's room); return False if stopped by that bound."""
-        accept: _Accept = listener.sock._accept  # type: ignore[attr-defined]
         scheduler = self._scheduler
         room = scheduler.room
         if limit is None or limit > room:
@@ -145,24 +145,25 @@ class Acceptor:
         fds: list[int] = []
         ended = False
         while len(fds) < limit:
-            try:
-                fd, _ = accept()
-            except (BlockingIOError, InterruptedError):
+            # The whole batch in one call (compiled: one accept4 loop, no addresses).
+            taken, error = accept_fds(listener.sock, limit - len(fds))
+            fds += taken
+            if not error:
+                break  # the limit was reached
+            if error == errno.EAGAIN or error == errno.EINTR:
                 ended = True
                 break
-            except OSError as exc:
-                self.errors += 1
-                if is_overload(exc):
-                    self._pause_overload(exc)
-                    ended = True
-                    break
-                if is_listener_gone(exc):
-                    # Closed or not a listener: retrying would fail the same way forever.
-                    ended = True
-                    break
-                # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
-                continue
-            fds.append(fd)
+            self.errors += 1
+            exc = OSError(error, os.strerror(error))
+            if is_overload(exc):
+                self._pause_overload(exc)
+                ended = True
+                break
+            if is_listener_gone(exc):
+                # Closed or not a listener: retrying would fail the same way forever.
+                ended = True
+                break
+            # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
         if fds:
             # One clock read per batch, and one hand-off datagram per worker.
             scheduler.submit(fds, time.monotonic())

@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=_whole_number, default=Config.window, metavar="W",
         help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
         "1 is Node's behaviour). Workers ack as each handler starts, so the window only fills while a "
-        "worker is busy or waiting for a CPU: a larger one deals bursts more evenly and lets the "
-        "master send several connections at once, a smaller one queues fewer connections "
-        "behind a worker stuck in CPU-bound code",
+        "worker is busy or waiting for a CPU: a larger one lets the master send all it accepted "
+        "in one turn at once (one datagram per worker), a smaller one queues fewer connections "
+        "behind a worker stuck in CPU-bound code while no other worker is free (with one free, "
+        "the least loaded goes first)",
     )
     parser.add_argument(
         "--master-sched", choices=cpu_sched.MODES, default=Config.master_sched,

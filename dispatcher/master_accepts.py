@@ -31,7 +31,7 @@ from dispatcher.listeners import BindSpec, Listener, open_listeners
 from dispatcher.policies import RoundRobin
 from dispatcher.scheduler import Receiver, Scheduler
 from dispatcher.stats import DistributionFigures, Rate
-from shared import cpu_sched
+from shared import cpu_sched, hotpath
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class MasterAccepts:
         self._backlog_left = False
 
     def __str__(self) -> str:
-        return f"round-robin (window {self._window}, master sched {cpu_sched.current()})"
+        return (f"round-robin (window {self._window}, master sched {cpu_sched.current()}, "
+                f"{hotpath.describe()})")
 
     def listen(self, specs: Sequence[BindSpec], backlog: int) -> list[Listener]:
         return open_listeners(specs, backlog)

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from shared import protocol
+from shared.hotpath import send_handoff
 from shared.protocol import Message, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,7 @@ class Channel:
             OSError: the peer is gone; nothing was sent.
             ValueError: no fds, or more than ``protocol.MAX_FDS``.
         """
-        self._sock.sendmsg(
-            (protocol.encode_handoff(fds),),
-            ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)),),
-        )
+        send_handoff(self._sock, fds)
 
     def send(self, message: Message, fd: int | None = None) -> None:
         """Send ``message`` (with ``fd``, whose ownership passes to the channel).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar, Final
@@ -224,7 +225,7 @@ def encode(message: Message) -> bytes:
     raise TypeError(f"not a protocol message: {message!r}")
 
 
-def _pack_ids(head: bytes, conn_ids: tuple[int, ...] | list[int]) -> bytes:
+def _pack_ids(head: bytes, conn_ids: Sequence[int]) -> bytes:
     if not 1 <= len(conn_ids) <= MAX_FDS:
         raise ValueError(f"{len(conn_ids)} connection ids: 1 to {MAX_FDS} per message")
     return head + _IDS[len(conn_ids)].pack(*conn_ids)
@@ -234,7 +235,7 @@ _HANDOFF_PREFIX: Final = bytes((MessageType.HANDOFF,))
 _ACK_PREFIXES: Final = (bytes((MessageType.ACK, 0)), bytes((MessageType.ACK, 1)))
 
 
-def encode_handoff(conn_ids: tuple[int, ...] | list[int]) -> bytes:
+def encode_handoff(conn_ids: Sequence[int]) -> bytes:
     """``encode(Handoff(conn_ids))`` without building the message object (hot path).
 
     Raises:

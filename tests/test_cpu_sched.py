@@ -30,7 +30,7 @@ def test_master_runs_under_the_chosen_policy_and_workers_under_the_default(
     # Workers are started after the master switched, and do not inherit it.
     assert [policy_of(pid) for pid in server.worker_pids()] == [os.SCHED_OTHER] * 2
     name = "batch" if expected == os.SCHED_BATCH else "normal"
-    assert f"policy round-robin (window 12, master sched {name})" in server.log
+    assert f"policy round-robin (window 64, master sched {name}, compiled hand-off)" in server.log
     assert ask(server.port).split()[1]
 
 

@@ -70,7 +70,7 @@ def test_connections_accepted_together_travel_in_one_handoff_per_worker(
     clients = []
     # With the master stopped, six clients complete their handshakes in the
     # kernel's backlog; once it continues it accepts all six in one batch and
-    # deals them out, three to each worker (default window 12), one datagram per worker.
+    # deals them out, three to each worker (default window 64), one datagram per worker.
     os.kill(server.pid, signal.SIGSTOP)
     try:
         for _ in range(6):
