@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import cli, peer_plots, proc, report, wrk
+from bench.layouts import LAYOUTS, pinning_possible
 from bench.matrix import RUN_ERRORS
 from bench.peer_matrix import (
     IDLE_SETTLE_S,
-    LAYOUTS,
     WORKLOADS,
     Group,
     Idle,
@@ -76,7 +76,6 @@ from bench.peer_matrix import (
     PeerCell,
     Settings,
     burst_call,
-    pinning_possible,
     probe_nodelay,
     run_group,
     run_w4,
