@@ -75,6 +75,8 @@ class Workload:
         burst: the W4 burst client instead of wrk.
         path: the request target.
         connections: wrk's ``-c`` for this workload (None: ``Settings.connections``).
+        warmup: ``Settings.warmup_s`` of the same load first, not measured (W0: Node's JIT warms up
+            over seconds; every policy of the workload gets the same).
     """
 
     key: str
@@ -85,6 +87,7 @@ class Workload:
     burst: bool = False
     path: str = "/"
     connections: int | None = None
+    warmup: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class Settings:
     connections: int = 16
     #: wrk -c for W0.
     w0_connections: int = 50
+    #: Seconds of unmeasured load before the measured run, for the workloads with ``warmup``.
+    warmup_s: float = 2.0
     threads: int = 2
     burst_connections: int = 400
     burst_wait_ms: int = 1000
@@ -116,8 +121,8 @@ LIGHT_APP = "bench.apps:light"
 def workloads(settings: Settings) -> dict[str, Workload]:
     """The five workloads, by key, in run order."""
     return {
-        "W0": Workload("W0", "new connection per request, lightest handler (readuntil, fixed 200, close)",
-                       LIGHT_APP, 2, connections=settings.w0_connections),
+        "W0": Workload("W0", "new connection per request, lightest handler",
+                       LIGHT_APP, 2, connections=settings.w0_connections, warmup=True),
         "W1": Workload("W1", "new connection per request, trivial handler", "examples.hello:handler", 2),
         "W2": Workload("W2", "keep-alive, trivial handler counting same-CPU requests", LOCALITY_APP, 2,
                        close=False)
@@ -139,12 +144,27 @@ def connections(settings: Settings, workload: Workload) -> int:
     return workload.connections or settings.connections
 
 
-def wrk_command(settings: Settings, workload: Workload, port: int | str, layout: str = "unpinned"
-                ) -> list[str]:
-    """wrk's line for ``workload`` (under ``taskset -c 0`` in the pinned layout)."""
+def wrk_command(settings: Settings, workload: Workload, port: int | str, layout: str = "unpinned",
+                duration_s: float | None = None) -> list[str]:
+    """wrk's line for ``workload`` (under ``taskset -c 0`` in the pinned layout), ``duration_s`` long
+    (None: ``settings.duration_s``)."""
     return [*taskset(client_cpu(layout)),
-            *wrk.command(settings.wrk, port, workload.path, settings.duration_s,
+            *wrk.command(settings.wrk, port, workload.path,
+                         settings.duration_s if duration_s is None else duration_s,
                          connections(settings, workload), settings.threads, close=workload.close)]
+
+
+def warm_up(settings: Settings, workload: Workload, port: int, layout: str) -> str:
+    """The unmeasured load before a cell's run, if ``workload`` has one; its wrk output (or empty).
+
+    Raises:
+        as ``wrk.run``.
+    """
+    if not workload.warmup or settings.warmup_s <= 0 or workload.burst:
+        return ""
+    line = wrk_command(settings, workload, port, layout, settings.warmup_s)
+    _, output = wrk.run(line, settings.warmup_s)
+    return f"$ {shlex.join(line)}  # warm-up, not measured\n{output}"
 
 
 def launcher(layout: str) -> tuple[str, ...]:
@@ -374,6 +394,9 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, w
     wrk_usage: Usage | None = None
     with server:
         before = server.ready_snapshot
+        warmup = warm_up(settings, workload, server.port, layout)
+        if warmup:  # the counters from after it
+            before, _ = settled_status(server, time.monotonic())
         pids = {int(w["id"]): int(w["pid"]) for w in before["workers"] if w["pid"]}
         master_before, workers_before = Reading.of(server.pid), readings(pids)
         burst: BurstResult | None = None
@@ -385,7 +408,7 @@ def run_cell(settings: Settings, workload: Workload, policy: str, repeat: int, w
         else:
             line = wrk_command(settings, workload, server.port, layout)
             result, output, wrk_usage = wrk.run_measured(line, settings.duration_s)
-            output = f"$ {shlex.join(line)}\n{output}"
+            output = f"{warmup}$ {shlex.join(line)}\n{output}"
             if counts_dir is not None:
                 locality = read_locality(counts_dir, result.requests)
         stopped = time.monotonic()
