@@ -88,13 +88,13 @@ from bench.peer_report import (
     reload_table,
     rss_table,
     runs_table,
-    target_lines,
     targets,
     w4_runs,
     workload_table,
     workload_title,
 )
 from bench.peer_servers import KINDS, NODELAY_EXTRA, NOTES, Running, describe
+from bench.report import target_lines
 from bench.server import ROOT, StartError
 from bench.stats import DASH
 from bench.worker_counts import write_script
