@@ -52,8 +52,8 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
-# The benchmark lab (bench/lab.py: policies x workloads, rolling reload; report and plots in
-# bench/results/), then the comparison with uvicorn, gunicorn and granian (bench/peers.py, about
+# The benchmark lab (bench/lab.py: policies x workloads W0-W4 x CPU layouts, Node's cluster on W0
+# when node is on PATH, rolling reload; about 12 minutes; report and plots in bench/results/), then the comparison with uvicorn, gunicorn and granian (bench/peers.py, about
 # 12 minutes; bench/results/peers-latest.md; the peers extra installs them), then the
 # micro-benchmarks, saved under .benchmarks/ to compare across commits (add --benchmark-compare).
 # make bench LAB_ARGS=--quick PEERS_ARGS=--quick for a short run.

@@ -11,10 +11,10 @@ comparison's apps (``bench.asgi_app``, ``bench.wsgi_app``):
 
 W1-W3 run one after the other on one server (``run_group``: started, loaded
 with each, measured idle, stopped), with ``Settings.workers`` workers, 16
-connections from 2 wrk threads. The layout is ``pinned`` (the server under
-``taskset -c 1``, wrk under ``taskset -c 0``: the server's processes share
-one CPU and the client has the other to itself) or ``unpinned`` (the kernel
-places everything on both CPUs). Answers per worker come from the
+connections from 2 wrk threads. The layout (``bench.layouts``) is ``pinned``
+(the server under ``taskset -c 1``, wrk under ``taskset -c 0``: the server's
+processes share one CPU and the client has the other to itself) or
+``unpinned`` (the kernel places everything on both CPUs). Answers per worker come from the
 ``x-worker`` header, counted by wrk's Lua (``bench.worker_counts``) or by
 the burst client; the worker pids from the server (``Running.worker_pids``).
 """
@@ -22,23 +22,19 @@ the burst client; the worker pids from the server (``Running.worker_pids``).
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import time
 from dataclasses import dataclass, field
 
 from bench import wrk
 from bench.burst import run_burst
+from bench.layouts import CLIENT_CPU, SERVER_CPU, taskset
 from bench.load import ask, http_get
 from bench.peer_servers import Kind, Running
 from bench.proc import cpu_of
 from bench.stats import percentile
 from bench.worker_counts import Spread, header_worker, parse, spread
 
-LAYOUTS = ("pinned", "unpinned")
-#: The pinned layout's CPUs: the server's processes on one, the load generator on the other.
-SERVER_CPU = 1
-CLIENT_CPU = 0
 #: After a load, before the next: the closed connections' last packets settle.
 GAP_S = 0.3
 #: After the group's loads, before the idle RSS is read: late frees and the GC are done.
@@ -172,9 +168,9 @@ class Group:
 
 
 def wrk_line(settings: Settings, workload: Workload, port: int | str, pinned: bool) -> list[str]:
-    pin = ["taskset", "-c", str(CLIENT_CPU)] if pinned else []
-    return [*pin, *wrk.command(settings.wrk, port, workload.path, settings.duration_s, settings.connections,
-                               settings.threads, close=workload.close, script=settings.script or None)]
+    return [*taskset(CLIENT_CPU if pinned else None),
+            *wrk.command(settings.wrk, port, workload.path, settings.duration_s, settings.connections,
+                         settings.threads, close=workload.close, script=settings.script or None)]
 
 
 def burst_call(settings: Settings, workload: Workload, port: int | str = "PORT") -> str:
@@ -259,8 +255,3 @@ def run_w4(settings: Settings, kind: Kind, repeat: int) -> tuple[PeerCell, str]:
         error_detail=errors, per_worker=counts.counts, strangers=counts.strangers, load_output=summary,
     )
     return cell, server.log
-
-
-def pinning_possible() -> bool:
-    """Both CPUs of the pinned layout are ours to use."""
-    return {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)

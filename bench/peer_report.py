@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from bench.keepalive import Tally
 from bench.peer_matrix import WORKLOADS, Idle, Nodelay, PeerCell
 from bench.peer_reload import PeerReload
 from bench.peer_servers import KINDS, NODELAY_EXTRA
-from bench.report import MIB, table
+from bench.report import MIB, Target, table
 from bench.stats import median, spread
 
 #: The targets' thresholds.
@@ -148,17 +147,6 @@ def nodelay_table(found: Sequence[Nodelay]) -> str:
     return table(["server", "TCP_NODELAY", "answers of /nodelay"], rows)
 
 
-@dataclass(frozen=True)
-class Target:
-    what: str
-    met: bool | None  # None: not measured in this run
-    figures: str
-
-    @property
-    def verdict(self) -> str:
-        return "not measured" if self.met is None else ("met" if self.met else "NOT MET")
-
-
 def _med(cells: Sequence[PeerCell], server: str, workload: str, layout: str | None,
          value: Callable[[PeerCell], float]) -> float:
     return median(value(c) for c in select(cells, server, workload, layout))
@@ -217,10 +205,6 @@ def targets(cells: Sequence[PeerCell], runs: Sequence[PeerReload], idles: Sequen
         f"round-robin {rr_rss:.1f} MiB vs uvicorn {uv_rss:.1f} MiB ({rr_rss - uv_rss:+.1f} MiB)",
     ))
     return found
-
-
-def target_lines(found: Sequence[Target]) -> list[str]:
-    return [f"- **{t.verdict}**: {t.what}: {t.figures}" for t in found]
 
 
 def runs_table(cells: Sequence[PeerCell]) -> str:

@@ -40,6 +40,7 @@ from types import TracebackType
 
 import psutil
 
+from bench.layouts import taskset
 from bench.load import ask, http_error, http_get
 from bench.peer_probe import READY_DIR_ENV
 from bench.report import python
@@ -196,7 +197,7 @@ class Running:
         self.workers = workers
         self._ready_dir = tempfile.mkdtemp(prefix="peer-ready-")  # 0700
         env = {READY_DIR_ENV: self._ready_dir}
-        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        pin = taskset(cpu)
         self._seen: dict[int, psutil.Process] = {}
         self._server: Server | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -353,8 +354,7 @@ class Running:
 
 def describe(kind: Kind, workers: int, threads: int, cpu: int | None = None) -> str:
     """``kind``'s command line as the report gives it (PORT, DIR for what each run picks)."""
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
-    line = [*pin, python(), *kind.arguments(workers, threads)]
+    line = [*taskset(cpu), python(), *kind.arguments(workers, threads)]
     if kind.dispatcher:
         line += ["--workers", str(workers), "--bind", f"{HOST}:0", "--control", "DIR/ctl.sock"]
     return shlex.join(line)

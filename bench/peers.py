@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import cli, peer_plots, proc, report, wrk
+from bench.layouts import LAYOUTS, pinning_possible
 from bench.matrix import RUN_ERRORS
 from bench.peer_matrix import (
     IDLE_SETTLE_S,
-    LAYOUTS,
     WORKLOADS,
     Group,
     Idle,
@@ -76,7 +76,6 @@ from bench.peer_matrix import (
     PeerCell,
     Settings,
     burst_call,
-    pinning_possible,
     probe_nodelay,
     run_group,
     run_w4,
@@ -89,13 +88,13 @@ from bench.peer_report import (
     reload_table,
     rss_table,
     runs_table,
-    target_lines,
     targets,
     w4_runs,
     workload_table,
     workload_title,
 )
 from bench.peer_servers import KINDS, NODELAY_EXTRA, NOTES, Running, describe
+from bench.report import target_lines
 from bench.server import ROOT, StartError
 from bench.stats import DASH
 from bench.worker_counts import write_script

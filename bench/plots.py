@@ -1,8 +1,9 @@
 """The lab's PNG plots (matplotlib, Agg backend: no display needed).
 
-- ``throughput``: requests/s, one panel per workload, a bar per policy
-  (median of the repeats, error bar from min to max).
-- ``latency``: p50 and p99 per policy, one panel per workload, likewise.
+- ``throughput``: requests/s, one panel per workload and CPU layout, a bar
+  per policy (median of the repeats, error bar from min to max).
+- ``latency``: p50 and p99 per policy, one panel per workload and layout,
+  likewise.
 - ``w4_balance``: W4's connections per worker, one group per policy, workers
   ranked busiest first in each run (the busiest is a different worker id
   from run to run), median and min-max over the runs per rank, with the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +29,10 @@ from matplotlib.figure import Figure
 from bench.matrix import Cell, Workload
 from bench.stats import bounds
 
-COLORS = {"round-robin": "#1f77b4", "shared": "#ff7f0e", "reuseport": "#2ca02c"}
+COLORS = {"round-robin": "#1f77b4", "shared": "#ff7f0e", "reuseport": "#2ca02c",
+          "node round-robin": "#9467bd", "node shared": "#8c564b"}
+#: A panel: a workload in a CPU layout.
+Panel = tuple[Workload, str]
 DPI = 110
 
 
@@ -68,44 +73,64 @@ def bars(ax: Axes, labels: Sequence[str], series: Sequence[tuple[str, str, Seque
     ax.grid(axis="y", alpha=0.3)
 
 
-def _panels(workloads: Sequence[Workload]) -> tuple[Figure, list[Axes]]:
-    fig, axes = plt.subplots(1, len(workloads), figsize=(3.6 * len(workloads), 4.0), squeeze=False)
+def _panels(panels: Sequence[Panel]) -> tuple[Figure, list[Axes]]:
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
     return fig, list(axes[0])
 
 
-def _values(cells: Sequence[Cell], workload: str, policy: str, value: Callable[[Cell], float]) -> list[float]:
-    return [value(c) for c in cells if c.workload == workload and c.policy == policy]
+def _values(cells: Sequence[Cell], workload: str, layout: str, policy: str,
+            value: Callable[[Cell], float]) -> list[float]:
+    return [value(c) for c in cells if c.workload == workload and c.policy == policy and c.layout == layout]
 
 
-def throughput(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequence[str],
+def _ran(cells: Sequence[Cell], panel: Panel, policies: Sequence[str]) -> list[str]:
+    """The policies of ``policies`` that ran in ``panel``."""
+    workload, layout = panel
+    return [p for p in policies if _values(cells, workload.key, layout, p, lambda c: c.requests_per_s)]
+
+
+def _title(panel: Panel) -> str:
+    workload, layout = panel
+    return f"{workload.key} {layout}\n" + textwrap.fill(workload.title, 40)
+
+
+def _label(policy: str) -> str:
+    return policy.replace(" ", "\n")
+
+
+def throughput(cells: Sequence[Cell], panels: Sequence[Panel], policies: Sequence[str],
                path: Path, subtitle: str) -> None:
-    fig, axes = _panels(workloads)
-    for ax, workload in zip(axes, workloads, strict=True):
-        per_policy = [_values(cells, workload.key, p, lambda c: c.requests_per_s) for p in policies]
-        bars(ax, policies, [("req/s", "#888888", per_policy)], ".0f")
-        for patch, policy in zip(ax.patches, policies, strict=True):
+    fig, axes = _panels(panels)
+    for ax, panel in zip(axes, panels, strict=True):
+        workload, layout = panel
+        ran = _ran(cells, panel, policies)
+        per_policy = [_values(cells, workload.key, layout, p, lambda c: c.requests_per_s) for p in ran]
+        bars(ax, [_label(p) for p in ran], [("req/s", "#888888", per_policy)], ".0f")
+        for patch, policy in zip(ax.patches, ran, strict=True):
             patch.set_facecolor(COLORS.get(policy, "#888888"))
-        ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
+        ax.set_title(_title(panel), fontsize=8)
         ax.set_ylabel("requests/s" if ax is axes[0] else "")
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"Throughput per policy (median, min{chr(8211)}max)\n{subtitle}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def latency(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequence[str],
+def latency(cells: Sequence[Cell], panels: Sequence[Panel], policies: Sequence[str],
             path: Path, subtitle: str) -> None:
-    fig, axes = _panels(workloads)
-    for ax, workload in zip(axes, workloads, strict=True):
+    fig, axes = _panels(panels)
+    for ax, panel in zip(axes, panels, strict=True):
+        workload, layout = panel
+        ran = _ran(cells, panel, policies)
         series = [
-            ("p50", "#9ecae1", [_values(cells, workload.key, p, lambda c: c.p50_ms) for p in policies]),
-            ("p99", "#08519c", [_values(cells, workload.key, p, lambda c: c.p99_ms) for p in policies]),
+            ("p50", "#9ecae1", [_values(cells, workload.key, layout, p, lambda c: c.p50_ms) for p in ran]),
+            ("p99", "#08519c", [_values(cells, workload.key, layout, p, lambda c: c.p99_ms) for p in ran]),
         ]
-        bars(ax, policies, series, ".0f" if workload.burst else ".2f")
-        ax.set_title(f"{workload.key}: {workload.title}", fontsize=8, wrap=True)
+        bars(ax, [_label(p) for p in ran], series, ".0f" if workload.burst else ".2f")
+        ax.set_title(_title(panel), fontsize=8)
         ax.set_ylabel("latency, ms" if ax is axes[0] else "")
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="upper right")
     fig.suptitle(f"Latency percentiles per policy (median, min{chr(8211)}max)\n{subtitle}", fontsize=9)
@@ -115,7 +140,9 @@ def latency(cells: Sequence[Cell], workloads: Sequence[Workload], policies: Sequ
 
 
 def w4_balance(cells: Sequence[Cell], workload: Workload, policies: Sequence[str], path: Path,
-               subtitle: str) -> None:
+               subtitle: str, layout: str | None = None) -> None:
+    """``layout``: only the cells in that layout (None: every cell of ``workload``)."""
+    cells = [c for c in cells if layout is None or c.layout == layout]
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     even: float | None = None
     ticks: list[float] = []
@@ -138,7 +165,8 @@ def w4_balance(cells: Sequence[Cell], workload: Workload, policies: Sequence[str
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(
-        f"{workload.key}: connections per worker, busiest first (median, min{chr(8211)}max over runs)\n"
+        f"{workload.key}{' ' + layout if layout else ''}: connections per worker, busiest first "
+        f"(median, min{chr(8211)}max over runs)\n"
         f"{workload.title}; {subtitle}",
         fontsize=9,
     )

@@ -2,20 +2,28 @@
 
 CPU time comes from ``/proc``: each thread's ``schedstat`` run time in
 nanoseconds where the kernel has it (CONFIG_SCHED_INFO), else the clock
-ticks (10 ms) of ``/proc/PID/stat``. The machine's description is a few
-Markdown bullets for the reports: cores, CPU model, kernel, Python, wrk,
-the event loop.
+ticks (10 ms) of ``/proc/PID/stat``. What a process costs (``Usage``): its
+user and system time (each thread's ``/proc/PID/task/TID/stat`` utime and
+stime, in clock ticks) and its voluntary and involuntary context switches
+(each thread's ``status``), summed over its threads; ``measured`` scales
+the user/system split of a difference to the precise total from
+``schedstat``. A child's ``rusage`` (``os.wait4``) gives the same figures
+(``from_rusage``). The machine's description is a few Markdown bullets for
+the reports: cores, CPU model, kernel, Python, wrk, the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import platform
+import resource
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,13 +36,129 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 Key = TypeVar("Key")
 
 
+def parse_stat(text: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from a ``/proc/PID/stat`` (or ``task/TID/stat``) line."""
+    # The command name (field 2) is parenthesised and may hold spaces and parentheses: split after it.
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def parse_status_switches(text: str) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches from a ``/proc/PID/status`` text.
+
+    Raises:
+        ValueError: either line is missing.
+    """
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            found[key] = int(value)
+    if len(found) != 2:
+        raise ValueError("status has no voluntary_ctxt_switches/nonvoluntary_ctxt_switches lines")
+    return found["voluntary_ctxt_switches"], found["nonvoluntary_ctxt_switches"]
+
+
 def stat_cpu_s(pid: int) -> float:
     """User plus system CPU time of process ``pid`` so far, from /proc/PID/stat (clock ticks)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) is parenthesised and may hold spaces: split after it.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    utime, stime = parse_stat(Path(f"/proc/{pid}/stat").read_text())
     return (utime + stime) / _CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a process (or several) used: CPU seconds in user and system mode, and context switches."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    voluntary: int = 0
+    involuntary: int = 0
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.system_s
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.user_s + other.user_s, self.system_s + other.system_s,
+                     self.voluntary + other.voluntary, self.involuntary + other.involuntary)
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.user_s - other.user_s, self.system_s - other.system_s,
+                     self.voluntary - other.voluntary, self.involuntary - other.involuntary)
+
+    def scaled_to(self, cpu_s: float) -> Usage:
+        """The same switches, and ``cpu_s`` split between user and system as this usage splits its time.
+
+        Clock ticks are coarse (10 ms) where schedstat is exact: the total is
+        taken from the latter, the split from the former. With no tick counted
+        the split is unknown (NaN).
+        """
+        ticks = self.user_s + self.system_s
+        if ticks <= 0:
+            return Usage(math.nan, math.nan, self.voluntary, self.involuntary)
+        return Usage(cpu_s * self.user_s / ticks, cpu_s * self.system_s / ticks, self.voluntary,
+                     self.involuntary)
+
+    @classmethod
+    def from_rusage(cls, rusage: resource.struct_rusage) -> Usage:
+        """A child's usage from ``os.wait4`` (or ``resource.getrusage``)."""
+        return cls(rusage.ru_utime, rusage.ru_stime, rusage.ru_nvcsw, rusage.ru_nivcsw)
+
+    @classmethod
+    def total(cls, usages: Iterable[Usage]) -> Usage:
+        found = cls()
+        for usage in usages:
+            found += usage
+        return found
+
+
+def process_usage(pid: int) -> Usage:
+    """User and system time (clock ticks, as seconds) and context switches of ``pid``, over its threads.
+
+    From each ``/proc/PID/task/TID/stat`` (utime, stime) and ``status``
+    (``voluntary_ctxt_switches``, ``nonvoluntary_ctxt_switches``). Threads
+    that exited are not counted (the master and the workers run their loop in
+    the main thread).
+
+    Raises:
+        OSError: the process is gone.
+    """
+    found = Usage()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the thread just exited
+            base = f"/proc/{pid}/task/{task}"
+            utime, stime = parse_stat(Path(f"{base}/stat").read_text())
+            voluntary, involuntary = parse_status_switches(Path(f"{base}/status").read_text())
+            found += Usage(utime / _CLOCK_TICKS, stime / _CLOCK_TICKS, voluntary, involuntary)
+    return found
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A process's CPU time (``process_cpu_s``) and usage (``process_usage``) at one moment."""
+
+    cpu_s: float
+    usage: Usage
+
+    @classmethod
+    def of(cls, pid: int) -> Reading:
+        """Raises OSError if the process is gone."""
+        return cls(process_cpu_s(pid), process_usage(pid))
+
+
+def readings(pids: Mapping[Key, int]) -> dict[Key, Reading]:
+    """``Reading.of`` each process, by key; one that has gone reads as zero."""
+    found: dict[Key, Reading] = {}
+    for key, pid in pids.items():
+        found[key] = Reading(0.0, Usage())
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found[key] = Reading.of(pid)
+    return found
+
+
+def measured(before: Reading, after: Reading) -> Usage:
+    """The usage between two readings: the total from schedstat, split and switches from stat and status."""
+    return (after.usage - before.usage).scaled_to(after.cpu_s - before.cpu_s)
 
 
 def process_cpu_s(pid: int) -> float:

@@ -2,19 +2,24 @@
 
 ``run`` starts wrk and waits for it, bounded by the run's duration plus
 ``SLACK_S``; something else can go on while it runs (``alongside``: the
-metrics scraper, py-spy). ``parse`` reads the figures out of
+metrics scraper, py-spy). ``run_measured`` also gives what wrk itself used
+(its rusage from ``os.wait4``: user and system time, context switches). ``parse`` reads the figures out of
 ``wrk --latency`` output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
+from bench.proc import Usage
 from bench.server import HOST
 
 #: Slack given to wrk beyond its duration before it is killed.
@@ -77,18 +82,59 @@ def run(line: list[str], duration_s: float,
         subprocess.TimeoutExpired: it ran ``SLACK_S`` past its duration (it is killed).
         ValueError: its output lacks a figure.
     """
-    proc = subprocess.Popen(line, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        with alongside or contextlib.nullcontext():
-            out, err = proc.communicate(timeout=duration_s + SLACK_S)
-    finally:
-        if proc.poll() is None:  # late, or interrupted
-            proc.kill()
-            proc.wait(5.0)
+    result, output, _ = run_measured(line, duration_s, alongside)
+    return result, output
+
+
+def run_measured(line: list[str], duration_s: float,
+                 alongside: contextlib.AbstractContextManager[object] | None = None
+                 ) -> tuple[WrkResult, str, Usage]:
+    """``run``, and what wrk itself used: its ``rusage`` (user, system time, context switches).
+
+    wrk is this process's child (``taskset`` execs it, so a pinned line is
+    the same process): it is reaped with ``os.wait4``, which gives its
+    rusage, once its pidfd says it has exited (bounded by the duration plus
+    ``SLACK_S``). Its output goes to temporary files meanwhile.
+
+    Raises:
+        as ``run``.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(line, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            with alongside or contextlib.nullcontext():
+                usage = _reap(proc, duration_s + SLACK_S)
+        finally:
+            if proc.returncode is None:  # late, or interrupted
+                proc.kill()
+                proc.wait(5.0)
+        text = ""
+        for file in (out, err):
+            file.seek(0)
+            text += file.read().decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{out}{err}")
-    return parse(out), out + err
+        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text}")
+    return parse(text), text, usage
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> Usage:
+    """Wait up to ``timeout`` for ``proc`` to exit, reap it with ``os.wait4``; its rusage.
+
+    Sets ``proc.returncode``, as ``Popen.wait`` would.
+
+    Raises:
+        subprocess.TimeoutExpired: it is still running (it is left to the caller to kill).
+    """
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Usage.from_rusage(rusage)
 
 
 def _duration_ms(text: str) -> float:

@@ -1,11 +1,12 @@
-"""What the lab reads from its tools: wrk's output (``bench.wrk``), py-spy's samples (``bench.profile``)."""
+"""What the lab reads from its tools: wrk's output (``bench.wrk``), py-spy's samples and perf's report
+(``bench.profile``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from bench import wrk
-from bench.profile import profile_section, top_functions
+from bench.profile import kernel_share, parse_perf, profile_section, role_symbols, top_functions
 
 WRK_OUTPUT = """\
 Running 2s test @ http://127.0.0.1:41234/
@@ -61,3 +62,28 @@ def test_py_spy_samples_add_up_per_function_and_busy_leaves_the_wait_out() -> No
     assert "| 30.0 | 75.0 | 30.0 | `sendmsg (libc.so.6)` |" in section
     assert "| 60.0 | - | 60.0 | `epoll_pwait (libc.so.6)` |" in section
     assert profile_section("", 15, "native") == "py-spy recorded no samples."
+
+
+PERF_REPORT = (
+    "# Samples: 5K of event 'cpu-clock'\n"
+    "#\n"
+    " 18.00% \t   6635:python3\t[kernel.kallsyms]   \t[k] finish_task_switch.isra.0\n"
+    " 16.00% \t   6633:python3\tlibpython3.11.so.1.0\t[.] _PyObject_Free\n"
+    " 6.00%  \t   6634:python3\t[kernel.kallsyms]   \t[k] finish_task_switch.isra.0\n"
+    " 2.00%  \t   6633:python3\t[kernel.kallsyms]   \t[k] __sys_sendmsg\n"
+)
+
+
+def test_perf_symbols_add_up_per_role_with_the_kernel_apart() -> None:
+    symbols = parse_perf(PERF_REPORT)
+    assert [(s.pid, s.kernel, s.name) for s in symbols] == [
+        (6635, True, "finish_task_switch.isra.0"), (6633, False, "_PyObject_Free"),
+        (6634, True, "finish_task_switch.isra.0"), (6633, True, "__sys_sendmsg"),
+    ]
+    assert symbols[1].label == "[.] _PyObject_Free (libpython3.11.so.1.0)"
+    workers = role_symbols(symbols, {6634, 6635})  # one symbol, summed over both workers
+    assert workers == {"[k] finish_task_switch.isra.0 ([kernel.kallsyms])": pytest.approx(1.0)}
+    master = role_symbols(symbols, {6633})
+    assert master["[.] _PyObject_Free (libpython3.11.so.1.0)"] == pytest.approx(16 / 18)
+    assert kernel_share(master) == pytest.approx(2 / 18)
+    assert role_symbols(symbols, {1}) == {}
