@@ -13,6 +13,7 @@ the round trip only.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from dispatcher.config import Config
 from dispatcher.policies.round_robin import RoundRobin
-from shared import protocol
+from shared import hotpath, protocol
 from shared.channel import close_fds, fds_from_ancillary
 from shared.protocol import Ack, Handoff
 
@@ -147,6 +148,77 @@ def test_handoff_round_trip(
     assert received and all(n == batch for n in received)
 
 
+# The compiled hand-off against the pure-Python one (shared.hotpath)
+
+HOTPATHS: list[tuple[str, hotpath.AcceptFds, hotpath.SendHandoff]] = [
+    ("python", hotpath.py_accept_fds, hotpath.py_send_handoff)
+]
+if hotpath.COMPILED:
+    HOTPATHS.append(("compiled", hotpath.accept_fds, hotpath.send_handoff))
+#: Connections per accept batch and per hand-off: what a busy master takes in one turn.
+HOT_BATCH = 16
+
+
+@pytest.mark.parametrize("impl", HOTPATHS, ids=[name for name, _, _ in HOTPATHS])
+def test_accept_batch(benchmark: BenchmarkFixture, no_fd_leak: None,
+                      impl: tuple[str, hotpath.AcceptFds, hotpath.SendHandoff]) -> None:
+    """Accept a backlog of ``HOT_BATCH`` connections as bare fds, up to EAGAIN (divide by 16 per connection).
+
+    The clients connect before each round (not timed) and every fd is closed
+    after it; what is timed is the accept loop alone, kernel included.
+    """
+    _, accept_fds, _ = impl
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(HOT_BATCH * 2)
+    listener.setblocking(False)
+    clients: list[socket.socket] = []
+    taken: list[int] = []
+
+    def setup() -> tuple[tuple[socket.socket, int], dict[str, object]]:
+        for client in clients:
+            client.close()
+        close_fds(taken)
+        clients[:] = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(HOT_BATCH)]
+        taken.clear()
+        return (listener, HOT_BATCH * 2), {}
+
+    def accept(sock: socket.socket, limit: int) -> None:
+        fds, error = accept_fds(sock, limit)
+        taken.extend(fds)
+        assert (len(fds), error) == (HOT_BATCH, errno.EAGAIN)
+
+    try:
+        benchmark.pedantic(accept, setup=setup, rounds=200)  # type: ignore[no-untyped-call]
+    finally:
+        for client in clients:
+            client.close()
+        close_fds(taken)
+        listener.close()
+
+
+@pytest.mark.parametrize("impl", HOTPATHS, ids=[name for name, _, _ in HOTPATHS])
+def test_send_handoff(benchmark: BenchmarkFixture, no_fd_leak: None,
+                      channel_pair: tuple[socket.socket, socket.socket],
+                      impl: tuple[str, hotpath.AcceptFds, hotpath.SendHandoff]) -> None:
+    """Send one hand-off of ``HOT_BATCH`` fds; the worker end reads it and closes its copies (both timed)."""
+    _, _, send_handoff = impl
+    master, worker = channel_pair
+    fds = [os.dup(master.fileno()) for _ in range(HOT_BATCH)]
+
+    def send() -> int:
+        send_handoff(master, fds)
+        _, ancdata, _, _ = worker.recvmsg(protocol.MAX_MESSAGE_BYTES + 1, _ANC_SIZE)
+        got, _ = fds_from_ancillary(ancdata)
+        close_fds(got)
+        return len(got)
+
+    try:
+        assert benchmark(send) == HOT_BATCH
+    finally:
+        close_fds(fds)
+
+
 # The policy
 
 
@@ -154,7 +226,7 @@ def test_handoff_round_trip(
 def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> None:
     """One connection's bookkeeping in the default policy: choose a worker, then its ack with its load.
 
-    The default window (12), so every worker is free and ``choose`` weighs them all.
+    The default window (64), so every worker is free and ``choose`` weighs them all.
     """
     policy = RoundRobin(window=Config.window)
     keys = range(1, workers + 1)

@@ -61,6 +61,35 @@ def test_unacked_handoff_of_killed_worker_is_redispatched(
     server.wait_line(rf"pid {victim}\) killed by SIGKILL .*{stuck} un-acked connection\(s\) re-dispatched")
 
 
+def test_a_burst_dealt_to_a_stopped_worker_goes_to_the_other_when_it_is_killed(
+    server_factory: type[Server], tmp_path: Path
+) -> None:
+    # The default window (64) is a whole hand-off: a burst accepted in one
+    # turn is dealt in turn, half of it to a worker whose loop is stopped
+    # (the loads cannot tell it apart yet). Those wait for it, un-acked, and
+    # none is lost when it dies: the master still holds every one.
+    path = tmp_path / "c.sock"
+    server = server_factory("--app", APP, "--control", str(path), workers=2).start()
+    assert "window 64" in server.log
+    victim = int(ask(server.port).split()[1])
+    survivor = next(pid for pid in server.worker_pids() if pid != victim)
+    os.kill(victim, signal.SIGSTOP)
+    with clients(server.port, 40) as socks:
+
+        def settled() -> bool:
+            status = request(str(path), "status")
+            lanes = {w["pid"]: (w["handed_off"], w["acked"]) for w in status["workers"]}
+            return bool(status["master"]["accepted"] == 41 and lanes[survivor][0] == lanes[survivor][1])
+
+        wait_for(settled, 10, "40 connections accepted, and the survivor acked all it was given")
+        stuck = master_status(path)["in_flight"]
+        assert 1 <= stuck <= 64
+        os.kill(victim, signal.SIGKILL)
+        answers = [read_all(sock) for sock in socks]
+    assert {answer.split()[1] for answer in answers} == {str(survivor)}
+    server.wait_line(rf"pid {victim}\) killed by SIGKILL .*{stuck} un-acked connection\(s\) re-dispatched")
+
+
 def test_connections_accepted_together_travel_in_one_handoff_per_worker(
     server_factory: type[Server], tmp_path: Path
 ) -> None:
