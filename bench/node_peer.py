@@ -30,7 +30,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from types import TracebackType
 
 import psutil
 
@@ -38,7 +37,7 @@ from bench import wrk
 from bench.layouts import server_cpu, taskset
 from bench.matrix import Cell, Settings, Workload, warm_up, wrk_command
 from bench.proc import Reading, Usage, measured, readings
-from bench.server import HOST, ROOT, StartError
+from bench.server import HOST, ROOT, StartedOnEnter, StartError
 
 SCRIPT = ROOT / "bench" / "node_cluster.js"
 #: The lab's policy name -> node_cluster.js's scheduling mode.
@@ -71,7 +70,7 @@ def command(node: str, mode: str, workers: int, cpu: int | None = None) -> list[
     return [*taskset(cpu), node, str(SCRIPT), mode, str(workers)]
 
 
-class NodeCluster:
+class NodeCluster(StartedOnEnter):
     """``node bench/node_cluster.js`` with ``workers`` workers in scheduling ``mode`` (``rr`` or ``none``).
 
     Started at once; ``start()`` (or ``with``) waits for its listening line.
@@ -95,17 +94,6 @@ class NodeCluster:
         self.pid = self.proc.pid
         with contextlib.suppress(psutil.Error):
             self._seen.append(psutil.Process(self.pid))
-
-    def __enter__(self) -> NodeCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def log(self) -> str:

@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import psutil
 
@@ -44,7 +43,7 @@ from bench.layouts import taskset
 from bench.load import ask, http_error, http_get
 from bench.peer_probe import READY_DIR_ENV
 from bench.report import python
-from bench.server import HOST, ROOT, Server, StartError, end_process
+from bench.server import HOST, ROOT, Server, StartedOnEnter, StartError, end_process
 
 #: Bound on a start: every worker has loaded the app and ``/`` answered.
 START_TIMEOUT_S = 40.0
@@ -184,7 +183,7 @@ def _answers(port: int) -> bool:
         return False
 
 
-class Running:
+class Running(StartedOnEnter):
     """One server of ``kind`` with ``workers`` workers, started at once; ``start()`` waits until it serves.
 
     Parameters:
@@ -223,17 +222,6 @@ class Running:
                 os.close(fd)
             self.pid = self._proc.pid
         self._remember()
-
-    def __enter__(self) -> Running:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     @property
     def log(self) -> str:

@@ -27,6 +27,7 @@ first and SIGKILL for what is left (the lab).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import queue
@@ -43,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from signal import Signals
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -112,7 +113,30 @@ def end_process(proc: subprocess.Popen[bytes], sig: Signals, timeout: float, who
     return None
 
 
-class Server:
+class StartedOnEnter(abc.ABC):
+    """A process that ``with`` starts (stopped if the start fails) and stops by PID however the block ends."""
+
+    @abc.abstractmethod
+    def start(self) -> Self:
+        """Wait until it is ready; return self."""
+
+    @abc.abstractmethod
+    def stop(self) -> object:
+        """End it and every process it started."""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class Server(StartedOnEnter):
     """A ``python -m dispatcher`` process: its log, its control socket, its processes.
 
     Parameters:
@@ -166,17 +190,6 @@ class Server:
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._reader = threading.Thread(target=self._read, name=f"stderr-{self.pid}", daemon=True)
         self._reader.start()
-
-    def __enter__(self) -> Server:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # The log
 

@@ -16,8 +16,9 @@ Where each master fd is, at every moment, is one of:
 - ``lane.staged``: dealt to a worker (its window slot is taken) and not
   yet sent. Every entry point (``submit``, ``on_ack``, ``attach``,
   ``forget``) sends what it staged before returning, one
-  ``Handoff`` datagram per worker carrying all of that worker's fds, so a
-  burst costs one ``sendmsg`` per worker rather than one per connection;
+  ``Handoff`` datagram per worker carrying that worker's fds (up to
+  ``HANDOFF_FDS`` each; more take several), so a burst costs a
+  ``sendmsg`` per worker rather than one per connection;
 - ``lane.in_flight``: sent in a ``Handoff``; the worker's copy is in the
   channel or in the worker.
 
@@ -56,6 +57,13 @@ from shared.channel import Channel
 
 #: A connection the master holds: its fd (also its id on the wire) and when it was accepted.
 Conn = tuple[int, float]
+
+#: The most connections in one hand-off datagram (a turn may send a worker several). A
+#: worker must have a free fd for each at once, or it refuses the whole datagram and
+#: drains (``shared.channel``: MSG_CTRUNC): a worker near its fd limit, or one just
+#: started into a full queue, takes what fits in a few datagrams instead of refusing one
+#: of a whole window. Large enough for what a busy master deals a worker in one turn.
+HANDOFF_FDS = 16
 
 
 @dataclass(slots=True)
@@ -228,16 +236,16 @@ class Scheduler:
         staged.append((fd, accepted_at))
 
     def flush(self) -> None:
-        """Send every staged connection: one hand-off datagram per worker."""
+        """Send every staged connection: one hand-off datagram per worker (per ``HANDOFF_FDS`` of them)."""
         while self._dirty:
             dirty, self._dirty = self._dirty, []
             returned: list[Conn] = []
             for worker in dirty:
-                # At most a window of connections: the policy caps it at MAX_FDS.
                 lane = worker.lane
                 batch, lane.staged = lane.staged, []
-                if batch and not self._send(worker, batch):
-                    returned += batch
+                sent = self._send(worker, batch) if batch else 0
+                if sent < len(batch):
+                    returned += batch[sent:]
             if returned:
                 # First in line again, oldest first (a stable sort keeps the
                 # dealing order among those accepted together).
@@ -245,36 +253,42 @@ class Scheduler:
                 self._pending.extendleft(reversed(returned))
                 self.pump()  # other workers may take them
 
-    def _send(self, worker: Receiver, batch: list[Conn]) -> bool:
-        """Hand ``batch`` to ``worker`` in one datagram; False if not sent (the caller re-queues it)."""
-        try:
-            worker.channel.send_handoff([fd for fd, _ in batch])
-        except BlockingIOError:
-            # The channel is full (of messages the worker has yet to read).
-            # The slots the batch took, with every other free slot of this
-            # worker, stay taken until the channel drains, so it is not
-            # chosen again meanwhile. Health pings catch a worker that never
-            # reads again.
-            lane = worker.lane
-            if not lane.blocked_slots:
-                worker.channel.when_writable(functools.partial(self._unblocked, worker))
-            lane.blocked_slots += len(batch) + self._policy.hold(worker.key)
-            return False
-        except OSError as exc:
-            # Not sent: the connections are still only ours.
-            self.stop_sending(worker)
-            if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                worker.faulted(f"hand-off could not be sent: {exc}")
-            # Otherwise the worker is exiting; its pidfd will say so.
-            return False
+    def _send(self, worker: Receiver, batch: list[Conn]) -> int:
+        """Hand ``batch`` to ``worker`` in datagrams of at most ``HANDOFF_FDS``; return how many went.
+
+        The caller re-queues the rest.
+        """
         lane = worker.lane
-        lane.in_flight.update(batch)
-        count = len(batch)
-        lane.handed_off += count
-        self.in_flight += count
-        self.handed_off += count
-        self.handoff_messages += 1
-        return True
+        sent = 0
+        while sent < len(batch):
+            chunk = batch[sent:sent + HANDOFF_FDS]
+            try:
+                worker.channel.send_handoff([conn[0] for conn in chunk])
+            except BlockingIOError:
+                # The channel is full (of messages the worker has yet to read).
+                # The slots the rest of the batch took, with every other free
+                # slot of this worker, stay taken until the channel drains, so
+                # it is not chosen again meanwhile. Health pings catch a
+                # worker that never reads again.
+                if not lane.blocked_slots:
+                    worker.channel.when_writable(functools.partial(self._unblocked, worker))
+                lane.blocked_slots += len(batch) - sent + self._policy.hold(worker.key)
+                return sent
+            except OSError as exc:
+                # Not sent: the connections are still only ours.
+                self.stop_sending(worker)
+                if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    worker.faulted(f"hand-off could not be sent: {exc}")
+                # Otherwise the worker is exiting; its pidfd will say so.
+                return sent
+            lane.in_flight.update(chunk)
+            count = len(chunk)
+            lane.handed_off += count
+            self.in_flight += count
+            self.handed_off += count
+            self.handoff_messages += 1
+            sent += count
+        return sent
 
     def _unblocked(self, worker: Receiver) -> None:
         lane = worker.lane

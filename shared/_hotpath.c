@@ -56,21 +56,29 @@ close_all(PyObject *list)
     }
 }
 
+/* Both take (socket or fd, one more): the fd of the first, or -1 with an exception set. */
+static int
+socket_argument(const char *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    return PyObject_AsFileDescriptor(args[0]);
+}
+
 PyDoc_STRVAR(accept_fds_doc,
 "accept_fds(listener, limit, /) -> (fds, errno)\n\n"
 "Accept up to limit connections on the non-blocking listening socket listener\n"
-"(a socket object or an fd; accept4, close-on-exec, no address). Returns the new fds and the errno that\n"
-"stopped the loop (EAGAIN once the backlog is empty), or 0 if limit was reached.");
+"(a socket object or an fd; accept4, close-on-exec, no address). Returns the\n"
+"new fds and the errno that stopped the loop (EAGAIN once the backlog is\n"
+"empty), or 0 if limit was reached.");
 
 static PyObject *
 accept_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "accept_fds() takes exactly 2 arguments");
-        return NULL;
-    }
-    int listen_fd = PyObject_AsFileDescriptor(args[0]);
+    int listen_fd = socket_argument("accept_fds", args, nargs);
     if (listen_fd < 0)
         return NULL;
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
@@ -109,19 +117,15 @@ accept_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(send_handoff_doc,
 "send_handoff(sock, fds, /) -> None\n\n"
 "Send one hand-off datagram on sock (a socket object or an fd): the hand-off\n"
-"type byte, each fd as a network-order uint32 id, and the fds themselves as SCM_RIGHTS. The caller keeps\n"
-"its fds. Raises ValueError for no fds, more than 64 or one out of range, and\n"
+"type byte, each fd as a network-order uint32 id, and the fds themselves as\n"
+"SCM_RIGHTS. The caller keeps its fds. Raises ValueError for no fds, more than 64 or one out of range, and\n"
 "OSError (BlockingIOError when the socket is full) if the datagram did not go.");
 
 static PyObject *
 send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "send_handoff() takes exactly 2 arguments");
-        return NULL;
-    }
-    int sock_fd = PyObject_AsFileDescriptor(args[0]);
+    int sock_fd = socket_argument("send_handoff", args, nargs);
     if (sock_fd < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[1], "fds must be a sequence of ints");

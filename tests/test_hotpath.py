@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import gc
 import os
@@ -53,9 +54,15 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def connect(listener: socket.socket, count: int) -> list[socket.socket]:
+@contextlib.contextmanager
+def connected(listener: socket.socket, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` clients connected to ``listener`` (in its backlog), closed after the block."""
     clients = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(count)]
-    return clients
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
 
 
 def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -85,8 +92,7 @@ def test_pure_python_on_request() -> None:
 def test_accepts_the_backlog_then_eagain(impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff],
                                          listener: socket.socket) -> None:
     accept_fds, _ = impl
-    clients = connect(listener, 5)
-    try:
+    with connected(listener, 5) as clients:
         fds, error = accept_fds(listener, 64)
         assert error == errno.EAGAIN
         assert len(fds) == 5
@@ -98,16 +104,12 @@ def test_accepts_the_backlog_then_eagain(impl: tuple[hotpath.AcceptFds, hotpath.
                 assert sock.getpeername() in {c.getsockname() for c in clients}
             os.close(fd)
         assert accept_fds(listener, 64) == ([], errno.EAGAIN)
-    finally:
-        for client in clients:
-            client.close()
 
 
 def test_stops_at_the_limit(impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff],
                             listener: socket.socket) -> None:
     accept_fds, _ = impl
-    clients = connect(listener, 3)
-    try:
+    with connected(listener, 3):
         first, error = accept_fds(listener, 2)
         assert (len(first), error) == (2, 0)
         rest, error = accept_fds(listener, 2)
@@ -115,9 +117,6 @@ def test_stops_at_the_limit(impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff],
         assert accept_fds(listener, 0) == ([], 0)
         for fd in first + rest:
             os.close(fd)
-    finally:
-        for client in clients:
-            client.close()
 
 
 def test_errors_come_back_as_errno(impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff]) -> None:

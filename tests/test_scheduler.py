@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dispatcher.policies import RoundRobin
-from dispatcher.scheduler import Scheduler
+from dispatcher.scheduler import HANDOFF_FDS, Scheduler
 from dispatcher.worker_process import WorkerProcess
 from shared import protocol
 from shared.channel import close_fds, fds_from_ancillary, socketpair
@@ -255,6 +255,39 @@ def test_a_burst_goes_out_as_one_handoff_per_worker_dealt_in_turn(make_rig: Call
     assert in_flight(rig.policy, a.key) == in_flight(rig.policy, b.key) == 3
     # Un-acked, every connection is still the master's too.
     assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
+
+
+def test_a_turn_beyond_a_datagram_goes_out_in_several(make_rig: Callable[..., Rig]) -> None:
+    # A worker takes a datagram's fds all at once or refuses it whole, so one
+    # is at most HANDOFF_FDS however large the window.
+    rig = make_rig(window=64)
+    (a,) = rig.add_workers(1)
+    fds = rig.submit(HANDOFF_FDS * 2 + 3, 5.0)
+    assert rig.handoffs(a) == [tuple(fds[:HANDOFF_FDS]), tuple(fds[HANDOFF_FDS:2 * HANDOFF_FDS]),
+                               tuple(fds[2 * HANDOFF_FDS:])]
+    assert (rig.scheduler.handoff_messages, rig.scheduler.in_flight) == (3, len(fds))
+    assert a.lane.in_flight == dict.fromkeys(fds, 5.0)
+
+
+def test_a_channel_that_fills_midway_through_a_turn_holds_the_rest(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=64, max_pending=128)
+    (a,) = rig.add_workers(1)
+    scheduler = rig.scheduler
+    # Room for exactly one more datagram: the first goes, the second meets EAGAIN.
+    filled = rig.fill(a)
+    assert rig.ends[a.key].recv(16) == FILLER  # one read: room for one datagram
+    fds = rig.submit(HANDOFF_FDS + 4, 7.0)
+    sent = fds[:HANDOFF_FDS]
+    assert a.lane.in_flight == dict.fromkeys(sent, 7.0) and scheduler.handoff_messages == 1
+    # The rest wait first in line, and every slot left is held until the channel drains.
+    assert scheduler.pending == 4
+    assert a.lane.blocked_slots == 64 - HANDOFF_FDS and in_flight(rig.policy, a.key) == 64
+    # The worker reads its channel: the fillers, then the first datagram; writable again, the rest goes.
+    assert rig.handoffs(a) == [tuple(sent)] and rig.fillers_read == filled - 1
+    rig.run_until(lambda: scheduler.pending == 0)
+    assert rig.handoffs(a) == [tuple(fds[HANDOFF_FDS:])]
+    assert a.lane.blocked_slots == 0 and in_flight(rig.policy, a.key) == len(fds)
+    assert rig.faults == []
 
 
 def test_loads_from_acks_and_pongs_steer_connections_to_the_least_loaded(
