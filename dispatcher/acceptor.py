@@ -165,7 +165,7 @@ class Acceptor:
                 break
             # ECONNABORTED, EPROTO, EPERM (firewall): that one client is gone.
         if fds:
-            # One clock read per batch, and one hand-off datagram per worker (up to 16 fds each).
+            # One clock read per batch, and a hand-off datagram per worker (per 16 fds).
             scheduler.submit(fds, time.monotonic())
             self.accepted += len(fds)
         if self._fd_limit_met:

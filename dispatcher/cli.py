@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"round-robin: hand-offs a worker may hold un-acked, 1 to {MAX_FDS} (default %(default)s; "
         "1 is Node's behaviour). Workers ack as each handler starts, so the window only fills while a "
         "worker is busy or waiting for a CPU: a larger one lets the master send all it accepted "
-        "in one turn at once (one datagram per worker), a smaller one queues fewer connections "
+        "in one turn at once (a datagram per worker per 16), a smaller one queues fewer connections "
         "behind a worker stuck in CPU-bound code while no other worker is free (with one free, "
         "the least loaded goes first)",
     )

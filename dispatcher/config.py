@@ -53,7 +53,7 @@ class Config:
     workers: int = 1
     policy: str = "round-robin"
     #: Round-robin: hand-offs a worker may hold un-acked (Node: 1), at most one hand-off's worth.
-    #: The most: what a busy master accepts in one turn then goes out in one datagram per worker.
+    #: The most: what a busy master accepts in one turn then goes out at once, not one ack at a time.
     window: int = 64
     #: The master's CPU scheduling policy (``shared.cpu_sched``), round-robin only.
     master_sched: str = "batch"
