@@ -126,7 +126,7 @@ def test_errors_come_back_as_errno(impl: tuple[hotpath.AcceptFds, hotpath.SendHa
         assert accept_fds(not_listening, 4) == ([], errno.EINVAL)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(count=st.integers(1, protocol.MAX_FDS))
 def test_send_handoff_matches_the_protocol(count: int) -> None:
     before = open_fds()
