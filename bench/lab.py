@@ -15,7 +15,8 @@ workloads:
   (``bench.apps:light``: readuntil the request head, a fixed 200, close),
   2 workers: what is left of a connection's cost is the hand-off, the event
   loop and the kernel. Every W0 cell first runs ``--warmup`` seconds (default
-  2) of the same load, not measured. W0 also runs on Node's ``cluster``
+  5: Node's cluster needs about 4 to reach its pace) of the same load, not
+  measured. W0 also runs on Node's ``cluster``
   (``bench/node_cluster.js``, the same handler): ``node round-robin``
   (``cluster.SCHED_RR``: the primary accepts and hands each connection over
   IPC) and ``node shared`` (``cluster.SCHED_NONE``), when ``node`` is on
@@ -188,9 +189,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="wrk -c for W1-W3 (default %(default)s)")
     parser.add_argument("--w0-connections", type=int, default=50, help="wrk -c for W0 (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="wrk -t (default %(default)s)")
-    parser.add_argument("--warmup", type=float, default=2.0,
+    parser.add_argument("--warmup", type=float, default=5.0,
                         help="W0: seconds of the same load before each measured run, not measured, for "
-                        "every policy (Node's JIT warms up over seconds; 0: none; default %(default)s)")
+                        "every policy (Node's cluster reaches its pace after about 4 s; 0: none; default %(default)s)")
     parser.add_argument("--burst-connections", type=int, default=400,
                         help="W4: connections opened at once (default %(default)s)")
     parser.add_argument("--burst-wait-ms", type=int, default=1000,

@@ -101,7 +101,7 @@ class Settings:
     #: wrk -c for W0.
     w0_connections: int = 50
     #: Seconds of unmeasured load before the measured run, for the workloads with ``warmup``.
-    warmup_s: float = 2.0
+    warmup_s: float = 5.0
     threads: int = 2
     burst_connections: int = 400
     burst_wait_ms: int = 1000
