@@ -191,7 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk -t (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=5.0,
                         help="W0: seconds of the same load before each measured run, not measured, for "
-                        "every policy (Node's cluster reaches its pace after about 4 s; 0: none; default %(default)s)")
+                        "every policy (Node's cluster reaches its pace after about 4 s; 0: none; "
+                        "default %(default)s)")
     parser.add_argument("--burst-connections", type=int, default=400,
                         help="W4: connections opened at once (default %(default)s)")
     parser.add_argument("--burst-wait-ms", type=int, default=1000,

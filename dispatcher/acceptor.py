@@ -7,9 +7,10 @@ one is readable, connections are accepted in a batch until EAGAIN (bounded
 per wake-up, so one busy listener cannot starve the channels) and each fd
 goes straight to the scheduler, which owns it from then on and sends the
 batch's hand-offs when the batch ends (``flush``). The batch is accepted
-in one call (``shared.hotpath.accept_fds``, compiled where built): bare fds
-(close-on-exec, from accept4), no socket object and no address for a
-connection the master only passes on.
+in one call (``shared.hotpath.accept_fds``, compiled where built; one more
+after each client gone before it was accepted): bare fds (close-on-exec,
+from accept4), no socket object and no address for a connection the master
+only passes on.
 
 Accepting pauses, by removing the listeners from the loop, in two cases:
 - the scheduler's pending queue is full: the kernel backlog holds the rest,
@@ -144,9 +145,14 @@ class Acceptor:
             limit = room
         fds: list[int] = []
         ended = False
-        while len(fds) < limit:
-            # The whole batch in one call (compiled: one accept4 loop, no addresses).
-            taken, error = accept_fds(listener.sock, limit - len(fds))
+        # Each failed accept counts against the bound too: an error that came
+        # back every time (neither overload nor the listener gone) must not spin.
+        tries = limit
+        while len(fds) < limit and tries > 0:
+            # The batch in one call (compiled: one accept4 loop, no addresses),
+            # one more after each client that was gone.
+            taken, error = accept_fds(listener.sock, min(limit - len(fds), tries))
+            tries -= len(taken) + 1
             fds += taken
             if not error:
                 break  # the limit was reached

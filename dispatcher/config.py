@@ -52,7 +52,7 @@ class Config:
     proxy_protocol: bool = False
     workers: int = 1
     policy: str = "round-robin"
-    #: Round-robin: hand-offs a worker may hold un-acked (Node: 1), at most one hand-off's worth.
+    #: Round-robin: hand-offs a worker may hold un-acked (Node: 1), at most ``MAX_FDS``.
     #: The most: what a busy master accepts in one turn then goes out at once, not one ack at a time.
     window: int = 64
     #: The master's CPU scheduling policy (``shared.cpu_sched``), round-robin only.
@@ -107,7 +107,7 @@ class Config:
             if not number >= 0:  # NaN too
                 raise ValueError(f"{option} must not be negative")
         if not 1 <= self.window <= MAX_FDS:
-            # A worker's whole window fits in one hand-off datagram.
+            # The policy's bound; 64 un-acked hand-offs go out in datagrams of 16.
             raise ValueError(f"--window must be 1 to {MAX_FDS}")
         if self.ping_interval_s and self.ping_timeout_s <= self.ping_interval_s:
             raise ValueError("--ping-timeout must be longer than --ping-interval")

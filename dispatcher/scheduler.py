@@ -15,10 +15,10 @@ Where each master fd is, at every moment, is one of:
   backlog);
 - ``lane.staged``: dealt to a worker (its window slot is taken) and not
   yet sent. Every entry point (``submit``, ``on_ack``, ``attach``,
-  ``forget``) sends what it staged before returning, one
-  ``Handoff`` datagram per worker carrying that worker's fds (up to
-  ``HANDOFF_FDS`` each; more take several), so a burst costs a
-  ``sendmsg`` per worker rather than one per connection;
+  ``forget``) sends what it staged before returning, in ``Handoff``
+  datagrams of up to ``HANDOFF_FDS`` fds per worker, so a burst costs a
+  ``sendmsg`` per worker per 16 connections rather than one per
+  connection;
 - ``lane.in_flight``: sent in a ``Handoff``; the worker's copy is in the
   channel or in the worker.
 
@@ -377,12 +377,13 @@ class Scheduler:
             self.stop_sending(worker)
             worker.faulted(f"ack naming a connection twice: {conn_ids}")
             return
-        self.in_flight -= count
         if accepted:
             pop = in_flight.pop
-            close = os.close
             for conn_id in conn_ids:
                 pop(conn_id)
+            self.in_flight -= count
+            close = os.close
+            for conn_id in conn_ids:
                 close(conn_id)
             if self.on_room is not None:  # paused at the fd budget: an ack frees an fd
                 self._tell_room()
@@ -395,6 +396,7 @@ class Scheduler:
             self._policy.ack(worker.key, True, count)
         else:
             answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]
+            self.in_flight -= count
             lane.refused += count
             self.refused += count
             self._policy.ack(worker.key, False, count)

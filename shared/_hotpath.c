@@ -34,15 +34,16 @@
 #define MAX_FDS 64
 #define HANDOFF_TYPE 3
 
-/* PyLong_AsInt is public only from Python 3.13. */
+/* An fd from a Python int: -1 with ValueError set for anything else (not an int,
+ * negative, beyond an int), as the pure-Python version raises. */
 static int
-as_int(PyObject *value)
+fd_of(PyObject *value)
 {
-    long number = PyLong_AsLong(value);
+    long number = PyLong_Check(value) ? PyLong_AsLong(value) : -1;
     if (number == -1 && PyErr_Occurred())
-        return -1;
-    if (number < INT_MIN || number > INT_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "fd out of range");
+        PyErr_Clear();
+    if (number < 0 || number > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "not an fd: %R", value);
         return -1;
     }
     return (int)number;
@@ -56,15 +57,26 @@ close_all(PyObject *list)
     }
 }
 
-/* Both take (socket or fd, one more): the fd of the first, or -1 with an exception set. */
+/* Both take (socket or fd, one more). Stores the first's fd in *fd and returns 0,
+ * or returns -1 with an exception set. A closed socket (fileno() -1) gives -1 as
+ * its fd, so the system call fails with EBADF as the pure-Python one does. */
 static int
-socket_argument(const char *name, PyObject *const *args, Py_ssize_t nargs)
+socket_argument(const char *name, PyObject *const *args, Py_ssize_t nargs, int *fd)
 {
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments (%zd given)", name, nargs);
         return -1;
     }
-    return PyObject_AsFileDescriptor(args[0]);
+    PyObject *number = PyLong_Check(args[0]) ? Py_NewRef(args[0])
+                                             : PyObject_CallMethod(args[0], "fileno", NULL);
+    if (number == NULL)
+        return -1;
+    long value = PyLong_AsLong(number);
+    Py_DECREF(number);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    *fd = (value < 0 || value > INT_MAX) ? -1 : (int)value;
+    return 0;
 }
 
 PyDoc_STRVAR(accept_fds_doc,
@@ -78,8 +90,8 @@ static PyObject *
 accept_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    int listen_fd = socket_argument("accept_fds", args, nargs);
-    if (listen_fd < 0)
+    int listen_fd;
+    if (socket_argument("accept_fds", args, nargs, &listen_fd) < 0)
         return NULL;
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
     if (limit == -1 && PyErr_Occurred())
@@ -106,11 +118,16 @@ accept_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(number);
     }
-    PyObject *result = Py_BuildValue("(Ni)", fds, error);
+    PyObject *code = PyLong_FromLong(error);
+    PyObject *result = code == NULL ? NULL : PyTuple_New(2);
     if (result == NULL) {
-        /* Py_BuildValue's N steals fds even when it fails. */
+        Py_XDECREF(code);
+        close_all(fds);
+        Py_DECREF(fds);
         return NULL;
     }
+    PyTuple_SET_ITEM(result, 0, fds);
+    PyTuple_SET_ITEM(result, 1, code);
     return result;
 }
 
@@ -125,13 +142,14 @@ static PyObject *
 send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    int sock_fd = socket_argument("send_handoff", args, nargs);
-    if (sock_fd < 0)
+    int sock_fd;
+    if (socket_argument("send_handoff", args, nargs, &sock_fd) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(args[1], "fds must be a sequence of ints");
+    /* A tuple (the same one if it is one): nothing can change it while it is read. */
+    PyObject *seq = PySequence_Tuple(args[1]);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t count = PyTuple_GET_SIZE(seq);
     if (count < 1 || count > MAX_FDS) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "%zd connection ids: 1 to %d per message", count, MAX_FDS);
@@ -145,14 +163,9 @@ send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } control;
     data[0] = HANDOFF_TYPE;
     for (Py_ssize_t i = 0; i < count; i++) {
-        int fd = as_int(PySequence_Fast_GET_ITEM(seq, i));
-        if (fd == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return NULL;
-        }
+        int fd = fd_of(PyTuple_GET_ITEM(seq, i));
         if (fd < 0) {
             Py_DECREF(seq);
-            PyErr_Format(PyExc_ValueError, "not an fd: %d", fd);
             return NULL;
         }
         fds[i] = fd;

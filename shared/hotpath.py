@@ -10,7 +10,8 @@ object), so both come compiled from ``shared/_hotpath.c`` when it is built
 (``pip install`` builds it; the Makefile installs the compiler and Python's
 headers). Without it, or with ``DISPATCHER_PURE_PYTHON=1`` in the
 environment (to measure the difference), the pure-Python versions below do
-exactly the same; ``COMPILED`` says which is in use, and the master's
+the same system calls and return and raise the same (``tests/test_hotpath.py``
+holds both to that); ``COMPILED`` says which is in use, and the master's
 start-up line names it.
 
 fd ownership:
@@ -47,14 +48,18 @@ def py_accept_fds(listener: socket.socket, limit: int) -> tuple[list[int], int]:
     # socket._accept: accept4() returning the bare fd (and an address, dropped).
     accept = listener._accept  # type: ignore[attr-defined]
     fds: list[int] = []
-    while len(fds) < limit:
-        try:
-            fd, _ = accept()
-        except InterruptedError:
-            continue
-        except OSError as exc:
-            return fds, exc.errno or errno.EIO
-        fds.append(fd)
+    try:
+        while len(fds) < limit:
+            try:
+                fd, _ = accept()  # EINTR is retried inside (PEP 475)
+            except OSError as exc:
+                return fds, exc.errno or errno.EIO
+            fds.append(fd)
+    except BaseException:
+        # Interrupted (a signal handler's exception): nobody else knows these fds.
+        for fd in fds:
+            os.close(fd)
+        raise
     return fds, 0
 
 
@@ -62,12 +67,17 @@ def py_send_handoff(sock: socket.socket, fds: Sequence[int]) -> None:
     """Send one hand-off datagram of ``fds`` on ``sock``; the caller keeps its fds.
 
     Raises:
-        ValueError: no fds, more than ``protocol.MAX_FDS``, or one out of range.
-        OSError: not sent (BlockingIOError: the socket buffer is full).
+        ValueError: no fds, more than ``protocol.MAX_FDS``, or one that is not
+            an fd (not an int, negative, beyond a C int).
+        OSError: not sent (BlockingIOError: the socket buffer is full; EBADF:
+            ``sock`` is closed).
     """
     data = protocol.encode_handoff(fds)  # ValueError for a count or an id out of range
-    sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)),),
-                 socket.MSG_NOSIGNAL)
+    try:
+        ancillary = array.array("i", fds)
+    except OverflowError as exc:  # a uint32 id, but beyond a C int: no fd
+        raise ValueError(f"not an fd: {exc}") from None
+    sock.sendmsg((data,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, ancillary),), socket.MSG_NOSIGNAL)
 
 
 #: Either takes the socket object (the compiled ones also take a bare fd).

@@ -76,8 +76,9 @@ class Ready:
 class Handoff:
     """Master to worker: accepted connections to take, one fd per id, in order.
 
-    One datagram carries every connection the master deals to this worker in
-    one turn of its loop (at most ``MAX_FDS``).
+    One datagram carries the connections the master deals to this worker in
+    one turn of its loop, up to ``dispatcher.scheduler.HANDOFF_FDS`` (more
+    take several datagrams; the protocol allows at most ``MAX_FDS``).
     """
 
     TYPE: ClassVar[MessageType] = MessageType.HANDOFF

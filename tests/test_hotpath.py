@@ -75,6 +75,7 @@ def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+@pytest.mark.skipif(os.environ.get(hotpath.PURE_PYTHON_ENV) == "1", reason="pure Python asked for")
 def test_compiled_is_built() -> None:
     # The install builds it (make setup installs the compiler it needs); without it every
     # hand-off takes the slower pure-Python path.
@@ -150,7 +151,8 @@ def test_send_handoff_matches_the_protocol(count: int) -> None:
     assert open_fds() == before
 
 
-@pytest.mark.parametrize("fds", [[], list(range(3, 3 + protocol.MAX_FDS + 1)), [-1]])
+@pytest.mark.parametrize("fds", [[], list(range(3, 3 + protocol.MAX_FDS + 1)), [-1], [2**31], [2**32],
+                                 ["3"], [3.0]])
 def test_send_handoff_refuses_what_the_protocol_cannot_carry(
         impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff], fds: list[int]) -> None:
     _, send_handoff = impl
@@ -179,6 +181,36 @@ def test_send_handoff_full_and_gone(impl: tuple[hotpath.AcceptFds, hotpath.SendH
         finally:
             os.close(fd)
             worker.close()
+
+
+def test_a_closed_socket_is_ebadf(impl: tuple[hotpath.AcceptFds, hotpath.SendHandoff]) -> None:
+    accept_fds, send_handoff = impl
+    closed = socket.socket()
+    closed.close()
+    assert accept_fds(closed, 4) == ([], errno.EBADF)
+    master, worker = socketpair()
+    with worker:
+        fd = os.dup(worker.fileno())
+        master.close()
+        try:
+            with pytest.raises(OSError) as raised:
+                send_handoff(master, [fd])
+            assert raised.value.errno == errno.EBADF
+        finally:
+            os.close(fd)
+
+
+def test_the_scheduler_and_the_master_on_the_pure_python_path() -> None:
+    # The fallback is what runs without a compiler: the scheduler's and the
+    # round-robin tests pass on it too.
+    env = {**os.environ, hotpath.PURE_PYTHON_ENV: "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_scheduler.py",
+         "tests/test_roundrobin_integration.py", "-k", "test_scheduler or one_handoff_per_worker or burst_dealt"],
+        env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
 
 
 def test_takes_a_bare_fd_too() -> None:
