@@ -206,7 +206,8 @@ def test_the_scheduler_and_the_master_on_the_pure_python_path() -> None:
     env = {**os.environ, hotpath.PURE_PYTHON_ENV: "1"}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_scheduler.py",
-         "tests/test_roundrobin_integration.py", "-k", "test_scheduler or one_handoff_per_worker or burst_dealt"],
+         "tests/test_roundrobin_integration.py",
+         "-k", "test_scheduler or one_handoff_per_worker or burst_dealt"],
         env=env, capture_output=True, text=True, timeout=180, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
