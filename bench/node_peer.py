@@ -36,8 +36,8 @@ import psutil
 from bench import wrk
 from bench.layouts import server_cpu, taskset
 from bench.matrix import Cell, Settings, Workload, warm_up, wrk_command
-from bench.proc import Reading, Usage, measured, readings
-from bench.server import HOST, ROOT, StartedOnEnter, StartError
+from bench.proc import Reading, Usage, measured, readings, rss_of
+from bench.server import HOST, ROOT, StartedOnEnter, StartError, end_process
 
 SCRIPT = ROOT / "bench" / "node_cluster.js"
 #: The lab's policy name -> node_cluster.js's scheduling mode.
@@ -145,27 +145,14 @@ class NodeCluster(StartedOnEnter):
 
     def rss_bytes(self) -> dict[int, int]:
         """Each process's resident set size, by pid."""
-        sizes: dict[int, int] = {}
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                sizes[pid] = psutil.Process(pid).memory_info().rss
-        return sizes
+        return rss_of(self.pids())
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM the primary, wait up to ``timeout``, then SIGKILL it and any worker left, by PID.
 
         Idempotent. Returns the primary's exit code (None if even SIGKILL did not end it within 5 s).
         """
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-        try:
-            self.exit_code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.exit_code = self.proc.wait(5.0)
+        self.exit_code = end_process(self.proc, signal.SIGTERM, timeout, "node cluster")
         for process in self._seen[1:]:
             # psutil checks the creation time first: a reused pid is left alone.
             with contextlib.suppress(psutil.Error):

@@ -42,6 +42,7 @@ import psutil
 from bench.layouts import taskset
 from bench.load import ask, http_error, http_get
 from bench.peer_probe import READY_DIR_ENV
+from bench.proc import rss_of
 from bench.report import python
 from bench.server import HOST, ROOT, Server, StartedOnEnter, StartError, end_process
 
@@ -288,11 +289,7 @@ class Running(StartedOnEnter):
 
     def rss_bytes(self) -> dict[int, int]:
         """Each worker's resident set size."""
-        sizes: dict[int, int] = {}
-        for pid in self.worker_pids():
-            with contextlib.suppress(psutil.Error):
-                sizes[pid] = psutil.Process(pid).memory_info().rss
-        return sizes
+        return rss_of(self.worker_pids())
 
     def reload(self, timeout: float = RELOAD_TIMEOUT_S) -> str:
         """Replace every worker as the server does it (``ctl reload``, or SIGHUP); return how it went.

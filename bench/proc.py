@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
+
 #: Bound on the small commands that describe the machine.
 PROBE_TIMEOUT_S = 10.0
 #: Per-thread run time in ns; else only /proc/PID/stat's clock ticks.
@@ -181,6 +183,15 @@ def process_cpu_s(pid: int) -> float:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the thread just exited
             total_ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
     return total_ns / 1e9
+
+
+def rss_of(pids: Iterable[int]) -> dict[int, int]:
+    """Each process's resident set size, by pid; one that has gone is left out."""
+    sizes: dict[int, int] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            sizes[pid] = psutil.Process(pid).memory_info().rss
+    return sizes
 
 
 def cpu_of(pids: Mapping[Key, int]) -> dict[Key, float]:

@@ -156,7 +156,7 @@ class Acceptor:
             fds += taken
             if not error:
                 break  # the limit was reached
-            if error == errno.EAGAIN or error == errno.EINTR:
+            if error == errno.EAGAIN:  # EINTR is retried inside
                 ended = True
                 break
             self.errors += 1

@@ -135,8 +135,9 @@ PyDoc_STRVAR(send_handoff_doc,
 "send_handoff(sock, fds, /) -> None\n\n"
 "Send one hand-off datagram on sock (a socket object or an fd): the hand-off\n"
 "type byte, each fd as a network-order uint32 id, and the fds themselves as\n"
-"SCM_RIGHTS. The caller keeps its fds. Raises ValueError for no fds, more than 64 or one out of range, and\n"
-"OSError (BlockingIOError when the socket is full) if the datagram did not go.");
+"SCM_RIGHTS. The caller keeps its fds. Raises ValueError for no fds, more\n"
+"than 64 or one that is not an fd, and OSError (BlockingIOError when the\n"
+"socket is full) if the datagram did not go.");
 
 static PyObject *
 send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
