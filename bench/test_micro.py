@@ -1,4 +1,6 @@
-"""Micro benchmarks of the master's per-connection hot path (``make bench``).
+"""Micro benchmarks of the per-connection hot path: the master's, and the worker's socket objects.
+
+``make bench`` runs them:
 
     .venv/bin/python -m pytest -q -p no:cacheprovider bench -m 'bench or not bench' --benchmark-only
 
@@ -7,7 +9,8 @@ the hand-off, decoding the ack (the fast path and the general decoder), the
 SCM_RIGHTS round trip over a real SOCK_SEQPACKET socketpair (one connection
 per hand-off, and four: the batch a busy master sends), and the policy's
 choose + ack bookkeeping. The kernel's share (sendmsg, recvmsg, close) is in
-the round trip only.
+the round trip only. And on the worker's side, the socket object it makes for
+every connection, standard and ``worker.sockets.Socket``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dispatcher.policies.round_robin import RoundRobin
 from shared import hotpath, protocol
 from shared.channel import close_fds, fds_from_ancillary
 from shared.protocol import Ack, Handoff
+from worker.sockets import Socket
 
 pytestmark = pytest.mark.bench
 
@@ -244,3 +248,30 @@ def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> No
     benchmark(step)
     assert set(chosen) == set(keys)
     assert all(policy._credit[key] == policy.window for key in keys)  # every slot free again
+
+
+# The worker's side: a socket object for each connection
+
+#: How a worker made a connection's socket object before ``worker.sockets``, and how it does now.
+SOCKET_CLASSES = [("standard", socket.socket), ("worker", Socket)]
+
+
+@pytest.mark.parametrize("cls", [cls for _, cls in SOCKET_CLASSES], ids=[name for name, _ in SOCKET_CLASSES])
+def test_socket_for_a_connection(benchmark: BenchmarkFixture, no_fd_leak: None,
+                                 cls: type[socket.socket]) -> None:
+    """Making the object for a handed-off fd and asking it what the event loop asks (type, family twice)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname(), timeout=5.0):
+        server, _ = listener.accept()
+        with server:
+            fd = server.fileno()
+            make = Socket.from_handoff if cls is Socket else (lambda fd: socket.socket(fileno=fd))
+
+            def wrap() -> tuple[int, int]:
+                sock = make(fd)
+                try:
+                    return sock.type, sock.family if sock.family == socket.AF_INET else 0
+                finally:
+                    sock.detach()  # the fd stays server's
+
+            assert benchmark(wrap) == (socket.SOCK_STREAM, socket.AF_INET)

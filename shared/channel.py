@@ -60,8 +60,11 @@ log = logging.getLogger(__name__)
 
 _FD_SIZE = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * _FD_SIZE)
-# Plain ints: enum flag arithmetic is slow on the per-message path.
-_TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+# Plain ints: enum flag arithmetic (an IntFlag call each time) is slow on the
+# per-message path.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
 # Received fds are close-on-exec at once: a handler's child process must not
 # inherit client connections or listening sockets.
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
@@ -199,7 +202,7 @@ class Channel:
         fds: list[int] = []
         if ancdata:
             fds, unexpected = fds_from_ancillary(ancdata)
-            if unexpected or flags & socket.MSG_TRUNC:
+            if unexpected or flags & _MSG_TRUNC:
                 close_fds(fds)
                 self._fail("truncated message or unexpected ancillary data")
                 return False
@@ -214,7 +217,7 @@ class Channel:
                 if missing == 0 and not flags & _TRUNCATED:
                     self._on_handoff(conn_ids, fds)
                     return not self.closed
-                if missing > 0 and flags & socket.MSG_CTRUNC:
+                if missing > 0 and flags & _MSG_CTRUNC:
                     # The kernel installed the first fds and dropped the rest:
                     # we are at our fd limit. Still a hand-off, to be refused.
                     self._on_handoff(conn_ids, fds + [-1] * missing)

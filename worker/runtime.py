@@ -8,7 +8,7 @@ sees it.
 
 fd ownership:
 - A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
-  wrap it in a socket object and give it to the app's interface
+  wrap it in a socket object (``worker.sockets``) and give it to the app's interface
   (``worker.interfaces``), whose it is from then on to close. It is acked as
   its handler starts, before the app reads a byte (as Node's worker acks
   after its 'connection' event): streams, ASGI and WSGI, one ack for the
@@ -74,6 +74,7 @@ from shared.web_options import WebOptions
 from worker import api, interfaces, proxy_header
 from worker.acceptor import Acceptor
 from worker.app import App
+from worker.sockets import Socket
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ class Runtime:
             self._loop.call_soon(self._ack, conn_ids)
         for conn_id, fd in zip(conn_ids, fds, strict=True):
             try:
-                sock = socket.socket(fileno=fd)
+                sock = Socket.from_handoff(fd)
             except OSError as exc:  # not a socket after all: nothing to serve
                 log.error("hand-off fd %d is unusable: %s", fd, exc)
                 os.close(fd)
@@ -327,7 +328,7 @@ class Runtime:
 
     def _on_listen(self, fd: int) -> None:
         try:
-            listener = socket.socket(fileno=fd)
+            listener = Socket(fileno=fd)
         except OSError as exc:
             os.close(fd)  # a failed socket() leaves the fd to us
             log.error("the master sent a Listen fd that is not a socket (%s); ignoring it", exc.strerror)
