@@ -21,6 +21,7 @@ from shared.exitcodes import ExitCode
 from tests.helpers import fd_table_full
 from worker.app import classify
 from worker.runtime import Runtime
+from worker.sockets import Socket
 
 
 async def streams_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -446,3 +447,23 @@ def test_an_interface_that_fails_to_start_fails_the_boot_in_one_line(
         assert error.message == ("app test:handler: the streams interface failed to start: PermissionError: "
                                  "[Errno 13] Permission denied: '/srv/app/worker/interfaces/streams.py'")
         assert not runtime.ready
+
+
+def test_a_handed_off_connection_reaches_the_app_as_the_workers_socket(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # worker.sockets.Socket: the cheaper object, with the standard answers. A
+    # blocking handler is given the very object the runtime made.
+    given: list[tuple[type, socket.AddressFamily, socket.SocketKind, bytes]] = []
+
+    def blocking(sock: socket.socket, addr: Any) -> None:
+        given.append((type(sock), sock.family, sock.type, sock.recv(4)))
+
+    with running(loop, blocking, threads=1) as (runtime, master_end), connections(1) as conns:
+        (master_copy, client), = conns
+        client.sendall(b"ping")
+        hand_off(master_end, [master_copy.fileno()])
+        next_ack(loop, master_end)
+        runtime.drain()
+        loop.run_until_complete(asyncio.wait_for(runtime.wait(), 10))
+    assert given == [(Socket, socket.AF_UNIX, socket.SOCK_STREAM, b"ping")]

@@ -71,6 +71,7 @@ def test_a_handed_off_fd_answers_as_a_standard_socket_of_it() -> None:
                     assert sock.family is standard.family
                     assert sock.type is standard.type
                     assert sock.getsockname() == standard.getsockname()
+                assert sock.proto == 0  # not asked of the kernel: the default protocol
                 # It is a working connection.
                 sock.sendall(b"ping")
                 client.settimeout(_TIMEOUT_S)

@@ -8,10 +8,10 @@ sees it.
 
 fd ownership:
 - A ``Handoff`` fd arrives owned by us (``shared.channel``). While running, we
-  wrap it in a socket object (``worker.sockets``) and give it to the app's interface
-  (``worker.interfaces``), whose it is from then on to close. It is acked as
-  its handler starts, before the app reads a byte (as Node's worker acks
-  after its 'connection' event): streams, ASGI and WSGI, one ack for the
+  wrap it in a socket object (``worker.sockets``) and give it to the app's
+  interface (``worker.interfaces``), whose it is from then on to close. It is
+  acked as its handler starts, before the app reads a byte (as Node's worker
+  acks after its 'connection' event): streams, ASGI and WSGI, one ack for the
   whole hand-off in a callback queued just before the connections' tasks
   (their first step runs no app code); blocking, when a pool thread picks
   it up (sent from the thread, which waits for it to be in the kernel

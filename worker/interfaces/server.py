@@ -31,6 +31,7 @@ from worker import proxy_header
 from worker.app import App
 from worker.interfaces.base import BootFailed, Context, Interface, client_of
 from worker.proxy_header import AS_IS, Proxied
+from worker.sockets import Socket
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ServerInterface(Interface):
         self.context.api._close_untaken()
 
 
-class _AppConnection(socket.socket):
+class _AppConnection(Socket):
     """A connection given to a custom server: letting go of it counts it as handled, once.
 
     The app owns the socket, so its end is seen only here: a ``close()``
