@@ -19,7 +19,7 @@ import array
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
@@ -252,20 +252,23 @@ def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> No
 
 # The worker's side: a socket object for each connection
 
+def _standard_socket(fd: int) -> socket.socket:
+    return socket.socket(fileno=fd)
+
+
 #: How a worker made a connection's socket object before ``worker.sockets``, and how it does now.
-SOCKET_CLASSES = [("standard", socket.socket), ("worker", Socket)]
+SOCKET_MAKERS = [("standard", _standard_socket), ("worker", Socket.from_handoff)]
 
 
-@pytest.mark.parametrize("cls", [cls for _, cls in SOCKET_CLASSES], ids=[name for name, _ in SOCKET_CLASSES])
+@pytest.mark.parametrize("make", [make for _, make in SOCKET_MAKERS], ids=[name for name, _ in SOCKET_MAKERS])
 def test_socket_for_a_connection(benchmark: BenchmarkFixture, no_fd_leak: None,
-                                 cls: type[socket.socket]) -> None:
+                                 make: Callable[[int], socket.socket]) -> None:
     """Making the object for a handed-off fd and asking it what the event loop asks (type, family twice)."""
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname(), timeout=5.0):
         server, _ = listener.accept()
         with server:
             fd = server.fileno()
-            make = Socket.from_handoff if cls is Socket else (lambda fd: socket.socket(fileno=fd))
 
             def wrap() -> tuple[int, int]:
                 sock = make(fd)

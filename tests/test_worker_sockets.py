@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 from collections.abc import Iterator
 
@@ -44,7 +45,6 @@ def _pairs() -> Iterator[tuple[socket.socket, socket.socket]]:
 def _accept_when_ready(listener: socket.socket) -> tuple[socket.socket, object]:
     """``listener.accept()``; a non-blocking one is first waited on (no sleep: poll)."""
     if listener.gettimeout() == 0.0:
-        import select
         ready, _, _ = select.select([listener], [], [], _TIMEOUT_S)
         assert ready, "no connection to accept"
     return listener.accept()
