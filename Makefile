@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages: gcc and python3-dev build the compiled hand-off (shared/_hotpath.c), libcap-dev
+# Debian packages: gcc and python3-dev build the compiled hand-off (shared/_hotpath.c) and round-robin
+# (dispatcher/policies/_round_robin.c), libcap-dev
 # builds python-prctl, wrk drives the benchmark, haproxy stands in front of two instances in the
 # scaling-out test.
 DEB_PACKAGES := gcc python3-dev libcap-dev wrk haproxy
@@ -33,8 +34,8 @@ system-packages:
 		fi; \
 	fi
 
-# The compiled hand-off is built by the install: a change to its source installs again.
-$(STAMP): pyproject.toml shared/_hotpath.c | system-packages
+# The compiled hand-off and round-robin are built by the install: a change to their source installs again.
+$(STAMP): pyproject.toml shared/_hotpath.c dispatcher/policies/_round_robin.c | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[prctl,dev,web]' || { \

@@ -25,7 +25,12 @@ The report puts the two policies side by side per role: the top functions
 (py-spy, own time as a share of the role's busy samples) and the top
 symbols (perf, own time as a share of the role's samples and as CPU µs
 per connection: that share of the role's CPU time during the run, divided
-by the connections the workers handled). Written to
+by the connections the workers handled). A second view of perf's samples
+(``perf report --children``) gives each system call's whole time in the
+kernel, what it calls included (``close`` with the socket it frees), next to
+the interpreter's own time (libpython and the extension modules): what a
+role's CPU per connection is made of, and how much of it no amount of
+compiling would take away. Written to
 ``bench/results/profile-<UTC timestamp>.md``; py-spy's samples, perf's
 report, wrk's output and the server logs go beside it as ``.raw`` (not
 committed).
@@ -148,10 +153,16 @@ class Perf:
                 rec.kill()
                 rec.wait(5.0)
 
-    def report(self, data: Path) -> str:
+    def calls_report_command(self, data: Path | str) -> list[str]:
+        """Each symbol's time with what it calls (children): a system call's whole kernel time."""
+        return [self.perf, "report", "-i", str(data), "--stdio", "--children", "--sort", "pid,dso,sym",
+                "-g", "none", "-t", "\t"]
+
+    def report(self, data: Path, children: bool = False) -> str:
         """``perf report``'s text for ``data`` (empty, with a note, if it fails)."""
+        command = self.calls_report_command(data) if children else self.report_command(data)
         try:
-            done = subprocess.run(self.report_command(data), capture_output=True, text=True,
+            done = subprocess.run(command, capture_output=True, text=True,
                                   timeout=PERF_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.notes.append(f"perf report failed: {exc}")
@@ -286,6 +297,57 @@ def parse_perf(text: str) -> list[Symbol]:
     return found
 
 
+#: A ``--children`` line: children share, self share, pid, dso, kind, symbol.
+_PERF_CHILDREN_LINE = re.compile(
+    r"^\s*([\d.]+)%\s*\t\s*[\d.]+%\s*\t\s*(\d+):[^\t]*\t([^\t]*)\t\[(.)\]\s*(.*)$")
+#: The kernel's entry points of a system call, by kernel version and inlining: ``__x64_sys_close``,
+#: ``__sys_sendmsg``, ``ksys_write``, ``__do_sys_...``. The largest of them is the call's time (the
+#: unwinder misses the outer ones of some calls: sendmsg's time shows under ``__sys_sendmsg``).
+_SYSCALL = re.compile(r"^(?:__x64_sys_|__do_sys_|__sys_|__se_sys_|ksys_)(\w+?)(?:\.\w+)*$")
+#: Objects whose own time is the interpreter's: libpython and every extension module (uvloop, _socket,
+#: the project's compiled hand-off).
+_INTERPRETER = re.compile(r"libpython|\.cpython-|^python3?(\.\d+)?$")
+
+
+def parse_perf_calls(text: str) -> list[Symbol]:
+    """The symbols of ``perf report --stdio --children --sort pid,dso,sym -t '\\t'``, each with its
+    children share (its time with everything it calls)."""
+    found = []
+    for line in text.splitlines():
+        match = _PERF_CHILDREN_LINE.match(line)
+        if match:
+            share, pid, dso, kind, name = match.groups()
+            found.append(Symbol(float(share) / 100, int(pid), dso.strip(), kind == "k", name.strip()))
+    return found
+
+
+def role_calls(calls: Sequence[Symbol], symbols: Sequence[Symbol], pids: set[int]) -> dict[str, float]:
+    """{system call or "interpreter": share of the samples of ``pids``}.
+
+    A system call's share is its kernel entry point's children share
+    (``calls``), the largest of its entry points per process, summed over
+    ``pids``; "interpreter" is the self share of libpython and the extension
+    modules (``symbols``). Shares are of the role's samples: the sum of its
+    self shares.
+    """
+    total = sum(s.share for s in symbols if s.pid in pids)
+    if not total:
+        return {}
+    per_process: dict[tuple[int, str], float] = {}
+    for c in calls:
+        match = _SYSCALL.match(c.name) if c.kernel and c.pid in pids else None
+        if match:
+            key = (c.pid, match.group(1))
+            per_process[key] = max(per_process.get(key, 0.0), c.share)
+    shares: dict[str, float] = {}
+    for (_, name), share in per_process.items():
+        shares[name] = shares.get(name, 0.0) + share / total
+    interpreter = sum(s.share for s in symbols
+                      if s.pid in pids and not s.kernel and _INTERPRETER.search(s.dso))
+    shares["interpreter"] = interpreter / total
+    return shares
+
+
 def role_symbols(symbols: Sequence[Symbol], pids: set[int]) -> dict[str, float]:
     """{symbol label: share of the samples of ``pids``}, the same symbol added up over those processes."""
     mine = [s for s in symbols if s.pid in pids]
@@ -322,6 +384,8 @@ class PolicyProfile:
     py_spy: dict[str, str] = field(default_factory=dict)
     #: perf's symbols per role: label -> share of the role's samples (empty: no perf).
     perf: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: perf's system calls (and "interpreter") per role: name -> share of the role's samples.
+    calls: dict[str, dict[str, float]] = field(default_factory=dict)
     raw: str = ""
 
     def us_per_conn(self, role: str) -> float:
@@ -387,8 +451,10 @@ def run_policy(settings: Settings, sampler: Sampler | None, perf: Perf | None, w
     if perf is not None and perf_data.exists():
         perf_text = perf.report(perf_data)
         symbols = parse_perf(perf_text)
-        found.perf = {"master": role_symbols(symbols, {server.pid}),
-                      "workers": role_symbols(symbols, set(workers.values()))}
+        calls = parse_perf_calls(perf.report(perf_data, children=True))
+        roles = {"master": {server.pid}, "workers": set(workers.values())}
+        found.perf = {role: role_symbols(symbols, pids) for role, pids in roles.items()}
+        found.calls = {role: role_calls(calls, symbols, pids) for role, pids in roles.items()}
     found.raw = (f"{warmup}$ {shlex.join(line)}\n{output}----- server log -----\n{server.log}"
                  f"----- perf report -----\n{perf_text}")
     return found
@@ -446,6 +512,28 @@ def perf_table(runs: Sequence[PolicyProfile], role: str, limit: int) -> str:
         rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     header = "| symbol (object) | " + " | ".join(f"{r.policy} % | {r.policy} µs/conn" for r in runs) + " |"
     return "\n".join([f"{kernel}.", "", header, "|" + " --- |" * (2 * len(runs) + 1), *rows])
+
+
+def calls_table(runs: Sequence[PolicyProfile], role: str, limit: int) -> str:
+    """``role``'s system calls (whole kernel time) and the interpreter, a pair of columns per policy."""
+    if not any(r.calls.get(role) for r in runs):
+        return "perf recorded nothing for these processes."
+    ranked: dict[str, float] = {}
+    for r in runs:
+        for name, share in r.calls.get(role, {}).items():
+            ranked[name] = max(ranked.get(name, 0.0), share * r.us_per_conn(role))
+    names = [n for n in _top(ranked, limit) if n != "interpreter"]
+    rows = []
+    for name in [*names, "interpreter"]:
+        cells = []
+        for r in runs:
+            found = r.calls.get(role, {}).get(name)
+            cells += [_pct(found), "-" if found is None else f"{found * r.us_per_conn(role):.2f}"]
+        label = ("the interpreter's own time (libpython and extension modules)" if name == "interpreter"
+                 else f"`{name}`")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    header = "| where | " + " | ".join(f"{r.policy} % | {r.policy} µs/conn" for r in runs) + " |"
+    return "\n".join([header, "|" + " --- |" * (2 * len(runs) + 1), *rows])
 
 
 def figures_table(runs: Sequence[PolicyProfile]) -> str:
@@ -512,7 +600,10 @@ def run(settings: Settings, sampler: Sampler, out: Path, stamp: str, workload_ke
                          py_spy_table(spied, role, sampler.top, sampler.mode), ""]
         if recorded:
             sections += [f"## {role.capitalize()}: perf, self time per symbol", "",
-                         perf_table(recorded, role, sampler.top), ""]
+                         perf_table(recorded, role, sampler.top), "",
+                         f"## {role.capitalize()}: perf, system calls (with what they call) and the "
+                         "interpreter",
+                         "", calls_table(recorded, role, sampler.top), ""]
     details = []
     for r in spied:
         for role in ROLES:
@@ -524,7 +615,8 @@ def run(settings: Settings, sampler: Sampler, out: Path, stamp: str, workload_ke
     perf_lines = []
     if perf is not None:
         perf_lines = [shlex.join(perf.command([pids], settings.duration_s, "POLICY.perf.data")),
-                      shlex.join(perf.report_command("POLICY.perf.data")).replace("'\t'", "$'\\t'")]
+                      *(shlex.join(command("POLICY.perf.data")).replace("'\t'", "$'\\t'")
+                        for command in (perf.report_command, perf.calls_report_command))]
     server = report.server_command(*server_args(settings, workload, "POLICY"), workers=workload.workers)
     pin = shlex.join(taskset(server_cpu(layout)))
     lines = [

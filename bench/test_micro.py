@@ -25,7 +25,8 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from dispatcher.config import Config
-from dispatcher.policies.round_robin import RoundRobin
+from dispatcher.policies import round_robin
+from dispatcher.policies.round_robin import PyRoundRobin, RoundRobin
 from shared import hotpath, protocol
 from shared.channel import close_fds, fds_from_ancillary
 from shared.protocol import Ack, Handoff
@@ -226,13 +227,19 @@ def test_send_handoff(benchmark: BenchmarkFixture, no_fd_leak: None,
 # The policy
 
 
+#: Both round-robins: the pure-Python reference and the compiled one the master uses.
+POLICIES = [("python", PyRoundRobin)] + ([("compiled", RoundRobin)] if round_robin.COMPILED else [])
+
+
 @pytest.mark.parametrize("workers", [2, 8])
-def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> None:
+@pytest.mark.parametrize("make", [cls for _, cls in POLICIES], ids=[name for name, _ in POLICIES])
+def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int,
+                                make: Callable[[int], RoundRobin]) -> None:
     """One connection's bookkeeping in the default policy: choose a worker, then its ack with its load.
 
     The default window (64), so every worker is free and ``choose`` weighs them all.
     """
-    policy = RoundRobin(window=Config.window)
+    policy = make(Config.window)
     keys = range(1, workers + 1)
     for key in keys:
         policy.attach(key)
@@ -247,7 +254,25 @@ def test_round_robin_choose_ack(benchmark: BenchmarkFixture, workers: int) -> No
 
     benchmark(step)
     assert set(chosen) == set(keys)
-    assert all(policy._credit[key] == policy.window for key in keys)  # every slot free again
+    assert all(policy.in_flight(key) == 0 for key in keys)  # every slot free again
+
+
+@pytest.mark.parametrize("make", [cls for _, cls in POLICIES], ids=[name for name, _ in POLICIES])
+def test_round_robin_deal(benchmark: BenchmarkFixture, make: Callable[[int], RoundRobin]) -> None:
+    """A batch of ``HOT_BATCH`` accepted connections dealt to 2 workers, then acked (a turn's bookkeeping)."""
+    policy = make(Config.window)
+    for key in (1, 2):
+        policy.attach(key)
+    batch = list(range(HOT_BATCH))
+
+    def turn() -> int:
+        groups, dealt = policy.deal(batch)
+        for key, conns in groups:
+            policy.ack(key, True, len(conns))
+        return dealt
+
+    assert benchmark(turn) == HOT_BATCH
+    assert policy.in_flight(1) == policy.in_flight(2) == 0
 
 
 # The worker's side: a socket object for each connection

@@ -70,6 +70,10 @@ class Distribution(Protocol):
     def on_ack(self, worker: WorkerProcess, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
         """``worker`` answered the hand-off of ``conn_ids``; it holds ``load`` connections now."""
 
+    def on_acked(self, worker: WorkerProcess, count: int, load: int) -> None:
+        """``worker``'s channel settled an accepted ack of ``count`` connections in its lane (their
+        copies are closed); it holds ``load`` connections now."""
+
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """``worker`` said (in a pong) that it holds ``load`` connections."""
 

@@ -194,7 +194,7 @@ class Master:
     def _spawn(self, worker_id: int, key: int, events: WorkerEvents, max_requests: int) -> WorkerProcess:
         assert self._loop is not None
         return spawn(worker_id, key, self._worker_args, self._loop, events, self.distribution.on_ack,
-                     max_requests)
+                     max_requests, self.distribution.on_acked)
 
     def _every(self, name: str, interval_s: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None

@@ -51,6 +51,7 @@ class MasterAccepts:
         self.scheduler = Scheduler(self.policy, config.max_pending, config.pending_timeout_s)
         # The hot path: the channel calls the scheduler directly.
         self.on_ack = self.scheduler.on_ack
+        self.on_acked = self.scheduler.on_acked
         #: Told when accepting met EMFILE: the master's fd budget needs measuring again.
         self.on_fd_limit: Callable[[], None] | None = None
         self.acceptor: Acceptor | None = None

@@ -18,14 +18,20 @@ Where each master fd is, at every moment, is one of:
   ``forget``) sends what it staged before returning, in ``Handoff``
   datagrams of up to ``HANDOFF_FDS`` fds per worker, so a burst costs a
   ``sendmsg`` per worker per 16 connections rather than one per
-  connection;
+  connection. ``submit``, the hot path, deals a whole accepted batch in
+  one call and sends it in another (``shared.hotpath.send_dealt``), so
+  its connections pass through ``staged`` only if a worker's datagram
+  did not go (then ``flush`` sends them again or re-queues them);
 - ``lane.in_flight``: sent in a ``Handoff``; the worker's copy is in the
   channel or in the worker.
 
 and it leaves the master in exactly one of three ways:
 - an ``Ack(accepted=True)`` naming it (a worker acks each connection as
   its handler starts; an ack may name several): the worker holds its own
-  copy; ours is closed;
+  copy; ours is closed. The worker's channel settles such an ack itself
+  when every id it names is in the lane's ``in_flight``, each once
+  (``shared.channel``: it closes our copies and calls ``on_acked``);
+  anything else comes to ``on_ack``, which checks it the same way;
 - the pending timeout or shutdown: closed, the client sees the connection
   end without an answer;
 - never otherwise. A refused hand-off goes to another worker; a worker that
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -54,6 +61,7 @@ from typing import Protocol
 
 from dispatcher.policies import Policy
 from shared.channel import Channel
+from shared.hotpath import Targets, send_dealt
 
 #: A connection the master holds: its fd (also its id on the wire) and when it was accepted.
 Conn = tuple[int, float]
@@ -117,6 +125,8 @@ class Scheduler:
     def __init__(self, policy: Policy, max_pending: int, pending_timeout_s: float) -> None:
         self._policy = policy
         self._workers: dict[int, Receiver] = {}
+        # Per attached worker, where ``send_dealt`` sends: its channel's socket and its in-flight dict.
+        self._targets: Targets = {}
         # Workers with staged connections, in the order they were first dealt one.
         self._dirty: list[Receiver] = []
         # Keys of workers whose load figure was reported since ``age_loads`` last
@@ -193,22 +203,38 @@ class Scheduler:
         ``room``.
         """
         pending = self._pending
-        choose = self._policy.choose
+        groups: list[tuple[int, list[int]]] = []
+        dealt = 0
+        if not pending:
+            # The whole batch in one call (the policy is compiled); no loop
+            # here runs once per connection.
+            groups, dealt = self._policy.deal(fds)
+        if dealt < len(fds):
+            pending.extend(zip(fds[dealt:], itertools.repeat(accepted_at)))
+        if groups:
+            self._hand_off(groups, accepted_at)
+
+    def _hand_off(self, groups: list[tuple[int, list[int]]], accepted_at: float) -> None:
+        """Send a deal: each worker's connections in one call, counted per worker here."""
+        results = send_dealt(groups, accepted_at, self._targets, HANDOFF_FDS)
         workers = self._workers
-        dirty = self._dirty
-        for fd in fds:
-            if not pending:
-                key = choose()
-                if key is not None:
-                    # _stage, inlined: this loop runs once per accepted connection.
-                    worker = workers[key]
-                    staged = worker.lane.staged
-                    if not staged:
-                        dirty.append(worker)
-                    staged.append((fd, accepted_at))
-                    continue
-            pending.append((fd, accepted_at))
-        self.flush()
+        for (key, dealt_fds), (sent, datagrams, error) in zip(groups, results, strict=True):
+            worker = workers[key]
+            if sent:
+                worker.lane.handed_off += sent
+                self.in_flight += sent
+                self.handed_off += sent
+                self.handoff_messages += datagrams
+            if error:
+                # A datagram did not go: the rest are staged, and ``_send``
+                # tries them again and handles what it meets (a full
+                # channel holds the worker, a gone one re-queues them).
+                staged = worker.lane.staged
+                if not staged:
+                    self._dirty.append(worker)
+                staged.extend(zip(dealt_fds[sent:], itertools.repeat(accepted_at)))
+        if self._dirty:
+            self.flush()
 
     def pump(self) -> None:
         """Deal queued connections to free workers, oldest first (sent by ``flush``)."""
@@ -302,6 +328,7 @@ class Scheduler:
     def attach(self, worker: Receiver) -> None:
         """``worker`` is ready: give it connections."""
         self._workers[worker.key] = worker
+        self._targets[worker.key] = (worker.channel.sock, worker.lane.in_flight)
         self._policy.attach(worker.key)
         self.pump()
         self.flush()
@@ -309,6 +336,7 @@ class Scheduler:
     def stop_sending(self, worker: Receiver) -> None:
         """Send ``worker`` nothing more; what it holds un-acked may still be acked."""
         if self._workers.pop(worker.key, None) is not None:
+            del self._targets[worker.key]
             self._policy.detach(worker.key)
         lane = worker.lane
         if lane.staged:
@@ -381,31 +409,47 @@ class Scheduler:
             pop = in_flight.pop
             for conn_id in conn_ids:
                 pop(conn_id)
-            self.in_flight -= count
             close = os.close
             for conn_id in conn_ids:
                 close(conn_id)
-            if self.on_room is not None:  # paused at the fd budget: an ack frees an fd
-                self._tell_room()
-            before = lane.acked
-            lane.acked += count
-            self.acked += count
-            if before < worker.max_requests <= lane.acked:
-                worker.reached_max_requests()
-            self.report_load(worker, load)
-            self._policy.ack(worker.key, True, count)
-        else:
-            answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]
-            self.in_flight -= count
-            lane.refused += count
-            self.refused += count
-            self._policy.ack(worker.key, False, count)
-            self.stop_sending(worker)
-            worker.refused_handoff()
-            # First in line again, for another worker.
-            self._pending.extendleft(reversed(answered))
-            self.redispatched += count
+            self.on_acked(worker, count, load)
+            return
+        answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]
+        self.in_flight -= count
+        lane.refused += count
+        self.refused += count
+        self._policy.ack(worker.key, False, count)
+        self.stop_sending(worker)
+        worker.refused_handoff()
+        # First in line again, for another worker.
+        self._pending.extendleft(reversed(answered))
+        self.redispatched += count
         self._deal_pending()
+        if self.on_settled is not None:  # only while stopping: the ack path makes no call otherwise
+            self._tell_if_settled()
+
+    def on_acked(self, worker: Receiver, count: int, load: int) -> None:
+        """``worker`` acked ``count`` connections, already out of its lane's ``in_flight`` and closed.
+
+        The channel's settled acks come here directly; ``on_ack`` comes here
+        once it has checked, popped and closed them itself.
+        """
+        lane = worker.lane
+        self.in_flight -= count
+        if self.on_room is not None:  # paused at the fd budget: an ack frees an fd
+            self._tell_room()
+        before = lane.acked
+        lane.acked += count
+        self.acked += count
+        if before < worker.max_requests <= lane.acked:
+            worker.reached_max_requests()
+        # report_load and _deal_pending, inlined: this runs for every ack.
+        key, policy = worker.key, self._policy
+        policy.report(key, load)
+        self._fresh.add(key)
+        policy.ack(key, True, count)
+        if self._pending:
+            self._deal_pending()
         if self.on_settled is not None:  # only while stopping: the ack path makes no call otherwise
             self._tell_if_settled()
 

@@ -56,6 +56,8 @@ class WorkerEvents(Protocol):
 
 #: Where a worker's acks go: the hot path, straight to the distribution.
 OnAck = Callable[["WorkerProcess", tuple[int, ...], bool, int], None]
+#: Told of an ack its channel settled itself: how many connections, and the load it reported.
+OnAcked = Callable[["WorkerProcess", int, int], None]
 
 
 class WorkerProcess:
@@ -78,6 +80,7 @@ class WorkerProcess:
         events: WorkerEvents,
         on_ack: OnAck,
         max_requests: int = 0,
+        on_acked: OnAcked | None = None,
     ) -> None:
         self.id = worker_id
         self.key = key
@@ -98,6 +101,10 @@ class WorkerProcess:
             functools.partial(events.on_message, self),
             functools.partial(events.on_channel_closed, self),
             functools.partial(on_ack, self),
+            # The hot path: accepted acks of what its lane holds in flight are settled by
+            # the channel (it closes the master's copies) and only counted by ``on_acked``.
+            in_flight=self.lane.in_flight if on_acked is not None else None,
+            on_acked=functools.partial(on_acked, self) if on_acked is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -168,6 +175,7 @@ def spawn(
     events: WorkerEvents,
     on_ack: OnAck,
     max_requests: int = 0,
+    on_acked: OnAcked | None = None,
 ) -> WorkerProcess:
     """Start a worker process for slot ``worker_id`` and wire it to ``loop``.
 
@@ -175,7 +183,8 @@ def spawn(
         worker_args: arguments after ``python -m worker --id N --channel-fd F``.
         events: told of the worker's messages, channel end and exit, and of
             what the distribution learns about it.
-        on_ack: told of each ack it sends.
+        on_ack: told of each ack it sends (but those its channel settles, with ``on_acked``).
+        on_acked: if given, told of each accepted ack its channel settled itself.
 
     Raises:
         OSError: the process could not be started; nothing is left open.
@@ -203,7 +212,8 @@ def spawn(
         proc.wait()
         master_end.close()
         raise
-    worker = WorkerProcess(worker_id, key, proc, pidfd, master_end, loop, events, on_ack, max_requests)
+    worker = WorkerProcess(worker_id, key, proc, pidfd, master_end, loop, events, on_ack, max_requests,
+                           on_acked)
     loop.add_reader(pidfd, _exited, loop, worker, events)
     return worker
 

@@ -101,6 +101,11 @@ class WorkersAccept:
         self.remove(worker)
         worker.faulted(f"ack for connection {conn_ids[0]} it was not given")
 
+    def on_acked(self, worker: WorkerProcess, count: int, load: int) -> None:
+        # Its lane holds nothing in flight, so no ack is ever settled for it; one would be a lie.
+        self.remove(worker)
+        worker.faulted(f"ack of {count} connection(s) it was not given")
+
     def report_load(self, worker: WorkerProcess, load: int) -> None:
         """Nothing to do: the kernel, not the master, chooses who takes a connection."""
 

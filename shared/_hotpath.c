@@ -30,9 +30,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* shared.protocol.MAX_FDS and MessageType.HANDOFF; hotpath.py checks they agree. */
+/* shared.protocol's MAX_FDS, MessageType.HANDOFF and ACK, and an ack's head (type, accepted
+ * flag, uint32 load); hotpath.py checks they agree. */
 #define MAX_FDS 64
 #define HANDOFF_TYPE 3
+#define ACK_TYPE 4
+#define ACK_HEAD 6
 
 /* An fd from a Python int: -1 with ValueError set for anything else (not an int,
  * negative, beyond an int), as the pure-Python version raises. */
@@ -139,42 +142,20 @@ PyDoc_STRVAR(send_handoff_doc,
 "than 64 or one that is not an fd, and OSError (BlockingIOError when the\n"
 "socket is full) if the datagram did not go.");
 
-static PyObject *
-send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Send one hand-off datagram of fds[0..count) on sock_fd: 0, or -1 with errno set. */
+static int
+send_datagram(int sock_fd, const int *fds, Py_ssize_t count)
 {
-    (void)module;
-    int sock_fd;
-    if (socket_argument("send_handoff", args, nargs, &sock_fd) < 0)
-        return NULL;
-    /* A tuple (the same one if it is one): nothing can change it while it is read. */
-    PyObject *seq = PySequence_Tuple(args[1]);
-    if (seq == NULL)
-        return NULL;
-    Py_ssize_t count = PyTuple_GET_SIZE(seq);
-    if (count < 1 || count > MAX_FDS) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "%zd connection ids: 1 to %d per message", count, MAX_FDS);
-        return NULL;
-    }
     unsigned char data[1 + 4 * MAX_FDS];
-    int fds[MAX_FDS];
     union {
         char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
         struct cmsghdr align;
     } control;
     data[0] = HANDOFF_TYPE;
     for (Py_ssize_t i = 0; i < count; i++) {
-        int fd = fd_of(PyTuple_GET_ITEM(seq, i));
-        if (fd < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        fds[i] = fd;
-        uint32_t id = htonl((uint32_t)fd);
+        uint32_t id = htonl((uint32_t)fds[i]);
         memcpy(data + 1 + 4 * i, &id, sizeof id);
     }
-    Py_DECREF(seq);
-
     struct iovec iov = {data, (size_t)(1 + 4 * count)};
     struct msghdr msg;
     memset(&msg, 0, sizeof msg);
@@ -193,21 +174,295 @@ send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         /* MSG_NOSIGNAL: a peer gone is EPIPE, never SIGPIPE (Python ignores it anyway). */
         sent = sendmsg(sock_fd, &msg, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
-    if (sent < 0)
+    return sent < 0 ? -1 : 0;
+}
+
+static PyObject *
+send_handoff(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    int sock_fd;
+    if (socket_argument("send_handoff", args, nargs, &sock_fd) < 0)
+        return NULL;
+    /* A tuple (the same one if it is one): nothing can change it while it is read. */
+    PyObject *seq = PySequence_Tuple(args[1]);
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(seq);
+    if (count < 1 || count > MAX_FDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "%zd connection ids: 1 to %d per message", count, MAX_FDS);
+        return NULL;
+    }
+    int fds[MAX_FDS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int fd = fd_of(PyTuple_GET_ITEM(seq, i));
+        if (fd < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        fds[i] = fd;
+    }
+    Py_DECREF(seq);
+    if (send_datagram(sock_fd, fds, count) < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(send_dealt_doc,
+"send_dealt(groups, accepted_at, targets, chunk, /) -> [(sent, datagrams, errno), ...]\n\n"
+"Send each group (key, fds) of a deal to its worker: targets[key] is (channel\n"
+"socket, in-flight dict). The fds go in hand-off datagrams of at most chunk, in\n"
+"order; each one sent is entered in the in-flight dict with accepted_at. A\n"
+"worker's sending stops at its first datagram that does not go; its errno\n"
+"(EAGAIN: the channel is full) is returned with how many fds and datagrams\n"
+"went, and the rest of its group is the caller's to send again or re-queue.\n"
+"The caller keeps its fds whatever happens.");
+
+static PyObject *
+send_dealt(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "send_dealt() takes exactly 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *groups = args[0], *accepted_at = args[1], *targets = args[2];
+    Py_ssize_t chunk = PyLong_AsSsize_t(args[3]);
+    if (chunk == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(groups) || !PyDict_Check(targets) || chunk < 1 || chunk > MAX_FDS) {
+        PyErr_SetString(PyExc_ValueError, "send_dealt(list of (key, fds), time, dict, 1..64)");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(groups);
+    /* Everything checked before anything is sent, so that only running out of memory can stop
+     * the sending half-way. */
+    for (Py_ssize_t g = 0; g < count; g++) {
+        PyObject *group = PyList_GET_ITEM(groups, g);
+        if (!PyTuple_Check(group) || PyTuple_GET_SIZE(group) != 2 || !PyList_Check(PyTuple_GET_ITEM(group, 1))) {
+            PyErr_SetString(PyExc_ValueError, "send_dealt: each group is (key, list of fds)");
+            return NULL;
+        }
+        PyObject *target = PyDict_GetItemWithError(targets, PyTuple_GET_ITEM(group, 0));
+        if (target == NULL || !PyTuple_Check(target) || PyTuple_GET_SIZE(target) != 2
+            || !PyDict_Check(PyTuple_GET_ITEM(target, 1))) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "send_dealt: no target (socket, dict) for %R",
+                             PyTuple_GET_ITEM(group, 0));
+            return NULL;
+        }
+        PyObject *fd_list = PyTuple_GET_ITEM(group, 1);
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fd_list); i++) {
+            if (fd_of(PyList_GET_ITEM(fd_list, i)) < 0)
+                return NULL;
+        }
+    }
+    PyObject *results = PyList_New(count);
+    if (results == NULL)
+        return NULL;
+    for (Py_ssize_t g = 0; g < count; g++) {
+        PyObject *group = PyList_GET_ITEM(groups, g);
+        PyObject *target = PyDict_GetItemWithError(targets, PyTuple_GET_ITEM(group, 0));
+        PyObject *fd_list = PyTuple_GET_ITEM(group, 1);
+        if (target == NULL)
+            goto error;
+        /* fileno() each time: a closed channel gives -1 and EBADF, never another file's number. */
+        int sock_fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(target, 0));
+        if (sock_fd < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_ValueError))
+                goto error;
+            PyErr_Clear();
+        }
+        PyObject *in_flight = PyTuple_GET_ITEM(target, 1);
+        Py_ssize_t total = PyList_GET_SIZE(fd_list), sent = 0, datagrams = 0;
+        int error = 0;
+        while (sent < total) {
+            Py_ssize_t n = total - sent < chunk ? total - sent : chunk;
+            int fds[MAX_FDS];
+            for (Py_ssize_t i = 0; i < n; i++)
+                fds[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fd_list, sent + i));
+            if (send_datagram(sock_fd, fds, n) < 0) {
+                error = errno;
+                break;
+            }
+            /* Sent: the worker may ack them from now on, so they are in flight. */
+            for (Py_ssize_t i = 0; i < n; i++) {
+                /* Out of memory with the datagram gone: an ack naming one left out is
+                 * disbelieved and the worker replaced; the fd is still ours either way. */
+                if (PyDict_SetItem(in_flight, PyList_GET_ITEM(fd_list, sent + i), accepted_at) < 0)
+                    goto error;
+            }
+            sent += n;
+            datagrams++;
+        }
+        PyObject *result = Py_BuildValue("(nni)", sent, datagrams, error);
+        if (result == NULL)
+            goto error;
+        PyList_SET_ITEM(results, g, result);
+    }
+    return results;
+error:
+    Py_DECREF(results);
+    return NULL;
+}
+
+PyDoc_STRVAR(read_ack_doc,
+"read_ack(sock, buffer, ancsize, flags, in_flight, /) -> (count, load) or (nbytes, ancdata, msg_flags)\n\n"
+"Read one datagram from sock into buffer, as sock.recvmsg_into([buffer], ancsize,\n"
+"flags) would. If it is an accepted ack, with no fds and nothing truncated, whose\n"
+"ids are all keys of in_flight, each once, it is settled here: the ids leave\n"
+"in_flight and the fds they name are closed; (count, load) is returned.\n"
+"Otherwise nothing is changed and (nbytes, ancdata, msg_flags) is returned, with\n"
+"ancdata as recvmsg_into gives it, for the caller to handle the datagram. Raises\n"
+"OSError as recvmsg_into does.");
+
+static PyObject *
+read_ack(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "read_ack() takes exactly 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    /* A closed socket (fileno() -1) reads as EBADF, as recvmsg_into does. */
+    int sock_fd = PyObject_AsFileDescriptor(args[0]);
+    if (sock_fd < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
+        PyErr_Clear();
+    }
+    Py_ssize_t ancsize = PyLong_AsSsize_t(args[2]);
+    int flags = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *in_flight = args[4];
+    /* Aligned for cmsghdr; twice what the channel asks for (a hand-off's fds). */
+    union {
+        char buf[2 * CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } control_space, *control = &control_space;
+    if (!PyDict_Check(in_flight) || ancsize < 0 || (size_t)ancsize > sizeof control->buf) {
+        PyErr_Format(PyExc_ValueError, "read_ack(sock, buffer, 0..%zu, flags, dict)", sizeof control->buf);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    struct iovec iov = {view.buf, (size_t)view.len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ancsize ? control->buf : NULL;
+    msg.msg_controllen = (size_t)ancsize;
+    ssize_t n;
+    do {
+        n = recvmsg(sock_fd, &msg, flags);
+    } while (n < 0 && errno == EINTR);
+    PyObject *result = NULL;
+    if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    const unsigned char *data = view.buf;
+    Py_ssize_t count = (n - ACK_HEAD) / 4;
+    int fast = msg.msg_controllen == 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+               && n >= ACK_HEAD + 4 && (n - ACK_HEAD) % 4 == 0 && count <= MAX_FDS
+               && data[0] == ACK_TYPE && data[1] == 1;
+    PyObject *ids[MAX_FDS];
+    Py_ssize_t made = 0;
+    if (fast) {
+        for (; made < count; made++) {
+            uint32_t id;
+            memcpy(&id, data + ACK_HEAD + 4 * made, sizeof id);
+            id = ntohl(id);
+            for (Py_ssize_t j = 0; j < made && fast; j++)
+                fast = PyLong_AsUnsignedLong(ids[j]) != id;  /* each id once */
+            ids[made] = PyLong_FromUnsignedLong(id);
+            if (ids[made] == NULL)
+                goto release_ids;
+            if (!fast) {
+                made++;
+                break;
+            }
+            int present = PyDict_Contains(in_flight, ids[made]);
+            if (present < 0) {
+                made++;
+                goto release_ids;
+            }
+            if (!present) {
+                fast = 0;
+                made++;
+                break;
+            }
+        }
+    }
+    if (fast) {
+        /* All checked first, so a bad ack changes nothing; now nothing here can fail. */
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (PyDict_DelItem(in_flight, ids[i]) < 0)
+                PyErr_Clear();  /* present a moment ago; nothing ran since */
+            close((int)PyLong_AsLong(ids[i]));
+        }
+        uint32_t load;
+        memcpy(&load, data + 2, sizeof load);
+        result = Py_BuildValue("(nk)", count, (unsigned long)ntohl(load));
+    } else {
+        PyObject *ancdata = PyList_New(0);
+        for (struct cmsghdr *c = ancdata ? CMSG_FIRSTHDR(&msg) : NULL; c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            size_t len = c->cmsg_len > CMSG_LEN(0) ? c->cmsg_len - CMSG_LEN(0) : 0;
+            /* A header cut short by the buffer's end (MSG_CTRUNC) keeps what is there. */
+            size_t room = (size_t)((char *)msg.msg_control + msg.msg_controllen - (char *)CMSG_DATA(c));
+            PyObject *item = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (char *)CMSG_DATA(c),
+                                           (Py_ssize_t)(len < room ? len : room));
+            if (item == NULL || PyList_Append(ancdata, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(ancdata);
+                break;
+            }
+            Py_DECREF(item);
+        }
+        if (ancdata == NULL) {
+            /* fds that arrived cannot be handed on: close them, as the channel would. */
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len > CMSG_LEN(0)) {
+                    size_t room = (size_t)((char *)msg.msg_control + msg.msg_controllen - (char *)CMSG_DATA(c));
+                    size_t len = c->cmsg_len - CMSG_LEN(0);
+                    len = (len < room ? len : room) / sizeof(int);
+                    for (size_t i = 0; i < len; i++) {
+                        int fd;
+                        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                        close(fd);
+                    }
+                }
+            }
+        } else {
+            result = Py_BuildValue("(nNi)", (Py_ssize_t)n, ancdata, msg.msg_flags);
+        }
+    }
+release_ids:
+    for (Py_ssize_t i = 0; i < made; i++)
+        Py_DECREF(ids[i]);
+done:
+    PyBuffer_Release(&view);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"accept_fds", (PyCFunction)(void (*)(void))accept_fds, METH_FASTCALL, accept_fds_doc},
     {"send_handoff", (PyCFunction)(void (*)(void))send_handoff, METH_FASTCALL, send_handoff_doc},
+    {"send_dealt", (PyCFunction)(void (*)(void))send_dealt, METH_FASTCALL, send_dealt_doc},
+    {"read_ack", (PyCFunction)(void (*)(void))read_ack, METH_FASTCALL, read_ack_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static int
 exec_module(PyObject *module)
 {
-    if (PyModule_AddIntConstant(module, "MAX_FDS", MAX_FDS) < 0)
+    if (PyModule_AddIntConstant(module, "MAX_FDS", MAX_FDS) < 0
+        || PyModule_AddIntConstant(module, "ACK_TYPE", ACK_TYPE) < 0
+        || PyModule_AddIntConstant(module, "ACK_HEAD", ACK_HEAD) < 0)
         return -1;
     return PyModule_AddIntConstant(module, "HANDOFF_TYPE", HANDOFF_TYPE);
 }

@@ -20,6 +20,13 @@ fd ownership:
   ``flush_before_exit`` fails or runs out of time before it.
 - ``send_handoff`` is the hot path and takes no ownership: the master keeps
   its copies of the connections until the worker acks, whatever happens here.
+- Given ``in_flight`` (the master's copies of the connections it handed
+  this peer, by id) and ``on_acked``, the channel settles an accepted ack
+  itself when every id it names is in flight, each once
+  (``shared.hotpath.read_ack``): the ids leave ``in_flight``, the master's
+  copies are closed here, and ``on_acked`` hears how many and the load.
+  Any other ack (a refusal, an id not in flight, one named twice) goes to
+  ``on_ack`` untouched, for the owner to judge.
 - A hand-off whose fds the kernel could not all install (MSG_CTRUNC: the
   receiver is at its fd limit) still reaches ``on_handoff``, with -1 for each
   fd that did not arrive, so the worker can refuse it and the master, which
@@ -53,7 +60,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from shared import protocol
-from shared.hotpath import send_handoff
+from shared.hotpath import read_ack, send_handoff
 from shared.protocol import Message, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ OnMessage = Callable[[Message, list[int]], None]
 OnAck = Callable[[tuple[int, ...], bool, int], None]
 OnClosed = Callable[[str], None]
 OnHandoff = Callable[[tuple[int, ...], list[int]], None]
+OnAcked = Callable[[int, int], None]
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -145,6 +153,9 @@ class Channel:
         on_ack: if given, acks skip the general decoder and come here
             (the master's hot path).
         on_handoff: likewise for hand-offs, with their fds (the worker's), one per id.
+        in_flight, on_acked: if given (with ``on_ack``), accepted acks of
+            connections in ``in_flight`` are settled here and told to
+            ``on_acked`` with their count and load (the master's hot path).
     """
 
     def __init__(
@@ -155,7 +166,11 @@ class Channel:
         on_closed: OnClosed,
         on_ack: OnAck | None = None,
         on_handoff: OnHandoff | None = None,
+        in_flight: dict[int, float] | None = None,
+        on_acked: OnAcked | None = None,
     ) -> None:
+        if (in_flight is None) != (on_acked is None) or (on_acked is not None and on_ack is None):
+            raise ValueError("in_flight and on_acked go together, with on_ack")
         sock.setblocking(False)
         self._sock = sock
         self._fileno = sock.fileno()
@@ -164,6 +179,8 @@ class Channel:
         self._on_closed = on_closed
         self._on_ack = on_ack
         self._on_handoff = on_handoff
+        self._in_flight = in_flight
+        self._on_acked = on_acked
         self._buf = bytearray(protocol.MAX_MESSAGE_BYTES + 1)
         self._bufs = (memoryview(self._buf),)
         self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
@@ -183,7 +200,16 @@ class Channel:
         costs no extra EAGAIN read.
         """
         try:
-            n, ancdata, flags, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE, _RECV_FLAGS)
+            if self._in_flight is not None:
+                got = read_ack(self._sock, self._buf, _ANC_SIZE, _RECV_FLAGS, self._in_flight)
+                if len(got) == 2:
+                    # Settled: an accepted ack of connections in flight (their copies are closed).
+                    assert self._on_acked is not None
+                    self._on_acked(got[0], got[1])
+                    return not self.closed
+                n, ancdata, flags = got
+            else:
+                n, ancdata, flags, _ = self._sock.recvmsg_into(self._bufs, _ANC_SIZE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return False
         except (ConnectionResetError, BrokenPipeError):
@@ -241,6 +267,11 @@ class Channel:
         return not self.closed
 
     # Writing
+
+    @property
+    def sock(self) -> socket.socket:
+        """This side's socket (``fileno()`` -1 once closed): where hand-offs go."""
+        return self._sock
 
     def send_handoff(self, fds: list[int]) -> None:
         """Send one hand-off of ``fds`` now, each fd its own connection id; the caller keeps its copies.

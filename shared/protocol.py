@@ -161,6 +161,8 @@ _IDS: Final = tuple(struct.Struct(f"!{n}I") for n in range(MAX_FDS + 1))
 _HANDOFF_HEAD = 1
 _ACK_LOAD = struct.Struct("!I")
 _ACK_HEAD = 2 + _ACK_LOAD.size
+#: An ack's head (type, accepted flag, load) before its ids; the compiled hot path reads acks too.
+ACK_HEAD: Final = _ACK_HEAD
 _SEQ = struct.Struct("!BQ")
 _ERROR = struct.Struct("!BH")
 _TYPE_ONLY = struct.Struct("!B")

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from bench import wrk
-from bench.profile import kernel_share, parse_perf, profile_section, role_symbols, top_functions
+from bench.profile import (
+    kernel_share,
+    parse_perf,
+    parse_perf_calls,
+    profile_section,
+    role_calls,
+    role_symbols,
+    top_functions,
+)
 
 WRK_OUTPUT = """\
 Running 2s test @ http://127.0.0.1:41234/
@@ -87,3 +95,40 @@ def test_perf_symbols_add_up_per_role_with_the_kernel_apart() -> None:
     assert master["[.] _PyObject_Free (libpython3.11.so.1.0)"] == pytest.approx(16 / 18)
     assert kernel_share(master) == pytest.approx(2 / 18)
     assert role_symbols(symbols, {1}) == {}
+
+
+PERF_CALLS = (
+    "# Children\t    Self\t    Pid:Command\tShared Object\tSymbol\n"
+    " 55.00% \t 1.00%  \t   6633:python3 \t[kernel.kallsyms]   \t[k] do_syscall_64\n"
+    " 20.00% \t 0.50%  \t   6633:python3 \tlibc.so.6           \t[.] accept4\n"
+    " 18.00% \t 0.07%  \t   6633:python3 \t[kernel.kallsyms]   \t[k] __x64_sys_accept4\n"
+    " 17.50% \t 0.02%  \t   6633:python3 \t[kernel.kallsyms]   \t[k] __x64_sys_close\n"
+    " 3.10%  \t 0.07%  \t   6633:python3 \t[kernel.kallsyms]   \t[k] __sys_sendmsg\n"
+    " 0.02%  \t 0.02%  \t   6633:python3 \t[kernel.kallsyms]   \t[k] __x64_sys_sendmsg\n"
+    " 6.00%  \t 0.01%  \t   6634:python3 \t[kernel.kallsyms]   \t[k] __x64_sys_close\n"
+    " 16.20% \t 0.01%  \t   6634:python3 \t[kernel.kallsyms]   \t[k] ksys_write\n"
+    " 0.90%  \t 0.01%  \t   6634:python3 \t[kernel.kallsyms]   \t[k] ____sys_recvmsg\n"
+)
+PERF_SELF = (
+    " 40.00% \t   6633:python3\tlibpython3.11.so.1.0\t[.] _PyEval_EvalFrameDefault\n"
+    " 2.00%  \t   6633:python3\tloop.cpython-311-x86_64-linux-gnu.so\t[.] uv__io_poll\n"
+    " 1.00%  \t   6633:python3\tlibc.so.6\t[.] __memmove_avx_unaligned\n"
+    " 57.00% \t   6633:python3\t[kernel.kallsyms]\t[k] finish_task_switch.isra.0\n"
+    " 30.00% \t   6634:python3\t[kernel.kallsyms]\t[k] finish_task_switch.isra.0\n"
+)
+
+
+def test_perf_calls_give_each_system_call_its_whole_kernel_time_and_the_interpreter_its_own() -> None:
+    calls = parse_perf_calls(PERF_CALLS)
+    assert [(c.pid, c.kernel, c.name) for c in calls][:2] == [(6633, True, "do_syscall_64"),
+                                                             (6633, False, "accept4")]
+    assert calls[2].share == pytest.approx(0.18)
+    master = role_calls(calls, parse_perf(PERF_SELF), {6633})
+    # The kernel's entry point, not libc's wrapper nor the dispatcher; the largest of a call's
+    # entry points (sendmsg's work shows under __sys_sendmsg); shares of the master's samples (100 %).
+    assert master == {"accept4": pytest.approx(0.18), "close": pytest.approx(0.175),
+                      "sendmsg": pytest.approx(0.031), "interpreter": pytest.approx(0.42)}
+    worker = role_calls(calls, parse_perf(PERF_SELF), {6634})
+    # ksys_write is write's; ____sys_recvmsg is a helper inside recvmsg, not an entry point.
+    assert worker == {"close": pytest.approx(0.2), "write": pytest.approx(0.54), "interpreter": 0.0}
+    assert role_calls(calls, parse_perf(PERF_SELF), {1}) == {}

@@ -30,6 +30,7 @@ class Recorder:
         self.messages: list[tuple[Message, list[int]]] = []
         self.acks: list[tuple[tuple[int, ...], bool, int]] = []
         self.handoffs: list[tuple[tuple[int, ...], list[int]]] = []
+        self.settled: list[tuple[int, int]] = []
         self.closed: list[str] = []
 
     def on_message(self, message: Message, fds: list[int]) -> None:
@@ -37,6 +38,9 @@ class Recorder:
 
     def on_ack(self, conn_ids: tuple[int, ...], accepted: bool, load: int) -> None:
         self.acks.append((conn_ids, accepted, load))
+
+    def on_acked(self, count: int, load: int) -> None:
+        self.settled.append((count, load))
 
     def on_handoff(self, conn_ids: tuple[int, ...], fds: list[int]) -> None:
         self.handoffs.append((conn_ids, fds))
@@ -98,6 +102,41 @@ def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     b.close()
 
 
+def test_a_master_channel_settles_good_acks_itself_and_passes_on_the_rest(
+        loop: asyncio.AbstractEventLoop) -> None:
+    before = open_fds()
+    a, b = socketpair()
+    rec = Recorder()
+    copies = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+    in_flight = dict.fromkeys(copies, 1.0)
+    master = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack, in_flight=in_flight,
+                     on_acked=rec.on_acked)
+    b.send(protocol.encode_ack(copies[:2], True, 3))  # settled: the copies closed here
+    b.send(protocol.encode_ack(copies[2:3], False))  # a refusal: the owner's to judge
+    b.send(protocol.encode_ack((copies[3], 10_000), True))  # one not in flight: likewise
+    b.send(protocol.encode(Ping(1)))
+    run_until(loop, lambda: rec.messages)
+    assert rec.settled == [(2, 3)]
+    assert rec.acks == [(tuple(copies[2:3]), False, 0), ((copies[3], 10_000), True, 0)]
+    assert rec.messages == [(Ping(1), [])]
+    assert in_flight == dict.fromkeys(copies[2:], 1.0)
+    for fd in copies[2:]:
+        os.close(fd)
+    master.close()
+    b.close()
+    assert open_fds() == before
+
+
+def test_in_flight_and_on_acked_go_together_with_on_ack(loop: asyncio.AbstractEventLoop) -> None:
+    rec = Recorder()
+    for kwargs in ({"in_flight": {}}, {"on_acked": rec.on_acked},
+                   {"in_flight": {}, "on_acked": rec.on_acked, "on_ack": None}):
+        a, b = socketpair()
+        with a, b, pytest.raises(ValueError):
+            Channel(a, loop, rec.on_message, rec.on_closed, **{"on_ack": rec.on_ack, **kwargs})
+
+
+@pytest.mark.parametrize("settling", [False, True], ids=["acks", "settling acks"])
 @pytest.mark.parametrize(
     ("data", "nfds", "reason"),
     [
@@ -111,19 +150,23 @@ def test_acks_take_the_fast_path(loop: asyncio.AbstractEventLoop) -> None:
     ],
 )
 def test_bad_frames_close_their_fds_and_the_channel(
-    loop: asyncio.AbstractEventLoop, data: bytes, nfds: int, reason: str
+    loop: asyncio.AbstractEventLoop, data: bytes, nfds: int, reason: str, settling: bool
 ) -> None:
     before = open_fds()
     a, b = socketpair()
     rec = Recorder()
-    channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    if settling:  # the master's channels: acks of what is in flight are settled in the channel
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack, in_flight={1: 0.0},
+                          on_acked=rec.on_acked)
+    else:
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
     extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
     send_raw(b, data, extra)
     for fd in extra:
         os.close(fd)
     run_until(loop, lambda: rec.closed)
     assert reason in rec.closed[0]
-    assert rec.messages == [] and rec.acks == []
+    assert rec.messages == [] and rec.acks == [] and rec.settled == []
     channel.close()
     b.close()
     assert open_fds() == before
@@ -295,30 +338,35 @@ frames = st.tuples(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(frames, min_size=1, max_size=8), st.booleans())
+@given(st.lists(frames, min_size=1, max_size=8), st.sampled_from(["worker", "master", "master settling"]))
 def test_any_frames_leave_no_fd_behind(
-    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], worker_side: bool
+    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], side: str
 ) -> None:
     # No collection between the two counts (a full one per example is most of
     # this test's time): what earlier tests left to the collector stays open
     # for both, and everything opened here is closed explicitly.
     gc.disable()
     try:
-        _frames_leave_no_fd_behind(loop, batch, worker_side)
+        _frames_leave_no_fd_behind(loop, batch, side)
     finally:
         gc.enable()
 
 
 def _frames_leave_no_fd_behind(
-    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], worker_side: bool
+    loop: asyncio.AbstractEventLoop, batch: list[tuple[bytes, int]], side: str
 ) -> None:
     before = len(os.listdir("/proc/self/fd"))
     a, b = socketpair()
     rec = Recorder()
-    if worker_side:
+    if side == "worker":
         channel = Channel(a, loop, rec.on_message, rec.on_closed, on_handoff=rec.on_handoff)
-    else:
+    elif side == "master":
         channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack)
+    else:
+        # Ids 1 and 2 in flight: an ack naming them (only) is settled, which closes them.
+        in_flight = {os.open("/dev/null", os.O_RDONLY): 0.0 for _ in range(2)}
+        channel = Channel(a, loop, rec.on_message, rec.on_closed, on_ack=rec.on_ack,
+                          in_flight=in_flight, on_acked=rec.on_acked)
     for data, nfds in batch:
         extra = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
         send_raw(b, data, extra)
@@ -330,6 +378,9 @@ def _frames_leave_no_fd_behind(
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+    if side == "master settling":
+        for fd in in_flight:  # what no ack settled is still ours
+            os.close(fd)
     channel.close()
     assert len(os.listdir("/proc/self/fd")) == before
 

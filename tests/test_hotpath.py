@@ -227,3 +227,222 @@ def test_takes_a_bare_fd_too() -> None:
             os.close(received[0])
         finally:
             os.close(fd)
+
+
+# Sending a whole deal, and settling acks
+
+#: (name, send_dealt, read_ack): every implementation this machine has.
+DEAL_AND_ACK: list[tuple[str, hotpath.SendDealt, hotpath.ReadAckFunction]] = [
+    ("python", hotpath.py_send_dealt, hotpath.py_read_ack)]
+if hotpath.COMPILED:
+    DEAL_AND_ACK.append(("compiled", _hotpath.send_dealt, _hotpath.read_ack))
+
+_BUF = protocol.MAX_MESSAGE_BYTES + 1
+
+
+DealAndAck = tuple[hotpath.SendDealt, hotpath.ReadAckFunction]
+
+
+@pytest.fixture(params=DEAL_AND_ACK, ids=[name for name, _, _ in DEAL_AND_ACK])
+def deal_and_ack(request: pytest.FixtureRequest) -> Iterator[DealAndAck]:
+    before = open_fds()
+    _, send_dealt, read_ack = request.param
+    yield send_dealt, read_ack
+    assert open_fds() == before, "fds leaked"
+
+
+@contextlib.contextmanager
+def channels(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """``count`` (master end, worker end) pairs, non-blocking, closed after the block."""
+    pairs = [socketpair() for _ in range(count)]
+    for master, worker in pairs:
+        master.setblocking(False)
+        worker.setblocking(False)
+    try:
+        yield pairs
+    finally:
+        for master, worker in pairs:
+            master.close()
+            worker.close()
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_send_dealt_sends_each_workers_group_in_chunks_and_marks_them_in_flight(
+        deal_and_ack: DealAndAck) -> None:
+    send_dealt, _ = deal_and_ack
+    with channels(2) as ((m1, w1), (m2, w2)):
+        first = [os.dup(m1.fileno()) for _ in range(20)]
+        second = [os.dup(m1.fileno()) for _ in range(3)]
+        flights: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        targets = {7: (m1, flights[0]), 9: (m2, flights[1])}
+        received_all: list[int] = []
+        try:
+            assert send_dealt([(7, first), (9, second)], 2.5, targets, 16) == [(20, 2, 0), (3, 1, 0)]
+            assert flights == (dict.fromkeys(first, 2.5), dict.fromkeys(second, 2.5))
+            for end, expected in ((w1, first[:16]), (w1, first[16:]), (w2, second)):
+                data, received = receive(end)
+                received_all += received
+                assert data == protocol.encode_handoff(expected)
+                assert [os.fstat(fd).st_ino for fd in received] == [os.fstat(fd).st_ino for fd in expected]
+        finally:
+            for fd in received_all + first + second:
+                os.close(fd)
+
+
+def test_send_dealt_stops_a_worker_at_a_full_or_gone_channel_and_goes_on_with_the_others(
+        deal_and_ack: DealAndAck) -> None:
+    send_dealt, _ = deal_and_ack
+    with channels(3) as ((full, _w1), (ok, ok_end), (gone, gone_end)):
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                full.send(b"\xf0")
+        gone_end.close()
+        fds = [os.dup(ok.fileno()) for _ in range(6)]
+        flights: list[dict[int, float]] = [{}, {}, {}]
+        targets = {1: (full, flights[0]), 2: (ok, flights[1]), 3: (gone, flights[2])}
+        try:
+            results = send_dealt([(1, fds[0:2]), (2, fds[2:4]), (3, fds[4:6])], 1.0, targets, 16)
+            assert results[0] == (0, 0, errno.EAGAIN)
+            assert results[1] == (2, 1, 0)
+            assert results[2][:2] == (0, 0) and results[2][2] in (errno.EPIPE, errno.ECONNRESET)
+            assert flights == [{}, dict.fromkeys(fds[2:4], 1.0), {}]
+            _, received = receive(ok_end)
+            for fd in received:
+                os.close(fd)
+            ok.close()  # a closed channel: EBADF, never another file's number
+            assert send_dealt([(2, fds[:1])], 1.0, targets, 16) == [(0, 0, errno.EBADF)]
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("groups", [[(5, [3])], [(1, [-1])], [(1, ["3"])], [(1, [2**31])]],
+                         ids=["no target", "negative", "not an int", "beyond an int"])
+def test_send_dealt_refuses_a_bad_deal_before_sending_anything(
+        deal_and_ack: DealAndAck, groups: list[tuple[int, list[int]]]
+) -> None:
+    send_dealt, _ = deal_and_ack
+    with channels(1) as ((master, worker),):
+        fd = os.dup(master.fileno())
+        flight: dict[int, float] = {}
+        try:
+            with pytest.raises(ValueError):
+                send_dealt([(1, [fd]), *groups], 1.0, {1: (master, flight)}, 16)
+            assert flight == {}
+            with pytest.raises(BlockingIOError):
+                worker.recv(16)  # not even the good group went
+        finally:
+            os.close(fd)
+
+
+def test_read_ack_settles_an_accepted_ack_of_connections_in_flight(
+        deal_and_ack: DealAndAck) -> None:
+    _, read_ack = deal_and_ack
+    with channels(1) as ((master, worker),):
+        mine = [os.dup(master.fileno()) for _ in range(3)]
+        flight = dict.fromkeys(mine, 1.0)
+        worker.send(protocol.encode_ack(mine[:2], True, 7))
+        buf = bytearray(_BUF)
+        assert read_ack(master, buf, _ANC, socket.MSG_CMSG_CLOEXEC, flight) == (2, 7)
+        assert flight == {mine[2]: 1.0}
+        assert not is_open(mine[0]) and not is_open(mine[1]) and is_open(mine[2])
+        os.close(mine[2])
+        with pytest.raises(BlockingIOError):
+            read_ack(master, buf, _ANC, 0, flight)
+
+
+ACKS_NOT_SETTLED = {
+    "refused": lambda ids: protocol.encode_ack(ids, False),
+    "not in flight": lambda ids: protocol.encode_ack((*ids, 999_999), True),
+    "named twice": lambda ids: protocol.encode_ack((ids[0], ids[0]), True),
+    "another message": lambda ids: protocol.encode(protocol.Pong(1, 0)),
+    "empty": lambda ids: b"",
+}
+
+
+@pytest.mark.parametrize("kind", list(ACKS_NOT_SETTLED))
+def test_read_ack_gives_back_anything_else_as_recvmsg_into_would_changing_nothing(
+        deal_and_ack: DealAndAck, kind: str) -> None:
+    _, read_ack = deal_and_ack
+    with channels(1) as ((master, worker),):
+        mine = [os.dup(master.fileno()) for _ in range(2)]
+        flight = dict.fromkeys(mine, 1.0)
+        data = ACKS_NOT_SETTLED[kind](tuple(mine))
+        worker.send(data)
+        buf = bytearray(_BUF)
+        try:
+            assert read_ack(master, buf, _ANC, 0, flight) == (len(data), [], 0)
+            assert bytes(buf[:len(data)]) == data
+            assert flight == dict.fromkeys(mine, 1.0) and all(is_open(fd) for fd in mine)
+        finally:
+            for fd in mine:
+                os.close(fd)
+
+
+def test_read_ack_gives_back_fds_and_truncation_for_the_caller(
+        deal_and_ack: DealAndAck) -> None:
+    _, read_ack = deal_and_ack
+    with channels(1) as ((master, worker),):
+        mine = os.dup(master.fileno())
+        flight = {mine: 1.0}
+        ack = protocol.encode_ack((mine,), True)
+        # An ack that came with an fd is not settled: the fd is the caller's to close.
+        worker.sendmsg((ack,), ((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [worker.fileno()])),))
+        buf = bytearray(_BUF)
+        n, ancdata, flags = read_ack(master, buf, _ANC, socket.MSG_CMSG_CLOEXEC, flight)
+        assert n == len(ack) and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        ((level, kind, payload),) = ancdata
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+        (passed,) = array.array("i", payload)
+        assert os.get_inheritable(passed) is False
+        os.close(passed)
+        # One too long for the buffer: truncated, left to the caller.
+        worker.send(ack)
+        small = bytearray(4)
+        n, ancdata, flags = read_ack(master, small, _ANC, 0, flight)
+        assert (n, ancdata) == (4, []) and flags & socket.MSG_TRUNC
+        assert flight == {mine: 1.0} and is_open(mine)
+        os.close(mine)
+        worker.close()
+        assert read_ack(master, buf, _ANC, 0, flight) == (0, [], 0)  # the end, as recvmsg_into reads it
+        master.close()
+        with pytest.raises(OSError) as raised:
+            read_ack(master, buf, _ANC, 0, flight)
+        assert raised.value.errno == errno.EBADF
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(min_size=1, max_size=40), in_flight_ids=st.sets(st.integers(0, 3), max_size=4))
+def test_read_ack_both_ways_agree_on_any_datagram(data: bytes, in_flight_ids: set[int]) -> None:
+    """Whatever a worker sends, both implementations settle the same or give back the same."""
+    if not hotpath.COMPILED:
+        pytest.skip("compiled hand-off not built")
+    answers = []
+    for read_ack in (hotpath.py_read_ack, _hotpath.read_ack):
+        with channels(1) as ((master, worker),):
+            # The ids a datagram may name: fds 0..3 of a table of our own, each a dup we may close.
+            fds = [os.dup(master.fileno()) for _ in range(4)]
+            ids = {i: fds[i] for i in in_flight_ids}
+            rewritten = bytearray(data)
+            if len(data) >= 10 and data[0] == protocol.MessageType.ACK:
+                # Point an ack's ids at our fds (their low two bits choose which).
+                for at in range(6, len(data) - 3, 4):
+                    rewritten[at:at + 4] = fds[data[at + 3] % 4].to_bytes(4, "big")
+            worker.send(bytes(rewritten))
+            flight = {fd: 1.0 for fd in ids.values()}
+            buf = bytearray(_BUF)
+            got = read_ack(master, buf, _ANC, 0, flight)
+            closed = [not is_open(fd) for fd in fds]
+            answers.append((got if len(got) == 2 else (got[0], got[2], bytes(buf[:got[0]])),
+                            sorted(fds.index(fd) for fd in flight), closed))
+            for fd, gone in zip(fds, closed, strict=True):
+                if not gone:
+                    os.close(fd)
+    assert answers[0] == answers[1]

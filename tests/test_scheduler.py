@@ -57,6 +57,8 @@ class Events:
     def __init__(self) -> None:
         self.scheduler: Scheduler | None = None
         self.acks: list[tuple[WorkerProcess, tuple[int, ...], bool]] = []
+        #: Acks the channel settled itself (the master's hot path): the worker, how many.
+        self.settled: list[tuple[WorkerProcess, int]] = []
         self.messages: list[tuple[WorkerProcess, Message]] = []
         self.closed: list[tuple[WorkerProcess, str]] = []
         self.exits: list[WorkerProcess] = []
@@ -72,6 +74,11 @@ class Events:
         self.acks.append((worker, conn_ids, accepted))
         assert self.scheduler is not None
         self.scheduler.on_ack(worker, conn_ids, accepted, load)
+
+    def on_acked(self, worker: WorkerProcess, count: int, load: int) -> None:
+        self.settled.append((worker, count))
+        assert self.scheduler is not None
+        self.scheduler.on_acked(worker, count, load)
 
     def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None:
         self.closed.append((worker, reason))
@@ -91,7 +98,7 @@ class Events:
 
 def in_flight(policy: RoundRobin, key: int) -> int:
     """Un-acked hand-offs of worker ``key``, as the policy counts them: its window less its free slots."""
-    return policy.window - policy._credit[key]
+    return policy.in_flight(key)
 
 
 class Rig:
@@ -124,8 +131,9 @@ class Rig:
             master_end, worker_end = socketpair()
             worker_end.setblocking(False)
             slot = len(self.workers)
+            # Wired as the master wires them: the channel settles good acks itself.
             worker = WorkerProcess(slot, 100 + slot, proc, pidfd, master_end, self.loop, self.events,
-                                   self.events.on_ack, max_requests)
+                                   self.events.on_ack, max_requests, self.events.on_acked)
             self.workers.append(worker)
             self.masters[worker.key] = master_end
             self.ends[worker.key] = worker_end
@@ -360,10 +368,11 @@ def test_an_accepted_ack_closes_the_masters_copies_and_frees_credit(make_rig: Ca
     (ids,) = rig.handoffs(a)
     assert rig.handoffs(b) == [tuple(fds[1::2])]
     assert in_flight(rig.policy, a.key) == 2
-    # The worker answers over its channel; the master's loop reads the ack.
-    rig.ends[a.key].send(protocol.encode_ack(ids, True))
+    # The worker answers over its channel; the master's loop reads the ack, and the
+    # channel settles it (closes the master's copies) without the general path.
+    rig.ends[a.key].send(protocol.encode_ack(ids, True, 5))
     rig.run_until(lambda: scheduler.acked == 2)
-    assert rig.events.acks == [(a, ids, True)]
+    assert rig.events.settled == [(a, 2)] and rig.events.acks == []
     for fd in ids:
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -655,3 +664,38 @@ def test_the_fd_budget_counts_connections_in_flight_and_an_ack_makes_room(
     scheduler.on_ack(a, (first[0],), True)
     assert rooms == [1]  # a paused acceptor is told at once
     assert scheduler.room == 1 and not rig.client_sees_eof(fds[1])
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "refused"])
+@pytest.mark.parametrize("bad", list(BAD_ACKS))
+def test_a_bad_ack_over_the_channel_is_judged_by_the_scheduler_untouched(
+    make_rig: Callable[..., Rig], bad: str, accepted: bool
+) -> None:
+    """The channel settles only good acks; anything else reaches ``on_ack`` as it came, disbelieved."""
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    fds = rig.submit(4, 1.0)
+    (mine,) = rig.handoffs(a)
+    (others,) = rig.handoffs(b)
+    ids, fault = BAD_ACKS[bad](mine, others)
+    rig.ends[a.key].send(protocol.encode_ack(ids, accepted))
+    rig.run_until(lambda: bool(rig.faults))
+    assert rig.events.acks == [(a, ids, accepted)] and rig.events.settled == []
+    assert rig.faults == [(a, fault)]
+    assert a.lane.in_flight == dict.fromkeys(mine, 1.0) and b.lane.in_flight == dict.fromkeys(others, 1.0)
+    assert all(is_open(fd) and not rig.client_sees_eof(fd) for fd in fds)
+    assert (scheduler.in_flight, scheduler.acked, scheduler.refused) == (4, 0, 0)
+
+
+def test_a_refusal_over_the_channel_goes_to_another_worker(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    rig.submit(2, 1.0)
+    (mine,) = rig.handoffs(a)
+    rig.handoffs(b)
+    rig.ends[a.key].send(protocol.encode_ack(mine, False))
+    rig.run_until(lambda: bool(rig.refusals))
+    assert rig.events.acks == [(a, mine, False)] and rig.events.settled == []
+    assert rig.handoffs(b) == [mine]  # the refused one, to the other worker
+    assert rig.faults == [] and rig.scheduler.refused == 1

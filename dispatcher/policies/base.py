@@ -8,7 +8,11 @@ sends, the policy only counts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import ClassVar, TypeVar
+
+#: What is dealt: the policy never looks at it (the scheduler deals fds).
+T = TypeVar("T")
 
 
 class Policy(ABC):
@@ -30,6 +34,21 @@ class Policy(ABC):
 
         The chosen worker's capacity is taken until ``ack``.
         """
+
+    def deal(self, conns: Sequence[T]) -> tuple[list[tuple[int, list[T]]], int]:
+        """Choose a worker for each of ``conns`` in turn, as ``choose`` would, until none is free.
+
+        Returns each chosen worker with its connections in order, workers in
+        the order first chosen, and how many of ``conns`` (a prefix) were
+        dealt. One call for a whole accepted batch.
+        """
+        lists: dict[int, list[T]] = {}
+        for dealt, conn in enumerate(conns):
+            key = self.choose()
+            if key is None:
+                return list(lists.items()), dealt
+            lists.setdefault(key, []).append(conn)
+        return list(lists.items()), len(conns)
 
     @abstractmethod
     def ack(self, key: int, accepted: bool, count: int = 1) -> None:

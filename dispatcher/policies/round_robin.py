@@ -28,25 +28,36 @@ connections queued behind CPU-bound work is passed over while another
 holds fewer, so connections do not wait behind it. A report is refreshed
 with every ack and pong; one not refreshed for two of the master's ticks
 is forgotten (``Scheduler.age_loads``).
+
+The master runs a compiled copy (``_round_robin.c``, built by the install):
+the policy counts for every connection accepted, and its ``deal`` chooses
+for a whole accepted batch in one call. ``PyRoundRobin`` here is the
+reference it is tested against, call for call (``tests/test_policies.py``),
+and what runs without it or with ``DISPATCHER_PURE_PYTHON=1``; ``COMPILED``
+says which ``RoundRobin`` is.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from typing import ClassVar
+import os
+from typing import TYPE_CHECKING, ClassVar
 
 from dispatcher.policies.base import Policy
+from shared.hotpath import PURE_PYTHON_ENV
 
 #: How many more connections than the least loaded free worker a worker may
 #: hold and still take its turn.
 _SLACK = 1
 
 
-class RoundRobin(Policy):
+class PyRoundRobin(Policy):
     name: ClassVar[str] = "round-robin"
 
     def __init__(self, window: int = 1) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
         #: Checked by ``Config``: 1 to ``shared.protocol.MAX_FDS``.
         self.window = window
         self._free: collections.deque[int] = collections.deque()
@@ -111,6 +122,8 @@ class RoundRobin(Policy):
         credit = self._credit.get(key)
         if credit is None:
             return  # detached meanwhile: its slots went with it
+        if count < 1:
+            raise ValueError(f"worker {key} acked {count} hand-offs")
         if credit + count > self.window:
             raise ValueError(f"worker {key} acked more hand-offs than it was given")
         self._credit[key] = credit + count
@@ -126,6 +139,37 @@ class RoundRobin(Policy):
             self._free.remove(key)  # it had a free slot, so it is in line
         return credit
 
+    def in_flight(self, key: int) -> int:
+        """Worker ``key``'s taken slots: its window less its free ones (KeyError if not attached)."""
+        if key not in self._credit:
+            raise KeyError(f"worker {key} is not attached")
+        return self.window - self._credit[key]
+
     @property
     def workers(self) -> int:
         return len(self._credit)
+
+
+#: The compiled copy is in use.
+COMPILED = False
+
+if TYPE_CHECKING:
+    RoundRobin = PyRoundRobin
+else:
+    RoundRobin = PyRoundRobin
+    if os.environ.get(PURE_PYTHON_ENV) != "1":
+        try:
+            from dispatcher.policies import _round_robin
+        except ImportError:
+            pass
+        else:
+            if _round_robin.SLACK != _SLACK:
+                raise ImportError("dispatcher.policies._round_robin was built for another slack: "
+                                  "rebuild it (pip install -e .)")
+
+            class RoundRobin(_round_robin.RoundRobin, Policy):
+                """Round-robin, compiled: ``PyRoundRobin``'s counting (tests/test_policies.py holds it)."""
+
+                name: ClassVar[str] = "round-robin"
+
+            COMPILED = True
