@@ -51,6 +51,8 @@ passes it on to whoever started it.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -61,7 +63,7 @@ from typing import Protocol
 
 from dispatcher.policies import Policy
 from shared.channel import Channel
-from shared.hotpath import Targets, send_dealt
+from shared.hotpath import Sent, Targets, send_dealt
 
 #: A connection the master holds: its fd (also its id on the wire) and when it was accepted.
 Conn = tuple[int, float]
@@ -80,7 +82,9 @@ class Lane:
 
     Attributes:
         in_flight: conn ids (the master's fds) handed off and not yet acked,
-            with the time each was accepted.
+            with the time each was accepted. Never replaced, only changed:
+            the worker's channel (which settles acks) and the scheduler's
+            send targets hold this very dict.
         staged: connections dealt to it and not yet sent.
         blocked_slots: window slots held by hand-offs that found its channel full.
         handed_off, acked, refused: connections sent to it, and how it answered.
@@ -216,7 +220,22 @@ class Scheduler:
 
     def _hand_off(self, groups: list[tuple[int, list[int]]], accepted_at: float) -> None:
         """Send a deal: each worker's connections in one call, counted per worker here."""
-        results = send_dealt(groups, accepted_at, self._targets, HANDOFF_FDS)
+        try:
+            results = send_dealt(groups, accepted_at, self._targets, HANDOFF_FDS)
+        except BaseException:
+            # Out of memory, say, part-way: what went is what is in the in-flight dicts (a
+            # connection is there exactly when its datagram went); the rest is staged.
+            results = []
+            for key, dealt_fds in groups:
+                in_flight = self._workers[key].lane.in_flight
+                sent = sum(1 for fd in dealt_fds if fd in in_flight)
+                results.append((sent, -(-sent // HANDOFF_FDS), errno.EIO if sent < len(dealt_fds) else 0))
+            self._count_sent(groups, results, accepted_at)
+            raise
+        self._count_sent(groups, results, accepted_at)
+
+    def _count_sent(self, groups: list[tuple[int, list[int]]], results: list[Sent],
+                    accepted_at: float) -> None:
         workers = self._workers
         for (key, dealt_fds), (sent, datagrams, error) in zip(groups, results, strict=True):
             worker = workers[key]
@@ -409,9 +428,11 @@ class Scheduler:
             pop = in_flight.pop
             for conn_id in conn_ids:
                 pop(conn_id)
-            close = os.close
             for conn_id in conn_ids:
-                close(conn_id)
+                # Ours, and out of in_flight now: a close that fails (a bug elsewhere) must
+                # not lose the ack's count or the worker's slots.
+                with contextlib.suppress(OSError):
+                    os.close(conn_id)
             self.on_acked(worker, count, load)
             return
         answered = [(conn_id, in_flight.pop(conn_id)) for conn_id in conn_ids]

@@ -213,11 +213,45 @@ PyDoc_STRVAR(send_dealt_doc,
 "send_dealt(groups, accepted_at, targets, chunk, /) -> [(sent, datagrams, errno), ...]\n\n"
 "Send each group (key, fds) of a deal to its worker: targets[key] is (channel\n"
 "socket, in-flight dict). The fds go in hand-off datagrams of at most chunk, in\n"
-"order; each one sent is entered in the in-flight dict with accepted_at. A\n"
-"worker's sending stops at its first datagram that does not go; its errno\n"
-"(EAGAIN: the channel is full) is returned with how many fds and datagrams\n"
-"went, and the rest of its group is the caller's to send again or re-queue.\n"
-"The caller keeps its fds whatever happens.");
+"order; each one sent is in the in-flight dict with accepted_at (an fd is there\n"
+"if and only if it went). A worker's sending stops at its first datagram that\n"
+"does not go; its errno (EAGAIN: the channel is full; ENOMEM: the dict could not\n"
+"grow) is returned with how many fds and datagrams went, and the rest of its\n"
+"group is the caller's to send again or re-queue. The caller keeps its fds\n"
+"whatever happens. Raises ValueError, before anything is sent, for a group of\n"
+"no target or an fd that is not one.");
+
+/* One datagram of fd_list[start..start+n) to sock_fd, its fds entered in in_flight first and taken
+ * out again if it does not go: so an fd is in in_flight exactly when its datagram went, whatever
+ * fails. Returns 0, or the errno. */
+static int
+send_chunk(int sock_fd, PyObject *fd_list, Py_ssize_t start, Py_ssize_t n, PyObject *in_flight,
+           PyObject *accepted_at)
+{
+    int fds[MAX_FDS];
+    Py_ssize_t entered = 0;
+    for (; entered < n; entered++) {
+        PyObject *item = PyList_GET_ITEM(fd_list, start + entered);
+        fds[entered] = (int)PyLong_AsLong(item);  /* checked to be an fd before */
+        if (PyDict_SetItem(in_flight, item, accepted_at) < 0)
+            break;
+    }
+    int error = 0;
+    if (entered < n) {
+        PyErr_Clear();
+        error = ENOMEM;
+    } else if (send_datagram(sock_fd, fds, n) < 0) {
+        error = errno;
+    }
+    if (error) {
+        /* Deleting keys that are there allocates nothing and cannot fail. */
+        for (Py_ssize_t i = 0; i < entered; i++) {
+            if (PyDict_DelItem(in_flight, PyList_GET_ITEM(fd_list, start + i)) < 0)
+                PyErr_Clear();
+        }
+    }
+    return error;
+}
 
 static PyObject *
 send_dealt(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -235,14 +269,28 @@ send_dealt(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "send_dealt(list of (key, fds), time, dict, 1..64)");
         return NULL;
     }
-    Py_ssize_t count = PyList_GET_SIZE(groups);
-    /* Everything checked before anything is sent, so that only running out of memory can stop
-     * the sending half-way. */
+    /* A snapshot of the groups and, per group, its target, each held: nothing that runs meanwhile
+     * (a socket's fileno(), a collection started by an allocation) can take them away. */
+    PyObject *snapshot = PySequence_Tuple(groups);
+    if (snapshot == NULL)
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(snapshot);
+    PyObject *held = PyTuple_New(count);
+    PyObject *results = PyList_New(count);
+    int *sent_counts = PyMem_Calloc((size_t)(count ? count : 1), 3 * sizeof(int));
+    if (held == NULL || results == NULL || sent_counts == NULL) {
+        if (sent_counts == NULL)
+            PyErr_NoMemory();
+        goto error;
+    }
+    /* Everything checked, and the answers' room made, before anything is sent: once a datagram
+     * has gone, nothing may fail. */
     for (Py_ssize_t g = 0; g < count; g++) {
-        PyObject *group = PyList_GET_ITEM(groups, g);
-        if (!PyTuple_Check(group) || PyTuple_GET_SIZE(group) != 2 || !PyList_Check(PyTuple_GET_ITEM(group, 1))) {
+        PyObject *group = PyTuple_GET_ITEM(snapshot, g);
+        if (!PyTuple_Check(group) || PyTuple_GET_SIZE(group) != 2
+            || !PyList_Check(PyTuple_GET_ITEM(group, 1))) {
             PyErr_SetString(PyExc_ValueError, "send_dealt: each group is (key, list of fds)");
-            return NULL;
+            goto error;
         }
         PyObject *target = PyDict_GetItemWithError(targets, PyTuple_GET_ITEM(group, 0));
         if (target == NULL || !PyTuple_Check(target) || PyTuple_GET_SIZE(target) != 2
@@ -250,60 +298,62 @@ send_dealt(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (!PyErr_Occurred())
                 PyErr_Format(PyExc_ValueError, "send_dealt: no target (socket, dict) for %R",
                              PyTuple_GET_ITEM(group, 0));
-            return NULL;
+            goto error;
         }
+        PyTuple_SET_ITEM(held, g, Py_NewRef(target));
         PyObject *fd_list = PyTuple_GET_ITEM(group, 1);
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fd_list); i++) {
             if (fd_of(PyList_GET_ITEM(fd_list, i)) < 0)
-                return NULL;
-        }
-    }
-    PyObject *results = PyList_New(count);
-    if (results == NULL)
-        return NULL;
-    for (Py_ssize_t g = 0; g < count; g++) {
-        PyObject *group = PyList_GET_ITEM(groups, g);
-        PyObject *target = PyDict_GetItemWithError(targets, PyTuple_GET_ITEM(group, 0));
-        PyObject *fd_list = PyTuple_GET_ITEM(group, 1);
-        if (target == NULL)
-            goto error;
-        /* fileno() each time: a closed channel gives -1 and EBADF, never another file's number. */
-        int sock_fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(target, 0));
-        if (sock_fd < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_ValueError))
                 goto error;
-            PyErr_Clear();
         }
-        PyObject *in_flight = PyTuple_GET_ITEM(target, 1);
-        Py_ssize_t total = PyList_GET_SIZE(fd_list), sent = 0, datagrams = 0;
-        int error = 0;
-        while (sent < total) {
-            Py_ssize_t n = total - sent < chunk ? total - sent : chunk;
-            int fds[MAX_FDS];
-            for (Py_ssize_t i = 0; i < n; i++)
-                fds[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fd_list, sent + i));
-            if (send_datagram(sock_fd, fds, n) < 0) {
-                error = errno;
-                break;
-            }
-            /* Sent: the worker may ack them from now on, so they are in flight. */
-            for (Py_ssize_t i = 0; i < n; i++) {
-                /* Out of memory with the datagram gone: an ack naming one left out is
-                 * disbelieved and the worker replaced; the fd is still ours either way. */
-                if (PyDict_SetItem(in_flight, PyList_GET_ITEM(fd_list, sent + i), accepted_at) < 0)
-                    goto error;
-            }
-            sent += n;
-            datagrams++;
-        }
-        PyObject *result = Py_BuildValue("(nni)", sent, datagrams, error);
+        PyObject *result = PyTuple_New(3);
         if (result == NULL)
             goto error;
         PyList_SET_ITEM(results, g, result);
     }
+    for (Py_ssize_t g = 0; g < count; g++) {
+        PyObject *fd_list = PyTuple_GET_ITEM(PyTuple_GET_ITEM(snapshot, g), 1);
+        PyObject *target = PyTuple_GET_ITEM(held, g);
+        /* fileno() each time: a closed channel gives -1 and EBADF, never another file's number. */
+        int sock_fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(target, 0));
+        if (sock_fd < 0)
+            PyErr_Clear();  /* -1: the send fails with EBADF, reported as the group's errno */
+        PyObject *in_flight = PyTuple_GET_ITEM(target, 1);
+        Py_ssize_t total = PyList_GET_SIZE(fd_list), sent = 0;
+        int datagrams = 0, error = 0;
+        while (sent < total && !error) {
+            Py_ssize_t n = total - sent < chunk ? total - sent : chunk;
+            error = send_chunk(sock_fd, fd_list, sent, n, in_flight, accepted_at);
+            if (!error) {
+                sent += n;
+                datagrams++;
+            }
+        }
+        sent_counts[3 * g] = (int)sent;
+        sent_counts[3 * g + 1] = datagrams;
+        sent_counts[3 * g + 2] = error;
+    }
+    /* The answers, in the room made before: small ints, which come from CPython's cache for
+     * anything up to 256 and are otherwise the one allocation left. Should one fail, the caller
+     * still learns what went from the in-flight dicts (Scheduler._hand_off). */
+    for (Py_ssize_t g = 0; g < count; g++) {
+        PyObject *result = PyList_GET_ITEM(results, g);
+        for (int k = 0; k < 3; k++) {
+            PyObject *number = PyLong_FromLong(sent_counts[3 * g + k]);
+            if (number == NULL)
+                goto error;
+            PyTuple_SET_ITEM(result, k, number);
+        }
+    }
+    PyMem_Free(sent_counts);
+    Py_DECREF(held);
+    Py_DECREF(snapshot);
     return results;
 error:
-    Py_DECREF(results);
+    PyMem_Free(sent_counts);
+    Py_XDECREF(results);
+    Py_XDECREF(held);
+    Py_DECREF(snapshot);
     return NULL;
 }
 
@@ -315,7 +365,48 @@ PyDoc_STRVAR(read_ack_doc,
 "in_flight and the fds they name are closed; (count, load) is returned.\n"
 "Otherwise nothing is changed and (nbytes, ancdata, msg_flags) is returned, with\n"
 "ancdata as recvmsg_into gives it, for the caller to handle the datagram. Raises\n"
-"OSError as recvmsg_into does.");
+"OSError as recvmsg_into does; fds that arrived are closed if it raises after.");
+
+/* Close every fd an SCM_RIGHTS message of msg carried (the datagram cannot be handed on). */
+static void
+close_received(struct msghdr *msg)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len <= CMSG_LEN(0))
+            continue;
+        size_t room = (size_t)((char *)msg->msg_control + msg->msg_controllen - (char *)CMSG_DATA(c));
+        size_t len = c->cmsg_len - CMSG_LEN(0);
+        len = (len < room ? len : room) / sizeof(int);
+        for (size_t i = 0; i < len; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            close(fd);
+        }
+    }
+}
+
+/* ancdata as recvmsg_into gives it: [(level, type, data), ...]; NULL with an exception set. */
+static PyObject *
+ancillary_list(struct msghdr *msg)
+{
+    PyObject *ancdata = PyList_New(0);
+    if (ancdata == NULL)
+        return NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        size_t len = c->cmsg_len > CMSG_LEN(0) ? c->cmsg_len - CMSG_LEN(0) : 0;
+        /* A header cut short by the buffer's end (MSG_CTRUNC) keeps what is there. */
+        size_t room = (size_t)((char *)msg->msg_control + msg->msg_controllen - (char *)CMSG_DATA(c));
+        PyObject *item = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (char *)CMSG_DATA(c),
+                                       (Py_ssize_t)(len < room ? len : room));
+        if (item == NULL || PyList_Append(ancdata, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(ancdata);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return ancdata;
+}
 
 static PyObject *
 read_ack(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -333,17 +424,20 @@ read_ack(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Clear();
     }
     Py_ssize_t ancsize = PyLong_AsSsize_t(args[2]);
-    int flags = PyLong_AsLong(args[3]);
-    if (PyErr_Occurred())
+    if (ancsize == -1 && PyErr_Occurred())
+        return NULL;
+    long flags = PyLong_AsLong(args[3]);
+    if (flags == -1 && PyErr_Occurred())
         return NULL;
     PyObject *in_flight = args[4];
     /* Aligned for cmsghdr; twice what the channel asks for (a hand-off's fds). */
     union {
         char buf[2 * CMSG_SPACE(sizeof(int) * MAX_FDS)];
         struct cmsghdr align;
-    } control_space, *control = &control_space;
-    if (!PyDict_Check(in_flight) || ancsize < 0 || (size_t)ancsize > sizeof control->buf) {
-        PyErr_Format(PyExc_ValueError, "read_ack(sock, buffer, 0..%zu, flags, dict)", sizeof control->buf);
+    } control;
+    if (!PyDict_Check(in_flight) || ancsize < 0 || (size_t)ancsize > sizeof control.buf || flags < INT_MIN
+        || flags > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "read_ack(sock, buffer, 0..%zu, flags, dict)", sizeof control.buf);
         return NULL;
     }
     Py_buffer view;
@@ -354,13 +448,15 @@ read_ack(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = ancsize ? control->buf : NULL;
+    msg.msg_control = ancsize ? control.buf : NULL;
     msg.msg_controllen = (size_t)ancsize;
+    PyObject *ids[MAX_FDS];
+    Py_ssize_t made = 0;
+    PyObject *result = NULL;
     ssize_t n;
     do {
-        n = recvmsg(sock_fd, &msg, flags);
+        n = recvmsg(sock_fd, &msg, (int)flags);
     } while (n < 0 && errno == EINTR);
-    PyObject *result = NULL;
     if (n < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
@@ -370,81 +466,44 @@ read_ack(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int fast = msg.msg_controllen == 0 && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
                && n >= ACK_HEAD + 4 && (n - ACK_HEAD) % 4 == 0 && count <= MAX_FDS
                && data[0] == ACK_TYPE && data[1] == 1;
-    PyObject *ids[MAX_FDS];
-    Py_ssize_t made = 0;
-    if (fast) {
-        for (; made < count; made++) {
-            uint32_t id;
-            memcpy(&id, data + ACK_HEAD + 4 * made, sizeof id);
-            id = ntohl(id);
-            for (Py_ssize_t j = 0; j < made && fast; j++)
-                fast = PyLong_AsUnsignedLong(ids[j]) != id;  /* each id once */
-            ids[made] = PyLong_FromUnsignedLong(id);
-            if (ids[made] == NULL)
-                goto release_ids;
-            if (!fast) {
-                made++;
-                break;
-            }
-            int present = PyDict_Contains(in_flight, ids[made]);
-            if (present < 0) {
-                made++;
-                goto release_ids;
-            }
-            if (!present) {
-                fast = 0;
-                made++;
-                break;
-            }
+    /* Every id checked (in flight, named once) before anything changes: a bad ack changes nothing. */
+    for (; fast && made < count; made++) {
+        uint32_t id;
+        memcpy(&id, data + ACK_HEAD + 4 * made, sizeof id);
+        id = ntohl(id);
+        for (Py_ssize_t j = 0; j < made && fast; j++)
+            fast = PyLong_AsUnsignedLong(ids[j]) != id;
+        ids[made] = PyLong_FromUnsignedLong(id);
+        if (ids[made] == NULL)
+            goto done;
+        int present = fast ? PyDict_Contains(in_flight, ids[made]) : 0;
+        if (present < 0) {
+            made++;
+            goto done;
         }
+        fast = present;
     }
     if (fast) {
-        /* All checked first, so a bad ack changes nothing; now nothing here can fail. */
-        for (Py_ssize_t i = 0; i < count; i++) {
-            if (PyDict_DelItem(in_flight, ids[i]) < 0)
-                PyErr_Clear();  /* present a moment ago; nothing ran since */
-            close((int)PyLong_AsLong(ids[i]));
-        }
+        /* The answer made first: once the copies are closed, nothing may fail. */
         uint32_t load;
         memcpy(&load, data + 2, sizeof load);
         result = Py_BuildValue("(nk)", count, (unsigned long)ntohl(load));
+        if (result == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (PyDict_DelItem(in_flight, ids[i]) < 0)
+                PyErr_Clear();  /* there a moment ago, and nothing ran since */
+            close((int)PyLong_AsLong(ids[i]));
+        }
     } else {
-        PyObject *ancdata = PyList_New(0);
-        for (struct cmsghdr *c = ancdata ? CMSG_FIRSTHDR(&msg) : NULL; c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-            size_t len = c->cmsg_len > CMSG_LEN(0) ? c->cmsg_len - CMSG_LEN(0) : 0;
-            /* A header cut short by the buffer's end (MSG_CTRUNC) keeps what is there. */
-            size_t room = (size_t)((char *)msg.msg_control + msg.msg_controllen - (char *)CMSG_DATA(c));
-            PyObject *item = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, (char *)CMSG_DATA(c),
-                                           (Py_ssize_t)(len < room ? len : room));
-            if (item == NULL || PyList_Append(ancdata, item) < 0) {
-                Py_XDECREF(item);
-                Py_CLEAR(ancdata);
-                break;
-            }
-            Py_DECREF(item);
-        }
-        if (ancdata == NULL) {
-            /* fds that arrived cannot be handed on: close them, as the channel would. */
-            for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-                if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len > CMSG_LEN(0)) {
-                    size_t room = (size_t)((char *)msg.msg_control + msg.msg_controllen - (char *)CMSG_DATA(c));
-                    size_t len = c->cmsg_len - CMSG_LEN(0);
-                    len = (len < room ? len : room) / sizeof(int);
-                    for (size_t i = 0; i < len; i++) {
-                        int fd;
-                        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-                        close(fd);
-                    }
-                }
-            }
-        } else {
-            result = Py_BuildValue("(nNi)", (Py_ssize_t)n, ancdata, msg.msg_flags);
-        }
+        PyObject *ancdata = ancillary_list(&msg);
+        result = ancdata == NULL ? NULL : Py_BuildValue("(nNi)", (Py_ssize_t)n, ancdata, msg.msg_flags);
+        if (result == NULL)
+            close_received(&msg);  /* the fds that came cannot be handed on */
     }
-release_ids:
+done:
     for (Py_ssize_t i = 0; i < made; i++)
         Py_DECREF(ids[i]);
-done:
     PyBuffer_Release(&view);
     return result;
 }

@@ -44,6 +44,7 @@ block.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import itertools
 import os
@@ -108,15 +109,14 @@ def py_send_dealt(groups: list[tuple[int, list[int]]], accepted_at: float, targe
     """Send each ``(key, fds)`` of a deal to ``targets[key]``; what went, per group.
 
     Each worker's fds go in order, in datagrams of at most ``chunk``; each
-    one sent is entered in its in-flight dict with ``accepted_at``. A
-    worker's sending stops at the first datagram that does not go, with its
-    errno; the rest of its group is the caller's (to send again or
-    re-queue). The caller keeps its fds.
+    one sent is in its in-flight dict with ``accepted_at`` (an fd is there
+    if and only if its datagram went). A worker's sending stops at the first
+    datagram that does not go, with its errno; the rest of its group is the
+    caller's (to send again or re-queue). The caller keeps its fds.
 
     Raises:
         ValueError: a group of no target, or an fd that is not one (before
             anything is sent).
-        KeyError: likewise, for a key not in ``targets``.
     """
     if not 1 <= chunk <= protocol.MAX_FDS:
         raise ValueError(f"chunk {chunk}: 1 to {protocol.MAX_FDS}")
@@ -173,7 +173,10 @@ def py_read_ack(sock: socket.socket, buffer: bytearray, ancsize: int, flags: int
                 for conn_id in conn_ids:
                     del in_flight[conn_id]
                 for conn_id in conn_ids:
-                    os.close(conn_id)
+                    # Ours, and out of in_flight now: a close that fails (a bug elsewhere)
+                    # must not lose the ack, as the compiled one ignores it too.
+                    with contextlib.suppress(OSError):
+                        os.close(conn_id)
                 return len(conn_ids), load
     return n, ancdata, msg_flags
 

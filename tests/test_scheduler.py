@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from dispatcher import scheduler as scheduler_module
 from dispatcher.policies import RoundRobin
 from dispatcher.scheduler import HANDOFF_FDS, Scheduler
 from dispatcher.worker_process import WorkerProcess
@@ -699,3 +700,26 @@ def test_a_refusal_over_the_channel_goes_to_another_worker(make_rig: Callable[..
     assert rig.events.acks == [(a, mine, False)] and rig.events.settled == []
     assert rig.handoffs(b) == [mine]  # the refused one, to the other worker
     assert rig.faults == [] and rig.scheduler.refused == 1
+
+
+def test_a_deal_cut_short_by_an_error_loses_nothing(make_rig: Callable[..., Rig],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory part-way through a deal: what went is counted, the rest goes by the usual path."""
+    rig = make_rig(window=4)
+    a, b = rig.add_workers(2)
+    scheduler = rig.scheduler
+    real = scheduler_module.send_dealt
+
+    def first_group_then_fail(groups: list[tuple[int, list[int]]], *args: object) -> object:
+        real(groups[:1], *args)  # type: ignore[arg-type]
+        raise MemoryError
+
+    monkeypatch.setattr(scheduler_module, "send_dealt", first_group_then_fail)
+    with pytest.raises(MemoryError):
+        rig.submit(4, 1.0)
+    fds = list(rig.client_of)
+    assert rig.handoffs(a) == [tuple(fds[0::2])]  # the group that went
+    assert rig.handoffs(b) == [tuple(fds[1::2])]  # the other, sent again by flush
+    assert a.lane.in_flight.keys() | b.lane.in_flight.keys() == set(fds)
+    assert (scheduler.in_flight, scheduler.handed_off, a.lane.handed_off, b.lane.handed_off) == (4, 4, 2, 2)
+    assert rig.faults == [] and scheduler.pending == 0

@@ -224,8 +224,10 @@ RoundRobin_deal(RoundRobin *self, PyObject *arg)
         PyErr_NoMemory();
         goto done;
     }
-    memcpy(saved_workers, self->workers, sizeof(Worker) * (size_t)self->size);
-    memcpy(saved_line, self->line, sizeof(Py_ssize_t) * (size_t)self->line_len);
+    if (self->size) {  /* nothing attached yet: no arrays either */
+        memcpy(saved_workers, self->workers, sizeof(Worker) * (size_t)self->size);
+        memcpy(saved_line, self->line, sizeof(Py_ssize_t) * (size_t)self->line_len);
+    }
     for (; dealt < count; dealt++) {
         Py_ssize_t index = choose_index(self);
         if (index < 0)
@@ -255,8 +257,10 @@ RoundRobin_deal(RoundRobin *self, PyObject *arg)
     if (result != NULL)
         goto done;
 undo:
-    memcpy(self->workers, saved_workers, sizeof(Worker) * (size_t)self->size);
-    memcpy(self->line, saved_line, sizeof(Py_ssize_t) * (size_t)saved_line_len);
+    if (self->size) {
+        memcpy(self->workers, saved_workers, sizeof(Worker) * (size_t)self->size);
+        memcpy(self->line, saved_line, sizeof(Py_ssize_t) * (size_t)saved_line_len);
+    }
     self->line_len = saved_line_len;
 done:
     PyMem_Free(lists);
@@ -310,7 +314,7 @@ RoundRobin_ack(RoundRobin *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "worker %lld acked %lld hand-offs", key, count);
         return NULL;
     }
-    if (worker->credit + count > self->window) {
+    if (count > self->window - worker->credit) {  /* credit + count > window, without overflow */
         PyErr_Format(PyExc_ValueError, "worker %lld acked more hand-offs than it was given", key);
         return NULL;
     }
