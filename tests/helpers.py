@@ -74,3 +74,12 @@ def fd_table_full(room: int) -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open file descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

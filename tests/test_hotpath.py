@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from shared import hotpath, protocol
 from shared.channel import socketpair
+from tests.helpers import is_open
 
 #: (name, accept_fds, send_handoff): every implementation this machine has.
 IMPLEMENTATIONS = [("python", hotpath.py_accept_fds, hotpath.py_send_handoff)]
@@ -264,14 +265,6 @@ def channels(count: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
         for master, worker in pairs:
             master.close()
             worker.close()
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_send_dealt_sends_each_workers_group_in_chunks_and_marks_them_in_flight(

@@ -28,6 +28,7 @@ from dispatcher.worker_process import WorkerProcess
 from shared import protocol
 from shared.channel import close_fds, fds_from_ancillary, socketpair
 from shared.protocol import Message
+from tests.helpers import is_open
 
 #: Stuffed into a channel to fill it: not a hand-off.
 FILLER = b"\xf0"
@@ -37,14 +38,6 @@ _ANC = socket.CMSG_SPACE(protocol.MAX_FDS * array.array("i").itemsize)
 def open_fds() -> int:
     gc.collect()  # sockets only the collector closes
     return len(os.listdir("/proc/self/fd"))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def same_file(a: int, b: int) -> bool:
