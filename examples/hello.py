@@ -29,6 +29,12 @@ async def _hello(request: h11.Request) -> bytes:
     return _BODY
 
 
+def _encode(conn: h11.Connection, *events: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
+    """``events`` as h11 puts them on the wire, joined: written one by one, the head and the body of
+    an answer each went out in a system call (and a segment) of their own."""
+    return b"".join(conn.send(event) or b"" for event in events)
+
+
 async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await serve_http(reader, writer, _hello)
 
@@ -43,10 +49,9 @@ async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             event = conn.next_event()
         except h11.RemoteProtocolError:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                writer.write(conn.send(h11.Response(
+                writer.write(_encode(conn, h11.Response(
                     status_code=400, headers=[("connection", "close"), ("content-length", "0")]
-                )))
-                writer.write(conn.send(h11.EndOfMessage()))
+                ), h11.EndOfMessage()))
                 await writer.drain()
             return
         if event is h11.NEED_DATA:
@@ -69,9 +74,8 @@ async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             ]
             if me.draining:
                 headers.append(("connection", "close"))
-            writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-            writer.write(conn.send(h11.Data(data=body)))
-            writer.write(conn.send(h11.EndOfMessage()))
+            writer.write(_encode(conn, h11.Response(status_code=200, headers=headers),
+                                 h11.Data(data=body), h11.EndOfMessage()))
             await writer.drain()
             served += 1
         elif isinstance(event, h11.ConnectionClosed):

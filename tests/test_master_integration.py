@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import http.client
 import os
+import re
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -70,6 +72,44 @@ def test_example_app_speaks_http(server_factory: type[Server]) -> None:
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("connection") == "close"
     conn.close()
+
+
+
+#: ``struct tcp_info``'s ``tcpi_data_segs_in`` (Linux 4.6+): the segments received that carried data.
+_DATA_SEGS_IN = struct.Struct("I")
+_DATA_SEGS_IN_OFFSET = 152
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int(_DATA_SEGS_IN.unpack_from(info, _DATA_SEGS_IN_OFFSET)[0])
+
+
+def test_example_app_writes_each_answer_at_once(server_factory: type[Server]) -> None:
+    # Head and body written one by one went out as two segments (and two system calls): on loopback,
+    # one write is one segment, so the client's count of data segments says how the worker wrote.
+    server = server_factory("--app", "examples.hello:handler", workers=1).start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for _ in range(3):
+            before = _data_segments_in(sock)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while (length := _complete_length(answer)) is None or len(answer) < length:
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"hello from pid" in answer
+            assert _data_segments_in(sock) - before == 1, answer
+
+
+def _complete_length(answer: bytes) -> int | None:
+    """How long ``answer`` is once whole (head and Content-Length body), None while the head is not in."""
+    head, sep, _ = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    assert match, head
+    return len(head) + len(sep) + int(match.group(1))
 
 
 SPEC_ERRORS = [
