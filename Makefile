@@ -50,8 +50,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# The suite in TEST_WORKERS processes (pytest-xdist): most tests wait on servers, processes and
+# timeouts, so two at a time take about two thirds of the time on 2 cores. TEST_WORKERS=1: one at a time.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The benchmark lab (bench/lab.py: policies x workloads W0-W4 x CPU layouts, Node's cluster on W0
 # when node is on PATH, rolling reload; about 12 minutes; report and plots in bench/results/), then the comparison with uvicorn, gunicorn and granian (bench/peers.py, about

@@ -57,9 +57,12 @@ def start_at_default_path(server_factory: type[Server], runtime_dir: Path) -> Se
 def ctl(path: Path | str | None, *args: str,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     control = ["--control", str(path)] if path is not None else []
+    # Its output is a pipe: without COLUMNS it lays tables out wide, as for a user's pipe. The test
+    # runner's processes may set COLUMNS (pytest-xdist's: 80), which would wrap them.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run(
         [sys.executable, "-m", "dispatcher.ctl", *control, *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=20, env={**os.environ, **(env or {})},
+        text=True, timeout=20, env={**inherited, **(env or {})},
     )
 
 
