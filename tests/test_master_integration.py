@@ -74,7 +74,6 @@ def test_example_app_speaks_http(server_factory: type[Server]) -> None:
     conn.close()
 
 
-
 #: ``struct tcp_info``'s ``tcpi_data_segs_in`` (Linux 4.6+): the segments received that carried data.
 _DATA_SEGS_IN = struct.Struct("I")
 _DATA_SEGS_IN_OFFSET = 152
