@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import http.client
 import os
-import re
 import signal
 import socket
 import struct
@@ -88,27 +87,19 @@ def test_example_app_writes_each_answer_at_once(server_factory: type[Server]) ->
     # Head and body written one by one went out as two segments (and two system calls): on loopback,
     # one write is one segment, so the client's count of data segments says how the worker wrote.
     server = server_factory("--app", "examples.hello:handler", workers=1).start()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        for _ in range(3):
-            before = _data_segments_in(sock)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = b""
-            while (length := _complete_length(answer)) is None or len(answer) < length:
-                chunk = sock.recv(65536)
-                assert chunk, answer
-                answer += chunk
-            assert answer.startswith(b"HTTP/1.1 200 ") and b"hello from pid" in answer
-            assert _data_segments_in(sock) - before == 1, answer
-
-
-def _complete_length(answer: bytes) -> int | None:
-    """How long ``answer`` is once whole (head and Content-Length body), None while the head is not in."""
-    head, sep, _ = answer.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    assert match, head
-    return len(head) + len(sep) + int(match.group(1))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.connect()
+        assert conn.sock is not None
+        for _ in range(3):  # keep-alive: three answers on one connection
+            before = _data_segments_in(conn.sock)
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200 and body.startswith(b"hello from pid ")
+            assert _data_segments_in(conn.sock) - before == 1
+    finally:
+        conn.close()
 
 
 SPEC_ERRORS = [
