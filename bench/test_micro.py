@@ -24,13 +24,13 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
-import functools
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-import uvloop
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from dispatcher.acceptor import Acceptor
@@ -38,9 +38,10 @@ from dispatcher.config import Config
 from dispatcher.listeners import Listener, open_listeners, parse_bind
 from dispatcher.policies import round_robin
 from dispatcher.policies.round_robin import PyRoundRobin, RoundRobin
-from dispatcher.scheduler import HANDOFF_FDS, Lane, Scheduler
+from dispatcher.scheduler import HANDOFF_FDS, Scheduler
+from dispatcher.worker_process import WorkerProcess
 from shared import hotpath, protocol
-from shared.channel import Channel, close_fds, fds_from_ancillary
+from shared.channel import close_fds, fds_from_ancillary, socketpair
 from shared.protocol import Ack, Handoff
 from worker.sockets import Socket
 
@@ -320,42 +321,40 @@ def test_socket_for_a_connection(benchmark: BenchmarkFixture, no_fd_leak: None,
 
 # A whole turn of the master's loop, with the real acceptor, scheduler and channels
 
-class _Receiver:
-    """A worker as the scheduler sees one, its channel wired as ``WorkerProcess`` wires it."""
+class _Events:
+    """A master's ``WorkerEvents`` that only records: in a turn, a worker has nothing to tell."""
 
-    max_requests = 0
+    def __init__(self) -> None:
+        self.told: list[str] = []
 
-    def __init__(self, key: int, master_end: socket.socket, loop: asyncio.AbstractEventLoop,
-                 scheduler: Scheduler) -> None:
-        self.key = key
-        self.lane = Lane()
-        self.faults: list[str] = []
-        self.channel = Channel(
-            master_end, loop, self._unexpected, self._unexpected, functools.partial(scheduler.on_ack, self),
-            in_flight=self.lane.in_flight, on_acked=functools.partial(scheduler.on_acked, self),
-        )
+    def on_message(self, worker: WorkerProcess, message: protocol.Message, fds: list[int]) -> None:
+        close_fds(fds)
+        self.told.append(f"{worker}: {message}")
 
-    def _unexpected(self, *args: object) -> None:
-        self.faults.append(repr(args))
+    def on_channel_closed(self, worker: WorkerProcess, reason: str) -> None:
+        self.told.append(f"{worker}: channel closed, {reason}")
 
-    def faulted(self, reason: str) -> None:
-        self.faults.append(reason)
+    def on_exit(self, worker: WorkerProcess) -> None:
+        self.told.append(f"{worker}: exited")
 
-    def refused_handoff(self) -> None:
-        self.faults.append("refused")
+    def on_fault(self, worker: WorkerProcess, reason: str) -> None:
+        self.told.append(f"{worker}: fault, {reason}")
 
-    def reached_max_requests(self) -> None:
-        pass
+    def on_refusal(self, worker: WorkerProcess) -> None:
+        self.told.append(f"{worker}: refused")
+
+    def on_max_requests(self, worker: WorkerProcess) -> None:
+        self.told.append(f"{worker}: max requests")
 
 
-def _master_turn(acceptor: Acceptor, listener: Listener, workers: list[_Receiver]) -> None:
+def _master_turn(acceptor: Acceptor, listener: Listener, workers: list[WorkerProcess]) -> None:
     """What the master does in one turn of its loop: a batch accepted and dealt, each worker's ack read."""
     acceptor._accept_batch(listener, ACCEPT_LIMIT)
     for worker in workers:
         worker.channel._on_readable()
 
 
-def _its_system_calls(acceptor: Acceptor, listener: Listener, workers: list[_Receiver]) -> None:
+def _its_system_calls(acceptor: Acceptor, listener: Listener, workers: list[WorkerProcess]) -> None:
     """The same turn as bare compiled calls, no Python around them (the scheduler's counts are not kept)."""
     scheduler = acceptor._scheduler
     policy = scheduler._policy
@@ -373,58 +372,48 @@ def _its_system_calls(acceptor: Acceptor, listener: Listener, workers: list[_Rec
         policy.ack(worker.key, True, got[0])
 
 
-@pytest.fixture(scope="module")
-def uvloop_started() -> None:
-    """Make a first uvloop loop: libuv opens a pipe for the whole process with it, which is no leak."""
-    uvloop.new_event_loop().close()
-
-
 #: The most a turn accepts (the acceptor's bound per wake-up).
 ACCEPT_LIMIT = 64
 #: Connections per turn: W1's few (16 clients, a slow handler) and W0's about eight.
 TURN_BATCHES = [2, 8]
 TURNS = [("whole", _master_turn), ("system-calls", _its_system_calls)]
+#: Bound on the idle processes that stand in for the workers.
+IDLE_S = 60
 
 
 @pytest.mark.parametrize("batch", TURN_BATCHES)
 @pytest.mark.parametrize("turn", [turn for _, turn in TURNS], ids=[name for name, _ in TURNS])
-def test_master_turn(benchmark: BenchmarkFixture, uvloop_started: None, no_fd_leak: None, batch: int,
-                     turn: Callable[[Acceptor, Listener, list[_Receiver]], None]) -> None:
+def test_master_turn(benchmark: BenchmarkFixture, no_fd_leak: None, batch: int,
+                     turn: Callable[[Acceptor, Listener, list[WorkerProcess]], None]) -> None:
     """One turn of the master's loop for ``batch`` new connections, 2 workers (divide by ``batch``).
 
     Timed: accepting the batch, dealing and sending it (``Acceptor``,
     ``Scheduler``, the compiled hand-off and policy, where built), then
     reading each worker's ack of the turn before and closing the master's
-    copies (``Channel``). Not timed, between turns: the workers' side, done as
-    a streams worker does it (take the fds, send the FIN, close, ack), and the
-    clients, which close once answered, as wrk's do, and connect again. So
-    the master's close is the last one and frees the socket, as under load.
-    ``system-calls`` is the same turn made of the bare compiled calls: the
-    difference is the Python around them. What it leaves out of a real
-    turn: the event loop's wait and wake-up.
+    copies (each ``WorkerProcess``'s channel, wired as the master wires it;
+    the processes only sleep). Not timed, between turns: the workers' side,
+    done here as a streams worker does it (take the fds, send the FIN, close,
+    ack), and the clients, which close once answered, as wrk's do, and
+    connect again. So the master's close is the last one and frees the
+    socket, as under load. ``system-calls`` is the same turn made of the bare
+    compiled calls: the difference is the Python around them. What it leaves
+    out of a real turn: the event loop's wait and wake-up.
     """
-    loop = uvloop.new_event_loop()
+    loop = asyncio.new_event_loop()
     scheduler = Scheduler(RoundRobin(Config.window), Config.max_pending, 10.0)
     (listener,) = open_listeners([parse_bind("127.0.0.1:0")], 128)
     acceptor = Acceptor(loop, [listener], scheduler)
+    events = _Events()
     ends: list[socket.socket] = []
-    workers: list[_Receiver] = []
-    for key in (1, 2):
-        master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ends.append(worker_end)
-        workers.append(_Receiver(key, master_end, loop, scheduler))
-        scheduler.attach(workers[-1])
+    workers: list[WorkerProcess] = []
+    procs: list[subprocess.Popen[bytes]] = []
     clients: list[socket.socket] = []
     address = listener.sock.getsockname()
     taken = turns = 0
 
-    def timed(acceptor: Acceptor, listener: Listener, workers: list[_Receiver]) -> None:
-        nonlocal turns
-        turn(acceptor, listener, workers)
-        turns += 1
-
-    def between_turns() -> tuple[tuple[Acceptor, Listener, list[_Receiver]], dict[str, object]]:
-        nonlocal taken
+    def between_turns(connect: bool = True) -> tuple[tuple[Acceptor, Listener, list[WorkerProcess]],
+                                                     dict[str, object]]:
+        nonlocal taken, turns
         for worker, end in zip(workers, ends, strict=True):
             if not worker.lane.in_flight:
                 continue
@@ -437,25 +426,36 @@ def test_master_turn(benchmark: BenchmarkFixture, uvloop_started: None, no_fd_le
             end.send(protocol.encode_ack(tuple(worker.lane.in_flight), True, 0))
         for client in clients:
             client.close()
-        clients[:] = [socket.create_connection(address, timeout=5.0) for _ in range(batch)]
+        clients[:] = [socket.create_connection(address, timeout=5.0) for _ in range(batch)] if connect else []
+        turns += connect
         return (acceptor, listener, workers), {}
 
     try:
-        benchmark.pedantic(timed, setup=between_turns, rounds=300, warmup_rounds=5)  # type: ignore[no-untyped-call]
-        between_turns()  # the last turn's acks
+        for key in (1, 2):
+            proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({IDLE_S})"])
+            procs.append(proc)
+            master_end, worker_end = socketpair()
+            ends.append(worker_end)
+            workers.append(WorkerProcess(key, key, proc, os.pidfd_open(proc.pid), master_end, loop, events,
+                                         scheduler.on_ack, on_acked=scheduler.on_acked))
+            scheduler.attach(workers[-1])
+        benchmark.pedantic(turn, setup=between_turns, rounds=300, warmup_rounds=5)  # type: ignore[no-untyped-call]
+        between_turns(connect=False)  # the last turn's acks
         for worker in workers:
             worker.channel._on_readable()
     finally:
-        for client in clients:
-            client.close()
         for worker in workers:
             close_fds(list(worker.lane.in_flight))
             worker.channel.close()
+            os.close(worker.pidfd)
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=5.0)
         for end in ends:
             end.close()
         scheduler.close_pending()
         listener.sock.close()
         loop.close()
-    assert all(not worker.faults for worker in workers), [worker.faults for worker in workers]
+    assert not events.told, events.told
     # Every turn took a whole batch, and the workers got every connection of it.
     assert turns and taken == turns * batch
